@@ -1,0 +1,37 @@
+# Set-up and checks. Everything runs inside .venv, created on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+PYTEST_ARGS ?= -n 2 -q
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo test test-tensorflow test-jax lint bench clean
+
+$(STAMP): pyproject.toml $(PLUGINS)
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e ".[tensorflow,jax,examples,viz,tests]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	touch $(STAMP)
+
+demo: $(STAMP)
+	KERAS_BACKEND=tensorflow $(BIN)/python -m examples.gpt demo
+
+test: lint test-tensorflow test-jax
+
+test-tensorflow: $(STAMP)
+	KERAS_BACKEND=tensorflow $(BIN)/pytest $(PYTEST_ARGS) tests $(foreach p,$(PLUGINS),$(dir $(p))tests)
+
+test-jax: $(STAMP)
+	KERAS_BACKEND=jax $(BIN)/pytest $(PYTEST_ARGS) tests $(foreach p,$(PLUGINS),$(dir $(p))tests)
+
+lint: $(STAMP)
+	$(BIN)/ruff check keras_attn tests examples benchmarks plugins
+	$(BIN)/ruff format --check keras_attn tests examples benchmarks plugins
+
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) build *.egg-info

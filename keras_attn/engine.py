@@ -1,0 +1,134 @@
+"""The attention engine: one computation, several ways to run it.
+
+- ``fused``: `keras.ops.dot_product_attention` (flash kernels on GPU/TPU where the
+  backend has them), when the components allow it.
+- ``block_sparse``: only the score blocks a sparse pattern can reach
+  (`keras_attn.block_sparse`).
+- ``dense``: the exact masked reference; everything else.
+
+All three agree. `choose_path` picks one; the layer records the choice in
+``layer.last_path`` and logs it at debug level.
+"""
+
+import logging
+
+from keras import ops
+
+from keras_attn import normalizers
+from keras_attn import patterns
+from keras_attn import scores
+
+logger = logging.getLogger("keras_attn")
+
+PATHS = ("fused", "block_sparse", "dense")
+
+
+def is_fusable(score, score_mods, pattern, normalizer, return_scores, dropout_active):
+    """Whether `keras.ops.dot_product_attention` computes exactly this attention."""
+    return (
+        type(score) is scores.ScaledDot
+        and type(normalizer) is normalizers.Softmax
+        and type(pattern) in (patterns.Full, patterns.Causal)
+        and not score_mods
+        and not return_scores
+        and not dropout_active
+    )
+
+
+def choose_path(
+    score,
+    score_mods,
+    pattern,
+    normalizer,
+    *,
+    query_length,
+    key_length,
+    return_scores=False,
+    dropout_active=False,
+    block_sparse="auto",
+):
+    """The path that runs this attention: one of `PATHS`."""
+    if is_fusable(score, score_mods, pattern, normalizer, return_scores, dropout_active):
+        return "fused"
+    from keras_attn import block_sparse as block_sparse_module
+
+    if block_sparse_module.pays_off(pattern, query_length, key_length, block_sparse):
+        return "block_sparse"
+    return "dense"
+
+
+def combine_masks(*masks):
+    """Logical and of the masks that are not None (None if all are)."""
+    out = None
+    for m in masks:
+        if m is None:
+            continue
+        m = ops.cast(m, "bool")
+        out = m if out is None else ops.logical_and(out, m)
+    return out
+
+
+def pattern_mask(pattern, positions):
+    """The pattern's mask, or None when it allows every pair."""
+    if type(pattern) is patterns.Full:
+        return None
+    return pattern.mask(positions)
+
+
+def dense_attention(
+    query, key, value, *, score, score_mods, pattern, normalizer, positions,
+    mask=None, dropout=None, training=None,
+):
+    """The exact masked reference computation.
+
+    Args:
+        query: ``(B, H, Tq, D)``.
+        key: ``(B, H, Tk, D)``.
+        value: ``(B, H, Tk, Dv)``.
+        mask: Bool data mask broadcastable to ``(B, H, Tq, Tk)`` (padding and
+            explicit masks), or None. The pattern's mask is added here.
+        dropout: A dropout layer applied to the weights, or None.
+
+    Returns:
+        ``(output (B, H, Tq, Dv), weights (B, H, Tq, Tk))``.
+    """
+    logits = score(query, key)  # (B, H, Tq, Tk)
+    for mod in score_mods:
+        logits = mod(logits, positions=positions)
+    mask = combine_masks(pattern_mask(pattern, positions), mask)
+    weights = normalizer(logits, mask=mask, training=training)
+    dropped = dropout(weights, training=training) if dropout is not None else weights
+    output = ops.matmul(ops.cast(dropped, value.dtype), value)  # (B, H, Tq, Dv)
+    return output, weights
+
+
+def fused_attention(query, key, value, *, scale, causal, mask=None, flash_attention=None):
+    """`keras.ops.dot_product_attention`, with fully masked rows set to zero.
+
+    Args:
+        query: ``(B, Tq, H, D)``; key ``(B, Tk, H, D)``; value ``(B, Tk, H, Dv)``.
+        causal: Apply the causal mask (``key <= query``, both from position 0).
+        mask: Bool data mask broadcastable to ``(B, H, Tq, Tk)``, or None.
+
+    Returns:
+        ``(B, Tq, H, Dv)``.
+    """
+    if mask is None:
+        return ops.dot_product_attention(
+            query, key, value, scale=scale, is_causal=causal, flash_attention=flash_attention
+        )
+    if causal:
+        tq, tk = ops.shape(query)[1], ops.shape(key)[1]
+        rows = ops.expand_dims(ops.arange(tq), -1)
+        cols = ops.expand_dims(ops.arange(tk), 0)
+        mask = ops.logical_and(mask, cols <= rows)
+    mask = ops.broadcast_to(
+        mask, (ops.shape(query)[0], ops.shape(query)[2], ops.shape(query)[1], ops.shape(key)[1])
+    )
+    output = ops.dot_product_attention(
+        query, key, value, mask=mask, scale=scale, flash_attention=flash_attention
+    )
+    # A row with no allowed key gets zeros, as on the other paths.
+    any_key = ops.any(mask, axis=-1)  # (B, H, Tq)
+    any_key = ops.transpose(any_key, (0, 2, 1))[..., None]  # (B, Tq, H, 1)
+    return ops.where(any_key, output, ops.zeros_like(output))

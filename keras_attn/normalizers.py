@@ -1,0 +1,162 @@
+"""Normalizers: how logits become attention weights.
+
+A normalizer is called as ``normalizer(logits, mask=mask, training=training)`` with
+logits ``(..., Tq, Tk)`` and a bool mask broadcastable to them (or None), and
+returns weights of the same shape. Masked-out pairs get exactly zero weight, and a
+row with no allowed key gets all zeros, never NaN. Normalization runs in float32
+and the weights are returned in the logits' dtype.
+"""
+
+import keras
+from keras import ops
+
+from keras_attn.hookspecs import hookimpl
+
+# Finite stand-in for -inf, safe in float32 (the normalizers compute in float32).
+NEG_INF = -1e9
+
+
+class Normalizer(keras.layers.Layer):
+    """Base class of normalizers. Subclasses set ``name`` and implement ``normalize``.
+
+    ``normalize(logits, mask, training)`` receives float32 logits with masked-out
+    entries already set to a large negative number and returns float32 weights;
+    the base class casts, and zeroes the masked-out pairs (so fully masked rows
+    are zeros) afterwards. Override ``call`` instead to take over all of it.
+    """
+
+    name = None
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # `mask` is the attention mask, not a Keras sequence mask: accept it without
+        # attaching it to the output weights.
+        self.supports_masking = True
+
+    def compute_mask(self, inputs, previous_mask=None):
+        return None
+
+    def call(self, logits, mask=None, training=None):
+        x = ops.cast(logits, "float32")
+        if mask is not None:
+            mask = ops.cast(mask, "bool")
+            x = ops.where(mask, x, NEG_INF)
+        weights = self.normalize(x, mask, training)
+        if mask is not None:
+            weights = ops.where(mask, weights, 0.0)
+        return ops.cast(weights, logits.dtype)
+
+    def normalize(self, logits, mask, training):
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement normalize(logits, mask, training)."
+        )
+
+    def get_config(self):
+        # Defined here so that subclasses without arguments serialize as they are.
+        return super().get_config()
+
+    def compute_output_shape(self, logits_shape, mask_shape=None):
+        return logits_shape
+
+
+class Softmax(Normalizer):
+    """Soft attention: ``softmax`` over the allowed keys."""
+
+    name = "softmax"
+
+    def normalize(self, logits, mask, training):
+        return ops.softmax(logits, axis=-1)
+
+
+def _one_hot_argmax(logits):
+    index = ops.argmax(logits, axis=-1)
+    return ops.one_hot(index, ops.shape(logits)[-1], dtype=logits.dtype)
+
+
+class Hard(Normalizer):
+    """Hard attention: weight 1.0 on the best allowed key of each row.
+
+    The forward pass is the one-hot argmax; the backward pass is the gradient of the
+    softmax (straight-through estimator, Bengio et al., 2013), so the layer trains.
+
+    Args:
+        gumbel: If True, add Gumbel noise to the logits while training, so the key
+            is sampled from the softmax distribution (Gumbel-max; Jang et al., 2017).
+        temperature: Temperature of the softmax used for the gradient.
+        seed: Seed of the Gumbel noise.
+    """
+
+    name = "hard"
+
+    def __init__(self, gumbel=False, temperature=1.0, seed=None, **kwargs):
+        super().__init__(**kwargs)
+        if not temperature > 0:
+            raise ValueError(
+                f"`temperature` must be positive. Received: temperature={temperature}"
+            )
+        self.gumbel = gumbel
+        self.temperature = float(temperature)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed) if gumbel else None
+
+    def normalize(self, logits, mask, training):
+        if self.gumbel and training:
+            uniform = keras.random.uniform(
+                ops.shape(logits), minval=1e-6, maxval=1.0 - 1e-6, seed=self.seed_generator
+            )
+            logits = logits - ops.log(-ops.log(uniform))
+        soft = ops.softmax(logits / self.temperature, axis=-1)
+        hard = _one_hot_argmax(logits)
+        return soft + ops.stop_gradient(hard - soft)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "gumbel": self.gumbel,
+            "temperature": self.temperature,
+            "seed": self.seed,
+        }
+
+
+class TopK(Normalizer):
+    """Softmax over the `k` largest allowed logits of each row; the rest get zero.
+
+    Ties at the k-th value are all kept.
+    """
+
+    name = "topk"
+
+    def __init__(self, k=8, **kwargs):
+        super().__init__(**kwargs)
+        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
+            raise ValueError(f"`k` must be a positive integer. Received: k={k!r}")
+        self.k = k
+
+    def normalize(self, logits, mask, training):
+        length = logits.shape[-1]
+        k = self.k if length is None else min(self.k, length)
+        kth = ops.top_k(logits, k=k, sorted=True)[0][..., -1:]  # (..., Tq, 1)
+        keep = logits >= kth
+        weights = ops.softmax(ops.where(keep, logits, NEG_INF), axis=-1)
+        return ops.where(keep, weights, 0.0)
+
+    def get_config(self):
+        return {**super().get_config(), "k": self.k}
+
+
+class Sparsemax(Normalizer):
+    """Sparsemax (Martins & Astudillo, 2016): Euclidean projection onto the simplex.
+
+    Rows sum to 1 and many weights are exactly zero.
+    """
+
+    name = "sparsemax"
+
+    def normalize(self, logits, mask, training):
+        return ops.sparsemax(logits, axis=-1)
+
+
+@hookimpl
+def register_normalizers(register):
+    for cls in (Softmax, Hard, TopK, Sparsemax):
+        register(cls)

@@ -1,0 +1,382 @@
+"""The plugin manager and the component registries.
+
+keras_attn keeps one registry per kind of component (layer, score, score_mod,
+pattern, normalizer). The registries are filled through the hooks of
+``keras_attn.hookspecs``: first by keras_attn's own modules (it is its own first
+plugin), then by every plugin declared under the ``keras_attn`` entry-point group,
+then by plugins registered in-process with ``register``. Nothing is loaded until the
+first lookup. Setting ``KERAS_ATTN_DISABLE_PLUGIN_AUTOLOAD=1`` skips the entry points.
+"""
+
+import dataclasses
+import importlib
+import importlib.metadata
+import logging
+import os
+import threading
+
+import keras
+import pluggy
+
+from keras_attn import hookspecs
+from keras_attn.errors import ComponentKindError
+from keras_attn.errors import DuplicateComponentError
+from keras_attn.errors import PluginError
+from keras_attn.errors import PluginImportError
+from keras_attn.errors import UnknownComponentError
+
+logger = logging.getLogger("keras_attn")
+
+ENTRY_POINT_GROUP = "keras_attn"
+DISABLE_AUTOLOAD_ENV = "KERAS_ATTN_DISABLE_PLUGIN_AUTOLOAD"
+
+# kind -> (hook name, "module:attribute" of the base class every component subclasses)
+KINDS = {
+    "layer": ("register_layers", "keras:layers.Layer"),
+    "score": ("register_scores", "keras_attn.scores:Score"),
+    "score_mod": ("register_score_mods", "keras_attn.score_mods:ScoreMod"),
+    "pattern": ("register_patterns", "keras_attn.patterns:Pattern"),
+    "normalizer": ("register_normalizers", "keras_attn.normalizers:Normalizer"),
+}
+
+# keras_attn's own plugins, registered through the same hooks as third parties.
+BUILTIN_PLUGINS = (
+    "keras_attn.scores",
+    "keras_attn.score_mods",
+    "keras_attn.patterns",
+    "keras_attn.normalizers",
+    "keras_attn.layers",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One registered component class and the plugin that provides it."""
+
+    kind: str
+    name: str
+    cls: type
+    plugin: str
+    distribution: str | None = None
+    version: str | None = None
+
+
+def base_class(kind):
+    """The class every component of `kind` subclasses."""
+    _check_kind(kind)
+    module_name, attribute = KINDS[kind][1].split(":")
+    obj = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def kind_of(obj):
+    """The kind of a component class or instance, or None if it is none of them.
+
+    Layers are checked last: scores, score_mods and normalizers are layers too.
+    """
+    cls = obj if isinstance(obj, type) else type(obj)
+    for kind in ("score", "score_mod", "pattern", "normalizer", "layer"):
+        if issubclass(cls, base_class(kind)):
+            return kind
+    return None
+
+
+def _check_kind(kind):
+    if kind not in KINDS:
+        raise ValueError(
+            f"Unknown component kind. Expected one of {sorted(KINDS)}. "
+            f"Received: kind={kind!r}"
+        )
+
+
+class _Registry:
+    """The plugin manager together with what its plugins registered."""
+
+    def __init__(self):
+        self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.entries = {kind: {} for kind in KINDS}
+
+    def add_plugin(self, plugin, name, distribution=None, version=None):
+        """Register `plugin` and everything its hooks register, or nothing at all."""
+        if self.pm.get_plugin(name) is not None or self.pm.is_registered(plugin):
+            raise PluginError(f"Plugin {name!r} is already registered.")
+        self.pm.register(plugin, name=name)
+        try:
+            staged = self._collect(plugin, name, distribution, version)
+        except BaseException:
+            self.pm.unregister(plugin)
+            raise
+        for entry in staged:
+            self.entries[entry.kind][entry.name] = entry
+            _make_keras_serializable(entry)
+
+    def _collect(self, plugin, plugin_name, distribution, version):
+        staged = []
+        for kind, (hook_name, _) in KINDS.items():
+            hook = getattr(self.pm.hook, hook_name)
+            for impl in hook.get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+
+                def register(cls, kind=kind, hook_name=hook_name):
+                    entry = Entry(
+                        kind, _registry_name(cls, kind, hook_name, plugin_name),
+                        cls, plugin_name, distribution, version,
+                    )
+                    self._check_unique(entry, staged)
+                    staged.append(entry)
+
+                impl.function(register=register)
+        return staged
+
+    def _check_unique(self, entry, staged):
+        for other in (*staged, self.entries[entry.kind].get(entry.name)):
+            if other is not None and other.kind == entry.kind and other.name == entry.name:
+                raise DuplicateComponentError(
+                    f"Two plugins register a {entry.kind} named {entry.name!r}: "
+                    f"{_describe(other)} and {_describe(entry)}. Uninstall one of "
+                    "them, or rename the component in one of them."
+                )
+
+    def remove_plugin(self, plugin):
+        name = self.pm.get_name(plugin)
+        self.pm.unregister(plugin)
+        for entries in self.entries.values():
+            for key in [k for k, e in entries.items() if e.plugin == name]:
+                del entries[key]
+
+
+def _registry_name(cls, kind, hook_name, plugin_name):
+    base = base_class(kind)
+    if not isinstance(cls, type):
+        raise ComponentKindError(
+            f"{hook_name}: `register` expects a class. Received: {cls!r} "
+            f"from plugin {plugin_name!r}."
+        )
+    if not issubclass(cls, base):
+        actual = kind_of(cls)
+        what = f"a {actual}" if actual else "not a keras_attn component"
+        raise ComponentKindError(
+            f"{hook_name}: expected a subclass of {base.__module__}.{base.__name__} "
+            f"(a {kind}). Received: {cls.__module__}.{cls.__qualname__}, which is "
+            f"{what}, from plugin {plugin_name!r}."
+        )
+    name = cls.__dict__.get("name") if kind != "layer" else _layer_name(cls)
+    if not isinstance(name, str) or not name:
+        raise ComponentKindError(
+            f"{hook_name}: {cls.__module__}.{cls.__qualname__} from plugin "
+            f"{plugin_name!r} must set a class attribute `name` (a non-empty "
+            f"string, its registry name). Received: name={name!r}"
+        )
+    return name
+
+
+def _layer_name(cls):
+    # Layers keep `name` for the Keras layer name, so the registry name may also be
+    # given as `registry_name`; a plain `name` class attribute works as well.
+    name = cls.__dict__.get("registry_name", cls.__dict__.get("name"))
+    return name if isinstance(name, str) else None
+
+
+def _describe(entry):
+    where = f"plugin {entry.plugin!r}"
+    if entry.distribution:
+        where += f" (package {entry.distribution} {entry.version})"
+    return f"{entry.cls.__module__}.{entry.cls.__qualname__} from {where}"
+
+
+def _make_keras_serializable(entry):
+    """Let Keras find the class when it deserializes it on its own."""
+    registered = keras.saving.get_registered_name(entry.cls)
+    if keras.saving.get_registered_object(registered) is entry.cls:
+        return
+    keras.saving.register_keras_serializable(
+        package=f"keras_attn.{entry.kind}", name=entry.name
+    )(entry.cls)
+
+
+_lock = threading.RLock()
+_registry = None
+
+
+def _load():
+    """Build the registries on first use: built-ins, then entry-point plugins."""
+    global _registry
+    with _lock:
+        if _registry is not None:
+            return _registry
+        from keras_attn import __version__
+
+        registry = _Registry()
+        for module_name in BUILTIN_PLUGINS:
+            registry.add_plugin(
+                importlib.import_module(module_name), module_name, "keras_attn", __version__
+            )
+        if os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip() in ("", "0", "false"):
+            for ep in _entry_points():
+                _load_entry_point(registry, ep)
+        _registry = registry
+        return registry
+
+
+def _entry_points():
+    return sorted(
+        importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name
+    )
+
+
+def _load_entry_point(registry, ep):
+    dist = getattr(ep, "dist", None)
+    dist_name = dist.metadata["Name"] if dist is not None else None
+    version = dist.version if dist is not None else None
+    try:
+        plugin = ep.load()
+    except Exception as e:
+        package = f" (package {dist_name} {version})" if dist_name else ""
+        raise PluginImportError(
+            f"The keras_attn plugin {ep.name!r}{package} failed to import "
+            f"{ep.value!r}: {type(e).__name__}: {e}. Fix or uninstall that package, "
+            f"or set {DISABLE_AUTOLOAD_ENV}=1 to skip plugin autoloading."
+        ) from e
+    registry.add_plugin(plugin, ep.name, dist_name, version)
+    logger.debug("loaded keras_attn plugin %r from %s %s", ep.name, dist_name, version)
+
+
+def register(plugin, name=None):
+    """Register an in-process plugin: a module or object with hook implementations.
+
+    Its components are available at once. Registering is all or nothing: if one of
+    its components is invalid or its name is taken, none of them is registered.
+
+    Args:
+        plugin: A module, class or object with ``@keras_attn.hookimpl`` functions.
+        name: The plugin's name, shown by ``keras-attn plugins`` and in errors.
+            Defaults to the module or class name.
+
+    Returns:
+        The plugin, so ``register`` can be used as a class decorator.
+    """
+    if name is None:
+        name = getattr(plugin, "__name__", None) or type(plugin).__name__
+    with _lock:
+        _load().add_plugin(plugin, name)
+    return plugin
+
+
+def unregister(plugin):
+    """Remove an in-process plugin and the components it registered."""
+    with _lock:
+        _load().remove_plugin(plugin)
+
+
+def entries(kind=None):
+    """Every registered component (of one kind if given), as a list of `Entry`."""
+    registry = _load()
+    kinds = [kind] if kind is not None else list(KINDS)
+    for k in kinds:
+        _check_kind(k)
+    return [e for k in kinds for e in sorted(registry.entries[k].values(), key=lambda e: e.name)]
+
+
+def names(kind):
+    """The registered names of one kind, sorted."""
+    return [e.name for e in entries(kind)]
+
+
+def get(kind, name):
+    """The registered class of `kind` called `name`.
+
+    Raises:
+        UnknownComponentError: if there is none; the message lists the names there are.
+    """
+    _check_kind(kind)
+    entry = _load().entries[kind].get(name)
+    if entry is None:
+        available = ", ".join(repr(n) for n in names(kind)) or "none"
+        raise UnknownComponentError(
+            f"Unknown {kind} {name!r}. Registered {kind}s: {available}. If {name!r} "
+            "comes from a plugin, that plugin is not installed (or plugin "
+            f"autoloading is off: {DISABLE_AUTOLOAD_ENV})."
+        )
+    return entry.cls
+
+
+def get_entry(kind, name):
+    get(kind, name)
+    return _load().entries[kind][name]
+
+
+def resolve(kind, spec, **defaults):
+    """Turn a component spec into a component instance.
+
+    Args:
+        kind: One of ``"layer"``, ``"score"``, ``"score_mod"``, ``"pattern"``,
+            ``"normalizer"``.
+        spec: A registry name, a config dict ``{"name": ..., "config": {...}}``
+            (as written by `serialize`), or an instance, which is returned as is.
+        **defaults: Keyword arguments for the constructor when `spec` is a name
+            (e.g. ``dtype``); ignored for instances.
+
+    Raises:
+        ComponentKindError: `spec` is a component of another kind, or not a spec.
+        UnknownComponentError: no component of that kind has that name.
+    """
+    base = base_class(kind)
+    if isinstance(spec, base) and not (kind == "layer" and kind_of(spec) != "layer"):
+        return spec
+    if isinstance(spec, str):
+        cls = get(kind, spec)
+        try:
+            return cls(**defaults)
+        except TypeError as e:
+            raise TypeError(
+                f"The {kind} {spec!r} cannot be built from its name alone: {e}. "
+                f"Pass an instance or a config dict instead, e.g. "
+                f"{{'name': {spec!r}, 'config': {{...}}}}."
+            ) from e
+    if isinstance(spec, dict) and "name" in spec and set(spec) <= {"name", "config"}:
+        cls = get(kind, spec["name"])
+        config = dict(spec.get("config") or {})
+        for key, value in defaults.items():
+            config.setdefault(key, value)
+        return cls.from_config(config)
+    actual = kind_of(spec) if spec is not None else None
+    if actual is not None:
+        raise ComponentKindError(
+            f"Expected a {kind}, but received a {actual}: {spec!r}. A {kind} is a "
+            f"registry name, a config dict or an instance of {base.__name__}."
+        )
+    raise ComponentKindError(
+        f"Expected a {kind}: a registry name (one of {names(kind)}), a config dict "
+        f"{{'name': ..., 'config': {{...}}}} or an instance of {base.__name__}. "
+        f"Received: {spec!r}"
+    )
+
+
+def serialize(component):
+    """The config dict of a component instance, which `resolve` turns back into it."""
+    kind = kind_of(component)
+    if kind is None:
+        raise ComponentKindError(f"Not a keras_attn component: {component!r}")
+    name = registry_name(component)
+    try:
+        get(kind, name)
+    except UnknownComponentError as e:
+        raise UnknownComponentError(
+            f"{type(component).__qualname__} is not registered, so it cannot be "
+            f"serialized by name. Register it through a plugin hook. ({e})"
+        ) from None
+    return {"name": name, "config": component.get_config()}
+
+
+def registry_name(component):
+    cls = component if isinstance(component, type) else type(component)
+    for klass in cls.__mro__:
+        for attr in ("registry_name", "name"):
+            value = klass.__dict__.get(attr)
+            if isinstance(value, str) and value:
+                return value
+    return None

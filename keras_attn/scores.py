@@ -1,0 +1,197 @@
+"""Scores: how well key j matches query i.
+
+A score maps ``query (..., Tq, D)`` and ``key (..., Tk, D)`` to logits
+``(..., Tq, Tk)``. It computes the whole thing, scaling included: the engine adds
+nothing of its own.
+"""
+
+import math
+
+import keras
+from keras import ops
+
+from keras_attn.hookspecs import hookimpl
+
+
+class Score(keras.layers.Layer):
+    """Base class of scores. Subclasses set ``name`` and implement ``call``.
+
+    ``call(query, key)`` receives ``query`` of shape ``(..., Tq, D)`` and ``key`` of
+    shape ``(..., Tk, D)`` with the same leading dims, and returns logits of shape
+    ``(..., Tq, Tk)``. A score may own weights, created in ``build(query_shape)``.
+    """
+
+    name = None
+
+    def call(self, query, key):
+        raise NotImplementedError(f"{type(self).__name__} must implement call(query, key).")
+
+    def get_config(self):
+        # Defined here so that subclasses without arguments serialize as they are.
+        return super().get_config()
+
+    def compute_output_shape(self, query_shape, key_shape=None):
+        key_shape = query_shape if key_shape is None else key_shape
+        return (*query_shape[:-1], key_shape[-2])
+
+
+def _dot(query, key):
+    return ops.matmul(query, ops.swapaxes(key, -1, -2))  # (..., Tq, Tk)
+
+
+class Dot(Score):
+    """Unscaled dot product ``q · k`` (Luong "dot")."""
+
+    name = "dot"
+
+    def call(self, query, key):
+        return _dot(query, key)
+
+
+class ScaledDot(Score):
+    """Scaled dot product ``q · k / sqrt(D)`` (Vaswani et al.), the default score.
+
+    Args:
+        scale: Optional float replacing ``1 / sqrt(D)``.
+    """
+
+    name = "scaled_dot"
+
+    def __init__(self, scale=None, **kwargs):
+        super().__init__(**kwargs)
+        if scale is not None and not scale > 0:
+            raise ValueError(f"`scale` must be a positive float or None. Received: scale={scale}")
+        self.scale = scale
+
+    def scale_for(self, depth):
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(depth)
+
+    def call(self, query, key):
+        scale = self.scale_for(query.shape[-1])
+        # Scale the (smaller) query before the matmul, as Keras's MultiHeadAttention does.
+        return _dot(query * ops.cast(scale, query.dtype), key)
+
+    def get_config(self):
+        return {**super().get_config(), "scale": self.scale}
+
+
+class General(Score):
+    """Luong's bilinear ("general") score ``q W kᵀ`` with a learned ``W`` (D, D)."""
+
+    name = "general"
+
+    def __init__(self, kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, query_shape, key_shape=None):
+        depth = query_shape[-1]
+        self.kernel = self.add_weight(
+            name="kernel", shape=(depth, depth), initializer=self.kernel_initializer
+        )
+
+    def call(self, query, key):
+        return _dot(ops.matmul(query, ops.cast(self.kernel, query.dtype)), key)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }
+
+
+class Additive(Score):
+    """Bahdanau's additive score ``vᵀ tanh(W_q q + W_k k)``.
+
+    Memory grows as ``Tq * Tk * units``: this score is for short sequences.
+
+    Args:
+        units: Width of the hidden layer. Defaults to the head dim D.
+    """
+
+    name = "additive"
+
+    def __init__(self, units=None, kernel_initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        if units is not None and (not isinstance(units, int) or units <= 0):
+            raise ValueError(f"`units` must be a positive integer or None. Received: units={units}")
+        self.units = units
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+
+    def build(self, query_shape, key_shape=None):
+        depth = query_shape[-1]
+        units = self.units or depth
+        init = self.kernel_initializer
+        self.query_kernel = self.add_weight(name="query_kernel", shape=(depth, units), initializer=init)
+        self.key_kernel = self.add_weight(name="key_kernel", shape=(depth, units), initializer=init)
+        self.bias = self.add_weight(name="bias", shape=(units,), initializer="zeros")
+        self.v = self.add_weight(name="v", shape=(units,), initializer=init)
+
+    def call(self, query, key):
+        dtype = query.dtype
+        q = ops.matmul(query, ops.cast(self.query_kernel, dtype))  # (..., Tq, U)
+        k = ops.matmul(key, ops.cast(self.key_kernel, dtype))  # (..., Tk, U)
+        hidden = ops.tanh(
+            ops.expand_dims(q, -2) + ops.expand_dims(k, -3) + ops.cast(self.bias, dtype)
+        )  # (..., Tq, Tk, U)
+        return ops.matmul(hidden, ops.cast(self.v, dtype))  # (..., Tq, Tk)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "units": self.units,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }
+
+
+class Cosine(Score):
+    """Cosine similarity times a temperature ``scale``: ``scale * cos(q, k)``.
+
+    Args:
+        scale: Initial value of the multiplier. Cosines lie in [-1, 1], so a scale
+            above 1 is needed for sharp attention.
+        trainable_scale: Whether the scale is learned (kept in log space).
+        epsilon: Added to the norms so zero vectors give zero logits, not NaN.
+    """
+
+    name = "cosine"
+
+    def __init__(self, scale=10.0, trainable_scale=False, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        if not scale > 0:
+            raise ValueError(f"`scale` must be positive. Received: scale={scale}")
+        self.scale = float(scale)
+        self.trainable_scale = trainable_scale
+        self.epsilon = epsilon
+
+    def build(self, query_shape, key_shape=None):
+        if self.trainable_scale:
+            self.log_scale = self.add_weight(
+                name="log_scale",
+                shape=(),
+                initializer=keras.initializers.Constant(math.log(self.scale)),
+            )
+
+    def call(self, query, key):
+        def normalize(x):
+            x32 = ops.cast(x, "float32")
+            norm = ops.sqrt(ops.sum(ops.square(x32), axis=-1, keepdims=True))
+            return x32 / (norm + self.epsilon)
+
+        scale = ops.exp(self.log_scale) if self.trainable_scale else self.scale
+        logits = _dot(normalize(query), normalize(key)) * scale
+        return ops.cast(logits, query.dtype)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "scale": self.scale,
+            "trainable_scale": self.trainable_scale,
+            "epsilon": self.epsilon,
+        }
+
+
+@hookimpl
+def register_scores(register):
+    for cls in (Dot, ScaledDot, General, Additive, Cosine):
+        register(cls)

@@ -1,0 +1,1 @@
+"""Placeholder: pytest plugin offering keras_attn component checks (issue 5)."""
