@@ -5,7 +5,7 @@ component class it provides; ``cls.name`` is the component's registry name, uniq
 within its kind. keras_attn registers its own built-ins through these same hooks.
 """
 
-from typing import Callable
+from collections.abc import Callable
 
 import pluggy
 
