@@ -4,8 +4,12 @@ keras_attn keeps one registry per kind of component (layer, score, score_mod,
 pattern, normalizer). The registries are filled through the hooks of
 ``keras_attn.hookspecs``: first by keras_attn's own modules (it is its own first
 plugin), then by every plugin declared under the ``keras_attn`` entry-point group,
-then by plugins registered in-process with ``register``. Nothing is loaded until the
-first lookup. Setting ``KERAS_ATTN_DISABLE_PLUGIN_AUTOLOAD=1`` skips the entry points.
+then by plugins registered in-process with ``register``.
+
+The built-ins are registered when keras_attn is imported, so that Keras finds their
+classes when it loads a ``.keras`` file. Entry-point plugins are imported lazily, on
+the first lookup (`get`, `resolve`, `entries`, building a layer, ...). Setting
+``KERAS_ATTN_DISABLE_PLUGIN_AUTOLOAD=1`` skips the entry points.
 """
 
 import dataclasses
@@ -59,6 +63,9 @@ class Entry:
     plugin: str
     distribution: str | None = None
     version: str | None = None
+    # The name keras_attn registered `cls` under with Keras, if it did (`None` when the
+    # class was already Keras-serializable), so that `unregister` can take it back.
+    keras_name: str | None = dataclasses.field(default=None, compare=False)
 
 
 def base_class(kind):
@@ -86,8 +93,7 @@ def kind_of(obj):
 def _check_kind(kind):
     if kind not in KINDS:
         raise ValueError(
-            f"Unknown component kind. Expected one of {sorted(KINDS)}. "
-            f"Received: kind={kind!r}"
+            f"Unknown component kind. Expected one of {sorted(KINDS)}. Received: kind={kind!r}"
         )
 
 
@@ -103,17 +109,40 @@ class _Registry:
         """Register `plugin` and everything its hooks register, or nothing at all."""
         if self.pm.get_plugin(name) is not None or self.pm.is_registered(plugin):
             raise PluginError(f"Plugin {name!r} is already registered.")
-        self.pm.register(plugin, name=name)
         try:
+            self.pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as e:
+            raise PluginError(f"The keras_attn plugin {name!r} is invalid: {e}") from e
+        try:
+            self._check_hook_names(plugin, name)
             staged = self._collect(plugin, name, distribution, version)
-        except BaseException:
+        except PluginError:
             self.pm.unregister(plugin)
             raise
+        except Exception as e:
+            self.pm.unregister(plugin)
+            raise PluginError(
+                f"The keras_attn plugin {name!r} failed while registering its "
+                f"components: {type(e).__name__}: {e}"
+            ) from e
         for entry in staged:
-            self.entries[entry.kind][entry.name] = entry
-            _make_keras_serializable(entry)
+            keras_name = _make_keras_serializable(entry)
+            self.entries[entry.kind][entry.name] = dataclasses.replace(entry, keras_name=keras_name)
+
+    def _check_hook_names(self, plugin, plugin_name):
+        # pluggy accepts an implementation of a hook nobody specified; here it is
+        # almost surely a typo (`register_score`), which would otherwise do nothing.
+        callers = self.pm.get_hookcallers(plugin) or ()
+        unknown = sorted(caller.name for caller in callers if caller.spec is None)
+        if unknown:
+            known = ", ".join(hook for hook, _ in KINDS.values())
+            raise PluginError(
+                f"The keras_attn plugin {plugin_name!r} implements unknown hooks "
+                f"{unknown}. The hooks are: {known}."
+            )
 
     def _collect(self, plugin, plugin_name, distribution, version):
+        where = _describe_plugin(plugin_name, distribution, version)
         staged = []
         for kind, (hook_name, _) in KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
@@ -123,8 +152,12 @@ class _Registry:
 
                 def register(cls, kind=kind, hook_name=hook_name):
                     entry = Entry(
-                        kind, _registry_name(cls, kind, hook_name, plugin_name),
-                        cls, plugin_name, distribution, version,
+                        kind,
+                        _registry_name(cls, kind, hook_name, where),
+                        cls,
+                        plugin_name,
+                        distribution,
+                        version,
                     )
                     self._check_unique(entry, staged)
                     staged.append(entry)
@@ -143,18 +176,19 @@ class _Registry:
 
     def remove_plugin(self, plugin):
         name = self.pm.get_name(plugin)
+        if name is None:
+            raise PluginError(f"Not a registered keras_attn plugin. Received: plugin={plugin!r}")
         self.pm.unregister(plugin)
         for entries in self.entries.values():
             for key in [k for k, e in entries.items() if e.plugin == name]:
-                del entries[key]
+                _forget_keras_serializable(entries.pop(key))
 
 
-def _registry_name(cls, kind, hook_name, plugin_name):
+def _registry_name(cls, kind, hook_name, where):
     base = base_class(kind)
     if not isinstance(cls, type):
         raise ComponentKindError(
-            f"{hook_name}: `register` expects a class. Received: {cls!r} "
-            f"from plugin {plugin_name!r}."
+            f"{hook_name}: `register` expects a class. Received: {cls!r} from {where}."
         )
     if not issubclass(cls, base):
         actual = kind_of(cls)
@@ -162,14 +196,15 @@ def _registry_name(cls, kind, hook_name, plugin_name):
         raise ComponentKindError(
             f"{hook_name}: expected a subclass of {base.__module__}.{base.__name__} "
             f"(a {kind}). Received: {cls.__module__}.{cls.__qualname__}, which is "
-            f"{what}, from plugin {plugin_name!r}."
+            f"{what}, from {where}."
         )
     name = cls.__dict__.get("name") if kind != "layer" else _layer_name(cls)
     if not isinstance(name, str) or not name:
+        attribute = "registry_name` (or `name" if kind == "layer" else "name"
         raise ComponentKindError(
-            f"{hook_name}: {cls.__module__}.{cls.__qualname__} from plugin "
-            f"{plugin_name!r} must set a class attribute `name` (a non-empty "
-            f"string, its registry name). Received: name={name!r}"
+            f"{hook_name}: {cls.__module__}.{cls.__qualname__} from {where} must set "
+            f"a class attribute `{attribute}` (a non-empty string, its registry name). "
+            f"Received: {attribute.split('`')[0]}={name!r}"
         )
     return name
 
@@ -181,51 +216,95 @@ def _layer_name(cls):
     return name if isinstance(name, str) else None
 
 
+def _describe_plugin(plugin_name, distribution=None, version=None):
+    where = f"plugin {plugin_name!r}"
+    if distribution:
+        where += f" (package {distribution} {version})"
+    return where
+
+
 def _describe(entry):
-    where = f"plugin {entry.plugin!r}"
-    if entry.distribution:
-        where += f" (package {entry.distribution} {entry.version})"
+    where = _describe_plugin(entry.plugin, entry.distribution, entry.version)
     return f"{entry.cls.__module__}.{entry.cls.__qualname__} from {where}"
 
 
 def _make_keras_serializable(entry):
-    """Let Keras find the class when it deserializes it on its own."""
+    """Let Keras find the class when it deserializes it on its own.
+
+    Returns the name it was registered under, or None if Keras already knew it.
+    """
     registered = keras.saving.get_registered_name(entry.cls)
     if keras.saving.get_registered_object(registered) is entry.cls:
-        return
-    keras.saving.register_keras_serializable(
-        package=f"keras_attn.{entry.kind}", name=entry.name
-    )(entry.cls)
+        return None
+    keras.saving.register_keras_serializable(package=f"keras_attn.{entry.kind}", name=entry.name)(
+        entry.cls
+    )
+    return keras.saving.get_registered_name(entry.cls)
+
+
+def _forget_keras_serializable(entry):
+    # An unregistered plugin is gone for Keras too, as if it were not installed.
+    custom_objects = keras.saving.get_custom_objects()
+    if entry.keras_name and custom_objects.get(entry.keras_name) is entry.cls:
+        del custom_objects[entry.keras_name]
 
 
 _lock = threading.RLock()
 _registry = None
+_autoloaded = False
+
+
+def _builtin_registry():
+    from keras_attn import __version__
+
+    registry = _Registry()
+    for module_name in BUILTIN_PLUGINS:
+        registry.add_plugin(
+            importlib.import_module(module_name), module_name, "keras_attn", __version__
+        )
+    return registry
 
 
 def _load():
-    """Build the registries on first use: built-ins, then entry-point plugins."""
-    global _registry
+    """The registries, with the entry-point plugins loaded on the first call."""
+    global _registry, _autoloaded
+    with _lock:
+        if _registry is None:
+            _registry = _builtin_registry()
+        if not _autoloaded:
+            if _autoload_enabled():
+                for ep in _entry_points():
+                    # A plugin that loaded before another one failed is not loaded
+                    # twice when the next lookup tries again.
+                    if _registry.pm.get_plugin(ep.name) is None:
+                        _load_entry_point(_registry, ep)
+            _autoloaded = True
+        return _registry
+
+
+def _autoload_enabled():
+    return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in ("", "0", "false", "no")
+
+
+def _reset():
+    """Forget every plugin but the built-ins; entry points load again on the next lookup.
+
+    For tests (of keras_attn and of plugins) that install or remove plugins while
+    running: Keras forgets the classes it was told about by the removed plugins.
+    """
+    global _registry, _autoloaded
     with _lock:
         if _registry is not None:
-            return _registry
-        from keras_attn import __version__
-
-        registry = _Registry()
-        for module_name in BUILTIN_PLUGINS:
-            registry.add_plugin(
-                importlib.import_module(module_name), module_name, "keras_attn", __version__
-            )
-        if os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip() in ("", "0", "false"):
-            for ep in _entry_points():
-                _load_entry_point(registry, ep)
-        _registry = registry
-        return registry
+            for name, plugin in list(_registry.pm.list_name_plugin()):
+                if name not in BUILTIN_PLUGINS:
+                    _registry.remove_plugin(plugin)
+        _registry = None
+        _autoloaded = False
+        _registry = _builtin_registry()
 
 
 def _entry_points():
-    return sorted(
-        importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name
-    )
+    return sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
 
 
 def _load_entry_point(registry, ep):
@@ -267,7 +346,11 @@ def register(plugin, name=None):
 
 
 def unregister(plugin):
-    """Remove an in-process plugin and the components it registered."""
+    """Remove an in-process plugin and the components it registered.
+
+    Keras forgets their classes too: a model that uses them no longer loads, as
+    where the plugin is not installed.
+    """
     with _lock:
         _load().remove_plugin(plugin)
 
@@ -305,6 +388,7 @@ def get(kind, name):
 
 
 def get_entry(kind, name):
+    """The `Entry` of the registered component of `kind` called `name`."""
     get(kind, name)
     return _load().entries[kind][name]
 
@@ -344,6 +428,12 @@ def resolve(kind, spec, **defaults):
             config.setdefault(key, value)
         return cls.from_config(config)
     actual = kind_of(spec) if spec is not None else None
+    if isinstance(spec, type) and actual == kind:
+        raise ComponentKindError(
+            f"Expected a {kind} instance, a registry name or a config dict, but received "
+            f"the class {spec.__qualname__}. Pass an instance, e.g. {spec.__qualname__}(), "
+            f"or its registry name. Received: {spec!r}"
+        )
     if actual is not None:
         raise ComponentKindError(
             f"Expected a {kind}, but received a {actual}: {spec!r}. A {kind} is a "
@@ -380,3 +470,10 @@ def registry_name(component):
             if isinstance(value, str) and value:
                 return value
     return None
+
+
+# The built-ins are registered at import, not on first lookup: Keras looks their
+# classes up by registered name when it loads a `.keras` file, before anything of
+# keras_attn has been called. (keras_attn's component modules import this one, but
+# only use it at call time, so the circular import is safe.)
+_registry = _builtin_registry()
