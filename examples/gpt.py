@@ -1,0 +1,830 @@
+"""GPT: a decoder-only language model assembled from keras_attn layers.
+
+    python -m examples.gpt demo                      # a few minutes on CPU, embedded text
+    python -m examples.gpt train --dataset tiny_shakespeare --epochs 10 --output runs/gpt
+    python -m examples.gpt train --pattern '{"name": "local", "config": {"window": 32}}'
+    python -m examples.gpt generate --output runs/gpt --prompt "The " --top-k 5
+    python -m examples.gpt compare                   # keras_attn vs keras.layers.MultiHeadAttention
+
+The model reads top to bottom: `TokenAndPositionEmbedding`, then `DecoderBlock`s
+(pre-norm causal self-attention and an MLP, each with a residual connection),
+then `build_gpt`, which stacks them into a functional `keras.Model` mapping token
+ids ``(B, T)`` to next-token logits ``(B, T, vocab_size)``. `generate` decodes
+with a key/value cache held by the attention layers (one ``(B, 2, S, H, D)``
+tensor per block), so each new token costs one position, not the whole prefix.
+
+The attention of every block is configurable (`attention=` of `build_gpt`, the
+``--layer/--score/--pattern/--normalizer/--score-mod`` flags): the blocks always
+call it with ``use_causal_mask=True``, so any pattern is intersected with causal.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import keras
+import numpy as np
+from keras import ops
+
+import keras_attn
+from examples import datasets
+from examples import text as text_lib
+from examples import training
+
+DATASETS = ("pydoc_text", "tiny_shakespeare")
+SAMPLING = ("greedy", "top_k", "temperature")
+
+
+# -- blocks --------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="examples.gpt")
+class TokenAndPositionEmbedding(keras.layers.Layer):
+    """Token embedding plus a learned absolute position embedding.
+
+    Args:
+        vocab_size: Number of token ids.
+        max_length: Longest sequence the model accepts (number of positions).
+        hidden_dim: Embedding size.
+
+    Call arguments:
+        token_ids: Int ``(B, T)``.
+        start_index: Position of the first token (int or scalar tensor); a
+            decoding step with a cache starts past the tokens already seen.
+
+    Returns:
+        ``(B, T, hidden_dim)``.
+    """
+
+    def __init__(self, vocab_size, max_length, hidden_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.hidden_dim = hidden_dim
+
+    def build(self, input_shape):
+        self.token_embedding = keras.layers.Embedding(
+            self.vocab_size, self.hidden_dim, dtype=self.dtype_policy, name="token_embedding"
+        )
+        self.token_embedding.build(input_shape)
+        self.position_embedding = keras.layers.Embedding(
+            self.max_length, self.hidden_dim, dtype=self.dtype_policy, name="position_embedding"
+        )
+        self.position_embedding.build((None,))
+
+    def call(self, token_ids, start_index=0):
+        length = token_ids.shape[1]
+        if (
+            length is not None
+            and isinstance(start_index, int)
+            and start_index + length > self.max_length
+        ):
+            raise ValueError(
+                f"The sequence is longer than the model's maximum length {self.max_length}. "
+                f"Received: sequence length={start_index + length}"
+            )
+        positions = ops.arange(ops.shape(token_ids)[1], dtype="int32") + ops.cast(
+            start_index, "int32"
+        )
+        return (
+            self.token_embedding(token_ids) + self.position_embedding(positions)[None]
+        )  # (B, T, E)
+
+    def compute_output_shape(self, input_shape):
+        return (*input_shape, self.hidden_dim)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            vocab_size=self.vocab_size, max_length=self.max_length, hidden_dim=self.hidden_dim
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="examples.gpt")
+class DecoderBlock(keras.layers.Layer):
+    """Pre-norm decoder block: causal self-attention, then an MLP, both residual.
+
+    Args:
+        num_heads: Attention heads.
+        intermediate_dim: Width of the MLP.
+        attention: The ``attention`` dict (see `examples.training.attention_layer`).
+        dropout: Dropout after attention and MLP (and on the attention weights).
+        layer_norm_epsilon: Epsilon of the layer norms.
+
+    Call arguments:
+        x: ``(B, T, E)``.
+        cache: Optional ``(B, 2, S, H, E // H)`` key/value cache of this block.
+        cache_update_index: Position of ``x[:, 0]`` in the cache.
+        return_attention_scores: Also return the weights ``(B, H, T, S)``.
+
+    Returns:
+        ``(B, T, E)``; then the weights if asked; then the new cache if given one.
+    """
+
+    def __init__(
+        self,
+        num_heads,
+        intermediate_dim,
+        attention=None,
+        dropout=0.0,
+        layer_norm_epsilon=1e-5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.num_heads = num_heads
+        self.intermediate_dim = intermediate_dim
+        self.attention_config = training.check_attention(attention)
+        self.dropout = dropout
+        self.layer_norm_epsilon = layer_norm_epsilon
+
+    def build(self, input_shape):
+        hidden_dim = input_shape[-1]
+        if hidden_dim % self.num_heads:
+            raise ValueError(
+                "hidden_dim must be divisible by num_heads. "
+                f"Received: hidden_dim={hidden_dim}, num_heads={self.num_heads}"
+            )
+        dtype = self.dtype_policy
+        eps = self.layer_norm_epsilon
+        self.attention_norm = keras.layers.LayerNormalization(
+            epsilon=eps, dtype=dtype, name="attention_norm"
+        )
+        self.attention_norm.build(input_shape)
+        self.attention = training.attention_layer(
+            self.attention_config,
+            self.num_heads,
+            hidden_dim // self.num_heads,
+            dropout=self.dropout,
+            name="attention",
+            dtype=dtype,
+        )
+        self.attention.build(input_shape, input_shape)
+        self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=dtype)
+        self.mlp_norm = keras.layers.LayerNormalization(epsilon=eps, dtype=dtype, name="mlp_norm")
+        self.mlp_norm.build(input_shape)
+        self.mlp_in = keras.layers.Dense(
+            self.intermediate_dim, activation="gelu", dtype=dtype, name="mlp_in"
+        )
+        self.mlp_in.build(input_shape)
+        self.mlp_out = keras.layers.Dense(hidden_dim, dtype=dtype, name="mlp_out")
+        self.mlp_out.build((*input_shape[:-1], self.intermediate_dim))
+        self.mlp_dropout = keras.layers.Dropout(self.dropout, dtype=dtype)
+
+    def call(
+        self, x, cache=None, cache_update_index=None, return_attention_scores=False, training=None
+    ):
+        h = self.attention_norm(x)
+        kwargs = dict(use_causal_mask=True, training=training)
+        if return_attention_scores:
+            kwargs["return_attention_scores"] = True
+        if cache is not None:
+            kwargs.update(cache=cache, cache_update_index=cache_update_index)
+        outputs = self.attention(h, h, **kwargs)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        x = x + self.attention_dropout(outputs[0], training=training)
+        x = x + self.mlp_dropout(self.mlp_out(self.mlp_in(self.mlp_norm(x))), training=training)
+        return x if len(outputs) == 1 else (x, *outputs[1:])
+
+    def compute_output_spec(
+        self, x, cache=None, cache_update_index=None, return_attention_scores=False, training=None
+    ):
+        result = (keras.KerasTensor(x.shape, dtype=self.compute_dtype),)
+        if return_attention_scores:
+            key_length = cache.shape[2] if cache is not None else x.shape[1]
+            result += (keras.KerasTensor((x.shape[0], self.num_heads, x.shape[1], key_length)),)
+        if cache is not None:
+            result += (keras.KerasTensor(cache.shape, dtype=cache.dtype),)
+        return result[0] if len(result) == 1 else result
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_heads=self.num_heads,
+            intermediate_dim=self.intermediate_dim,
+            attention=self.attention_config,
+            dropout=self.dropout,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config
+
+
+# -- model ---------------------------------------------------------------------------
+
+
+def build_gpt(
+    vocab_size,
+    max_length,
+    num_layers=4,
+    num_heads=4,
+    hidden_dim=128,
+    intermediate_dim=None,
+    dropout=0.0,
+    attention=None,
+    name="gpt",
+):
+    """A GPT decoder as a functional `keras.Model`: token ids ``(B, T)`` to logits ``(B, T, V)``.
+
+    Args:
+        vocab_size: Number of token ids.
+        max_length: Longest sequence (prompt plus generated tokens) it accepts.
+        num_layers: Number of `DecoderBlock`s.
+        num_heads: Attention heads per block.
+        hidden_dim: Model width (divisible by `num_heads`).
+        intermediate_dim: MLP width (default ``4 * hidden_dim``).
+        dropout: Dropout rate.
+        attention: Dict with any of ``layer``, ``score``, ``pattern``,
+            ``normalizer``, ``score_mods``: the attention of every block, from
+            the registries (plugins' included). ``layer="keras"`` builds the
+            reference with `keras.layers.MultiHeadAttention`.
+
+    The logits are float32 under mixed precision, for a stable loss.
+    """
+    for arg, value in (
+        ("vocab_size", vocab_size),
+        ("max_length", max_length),
+        ("num_layers", num_layers),
+        ("num_heads", num_heads),
+        ("hidden_dim", hidden_dim),
+    ):
+        if not isinstance(value, int) or value <= 0:
+            raise ValueError(f"`{arg}` must be a positive integer. Received: {arg}={value!r}")
+    if hidden_dim % num_heads:
+        raise ValueError(
+            "`hidden_dim` must be divisible by `num_heads`. "
+            f"Received: hidden_dim={hidden_dim}, num_heads={num_heads}"
+        )
+    attention = training.check_attention(attention)
+    intermediate_dim = intermediate_dim or 4 * hidden_dim
+
+    token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+    x = TokenAndPositionEmbedding(vocab_size, max_length, hidden_dim, name="embedding")(token_ids)
+    for i in range(num_layers):
+        x = DecoderBlock(
+            num_heads, intermediate_dim, attention=attention, dropout=dropout, name=f"block_{i}"
+        )(x)
+    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
+    logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")(x)
+    return keras.Model(token_ids, logits, name=name)
+
+
+def compile_gpt(model, learning_rate=1e-3):
+    model.compile(
+        optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=0.01, global_clipnorm=1.0),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+    return model
+
+
+def _parts(model):
+    """The layers of a `build_gpt` model, by role."""
+    blocks = sorted(
+        (layer for layer in model.layers if isinstance(layer, DecoderBlock)),
+        key=lambda layer: int(layer.name.rsplit("_", 1)[1]),
+    )
+    return (
+        model.get_layer("embedding"),
+        blocks,
+        model.get_layer("final_norm"),
+        model.get_layer("logits"),
+    )
+
+
+def attention_weights(model, token_ids):
+    """The causal attention weights of every block on `token_ids`: ``{name: (B, H, T, T)}``."""
+    embedding, blocks, _, _ = _parts(model)
+    x = embedding(ops.convert_to_tensor(token_ids, "int32"))
+    maps = {}
+    for block in blocks:
+        x, weights = block(x, return_attention_scores=True, training=False)
+        maps[block.name] = ops.convert_to_numpy(weights).astype("float32")
+    return maps
+
+
+# -- generation ----------------------------------------------------------------------
+
+
+class Generator:
+    """Decoding for a `build_gpt` model, with or without a key/value cache.
+
+    The cached step is a functional model sharing the GPT's layers, ``(token_ids,
+    index, caches) -> (logits, caches)``, run with `predict_on_batch`, so it is
+    compiled on every backend. Uncached decoding runs the whole model on a
+    fixed-size buffer and reads the logits at the current position (causal
+    attention makes the tokens after it irrelevant), also compiled.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.embedding, self.blocks, self.final_norm, self.head = _parts(model)
+        self.max_length = self.embedding.max_length
+        # keras.layers.MultiHeadAttention (the reference) has no key/value cache.
+        self.supports_cache = all(
+            isinstance(b.attention, keras_attn.Attention) for b in self.blocks
+        )
+        self._step_model = None
+
+    def _cache_shape(self, block, batch, length):
+        heads = block.num_heads
+        return (batch, 2, length, heads, block.attention._key_dim)
+
+    def _build_step_model(self):
+        return _CachedStep(self.embedding, self.blocks, self.final_norm, self.head)
+
+    def _check_length(self, prompt, max_new_tokens):
+        total = prompt.shape[1] + max_new_tokens
+        if prompt.ndim != 2 or prompt.shape[1] == 0:
+            raise ValueError(
+                f"`prompt` must be int ids (B, T) with T >= 1. Received: prompt.shape={prompt.shape}"
+            )
+        if total > self.max_length:
+            raise ValueError(
+                f"The prompt plus the new tokens is longer than the model's maximum "
+                f"length {self.max_length}. Received: prompt length={prompt.shape[1]}, "
+                f"max_new_tokens={max_new_tokens}"
+            )
+        return total
+
+    def generate(
+        self,
+        prompt,
+        max_new_tokens,
+        sampling="greedy",
+        temperature=1.0,
+        top_k=None,
+        seed=None,
+        use_cache=True,
+    ):
+        """Extend `prompt` (int ``(B, T)``) by `max_new_tokens` tokens; returns ``(B, T + N)``.
+
+        Args:
+            sampling: ``"greedy"`` (argmax), ``"temperature"`` (sample from
+                softmax(logits / temperature)) or ``"top_k"`` (the same, among the
+                `top_k` most likely tokens).
+            use_cache: Decode with the key/value cache (default) or rerun the
+                model over the whole sequence for every token.
+        """
+        prompt = np.asarray(prompt, dtype="int32")
+        if prompt.ndim == 1:
+            prompt = prompt[None]
+        if sampling not in SAMPLING:
+            raise ValueError(
+                f"`sampling` must be one of {SAMPLING}. Received: sampling={sampling!r}"
+            )
+        if sampling == "top_k" and (not isinstance(top_k, int) or top_k <= 0):
+            raise ValueError(f"top_k sampling needs a positive `top_k`. Received: top_k={top_k!r}")
+        if temperature <= 0:
+            raise ValueError(f"`temperature` must be positive. Received: temperature={temperature}")
+        total = self._check_length(prompt, max_new_tokens)
+        rng = np.random.default_rng(seed)
+        pick = lambda logits: _pick(logits, sampling, temperature, top_k, rng)  # noqa: E731
+        if use_cache and not self.supports_cache:
+            raise ValueError(
+                "keras.layers.MultiHeadAttention has no key/value cache; pass use_cache=False."
+            )
+        if use_cache:
+            return self._generate_cached(prompt, max_new_tokens, total, pick)
+        return self._generate_uncached(prompt, max_new_tokens, total, pick)
+
+    def _generate_cached(self, prompt, max_new_tokens, total, pick):
+        if self._step_model is None:
+            self._step_model = self._build_step_model()
+        batch, length = prompt.shape
+        caches = [
+            np.zeros(self._cache_shape(b, batch, total), b.attention.compute_dtype)
+            for b in self.blocks
+        ]
+        tokens = [prompt]
+        step_input, index = prompt, 0
+        for _ in range(max_new_tokens):
+            logits, *caches = self._step_model.predict_on_batch(
+                [step_input, np.array([index], "int32"), *caches]
+            )
+            index += step_input.shape[1]
+            step_input = pick(np.asarray(logits, "float32"))[:, None]
+            tokens.append(step_input)
+        return np.concatenate(tokens, axis=1)
+
+    def _generate_uncached(self, prompt, max_new_tokens, total, pick):
+        batch, length = prompt.shape
+        buffer = np.zeros((batch, total), "int32")  # tokens after the current one are never seen
+        buffer[:, :length] = prompt
+        for t in range(length, total):
+            logits = self.model.predict_on_batch(buffer)
+            buffer[:, t] = pick(np.asarray(logits[:, t - 1], "float32"))
+        return buffer
+
+
+class _CachedStep(keras.Model):
+    """One cached decoding step over the layers of a GPT: ``[token_ids (B, T), index (1,),
+    *caches] -> [logits of the last position (B, V), *new caches]``.
+
+    A subclassed model, not a functional one: Keras' functional graphs require a
+    layer to return the same number of outputs on every call, and the blocks
+    return their cache only here.
+    """
+
+    def __init__(self, embedding, blocks, final_norm, head):
+        super().__init__(name="gpt_cached_step")
+        self.embedding = embedding
+        self.blocks = blocks
+        self.final_norm = final_norm
+        self.head = head
+
+    def call(self, inputs):
+        token_ids, index, *caches = inputs
+        start = index[0]
+        x = self.embedding(token_ids, start_index=start)  # (B, T, E)
+        new_caches = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block(x, cache=cache, cache_update_index=start)  # cache (B, 2, S, H, D)
+            new_caches.append(cache)
+        logits = self.head(self.final_norm(x[:, -1:, :]))[:, 0]  # (B, V)
+        return [logits, *new_caches]
+
+
+def _pick(logits, sampling, temperature, top_k, rng):
+    """Next token ids ``(B,)`` from logits ``(B, V)``."""
+    if sampling == "greedy":
+        return np.argmax(logits, axis=-1).astype("int32")
+    logits = logits.astype("float64") / temperature
+    if sampling == "top_k":
+        k = min(top_k, logits.shape[-1])
+        kth = np.sort(logits, axis=-1)[:, -k][:, None]
+        logits = np.where(logits >= kth, logits, -np.inf)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return np.array([rng.choice(len(p), p=p) for p in probs], dtype="int32")
+
+
+def generate(model, prompt, max_new_tokens, **kwargs):
+    """`Generator(model).generate(...)`, reusing the compiled step across calls."""
+    generator = getattr(model, "_gpt_generator", None)
+    if generator is None:
+        generator = Generator(model)
+        model._gpt_generator = generator
+    return generator.generate(prompt, max_new_tokens, **kwargs)
+
+
+# -- data ----------------------------------------------------------------------------
+
+
+def load_text(args, split):
+    ds = datasets.load(
+        args.dataset, split, data_dir=args.data_dir, download=args.download, allowed=DATASETS
+    )
+    return "\n\n".join(text_lib.read_texts(ds))
+
+
+# -- commands ------------------------------------------------------------------------
+
+MODEL_FLAGS = ("max_length", "seq_len", "num_layers", "num_heads", "hidden_dim", "dropout")
+
+
+def _add_model_arguments(parser, **defaults):
+    g = parser.add_argument_group("model")
+    g.add_argument(
+        "--seq-len", type=int, default=defaults.get("seq_len", 128), help="training window"
+    )
+    g.add_argument("--max-length", type=int, default=defaults.get("max_length", 512))
+    g.add_argument("--num-layers", type=int, default=defaults.get("num_layers", 4))
+    g.add_argument("--num-heads", type=int, default=defaults.get("num_heads", 4))
+    g.add_argument("--hidden-dim", type=int, default=defaults.get("hidden_dim", 128))
+    g.add_argument("--dropout", type=float, default=defaults.get("dropout", 0.0))
+    g.add_argument("--sample-length", type=int, default=defaults.get("sample_length", 200))
+    g.add_argument("--prompt", default=defaults.get("prompt", "The "))
+
+
+def _check_args(args):
+    if args.seq_len > args.max_length:
+        raise ValueError(
+            f"--seq-len is longer than the model's maximum length --max-length={args.max_length}. "
+            f"Received: seq_len={args.seq_len}"
+        )
+    for arg in ("epochs", "batch_size", "seq_len", "num_layers", "num_heads", "hidden_dim"):
+        if getattr(args, arg) <= 0:
+            raise ValueError(
+                f"--{arg.replace('_', '-')} must be positive. Received: {arg}={getattr(args, arg)}"
+            )
+
+
+def train(args):
+    """Train (or resume) a GPT; write checkpoints, logs, metrics, heatmaps and a sample."""
+    _check_args(args)
+    attention = training.check_attention(training.attention_from_args(args))
+    run = training.Run(args, example="gpt")
+    run.check()  # bad flags and folders fail before any data is read
+    training.configure_precision(args.mixed_precision)
+    keras.utils.set_random_seed(args.seed)
+    dist = training.distribution(args.distribute)
+    train_text = load_text(args, "train")
+    eval_text = load_text(args, "test")
+    tokenizer = text_lib.CharTokenizer.from_texts([train_text])
+    train_ids, eval_ids = tokenizer.encode(train_text), tokenizer.encode(eval_text)
+    baseline = text_lib.unigram_entropy(train_ids, tokenizer.vocab_size)
+    train_ds = text_lib.lm_dataset(
+        train_ids, args.seq_len, args.batch_size, seed=args.seed, repeat=args.steps is not None
+    )
+    eval_ds = text_lib.lm_dataset(eval_ids, args.seq_len, args.batch_size, shuffle=False)
+
+    with run, dist.scope():
+        run.note(distribution=dist.describe(), attention=attention, unigram_entropy=baseline)
+        tokenizer.save(os.path.join(run.path, "tokenizer.json"))
+        restored = run.restore()
+        if restored is None:
+            model = build_gpt(
+                tokenizer.vocab_size,
+                args.max_length,
+                args.num_layers,
+                args.num_heads,
+                args.hidden_dim,
+                dropout=args.dropout,
+                attention=attention,
+            )
+            compile_gpt(model, args.learning_rate)
+            initial_epoch = 0
+        else:
+            model, initial_epoch = restored
+        print(
+            f"gpt: {model.count_params():,} parameters, vocabulary {tokenizer.vocab_size}, "
+            f"{len(train_ids):,} training tokens; unigram entropy {baseline:.3f} nats; "
+            f"devices: {dist.describe()}"
+        )
+        history = training.fit(model, train_ds, args, run, initial_epoch=initial_epoch)
+        evaluation = model.evaluate(eval_ds, verbose=0, return_dict=True)
+        metrics = training.final_metrics(history, model, evaluation)
+        metrics.update(
+            unigram_entropy=baseline, below_unigram_baseline=metrics["test_loss"] < baseline
+        )
+        metrics["loss_per_epoch"] = [float(v) for v in history.history["loss"]]
+        _report_losses(metrics, baseline)
+
+        prompt = tokenizer.encode(args.prompt)[None]
+        sample = generate(
+            model,
+            prompt,
+            min(args.sample_length, args.max_length - prompt.shape[1]),
+            sampling="top_k",
+            top_k=5,
+            seed=args.seed,
+            use_cache=Generator(model).supports_cache,
+        )
+        sample_text = tokenizer.decode(sample[0])
+        with open(os.path.join(run.path, "sample.txt"), "w", encoding="utf-8") as f:
+            f.write(sample_text + "\n")
+        print("\nsample (top-5):\n" + "-" * 60 + "\n" + sample_text + "\n" + "-" * 60)
+
+        heat_ids = eval_ids[: min(48, args.seq_len)][None]
+        maps = attention_weights(model, heat_ids)
+        for name, weights in maps.items():
+            from keras_attn import viz
+
+            viz.plot_attention(
+                weights[0, :4],
+                os.path.join(run.attention_dir, f"{name}.png"),
+                tokens=tokenizer.tokens(heat_ids[0]),
+                title=f"gpt {name}",
+            )
+        run.save_metrics(metrics)
+    print(f"\nrun finished: {run.final_path}")
+    for item in ("metrics.json", "sample.txt", "attention", "checkpoints", "logs", "run.json"):
+        print(f"  {run.output_path(item)}")
+    return metrics
+
+
+def _report_losses(metrics, baseline):
+    losses = metrics["loss_per_epoch"]
+    print("\ntraining loss per epoch: " + " -> ".join(f"{v:.3f}" for v in losses))
+    verdict = "below" if metrics["test_loss"] < baseline else "NOT below"
+    print(
+        f"held-out loss {metrics['test_loss']:.3f} nats/char "
+        f"({metrics['test_loss'] / np.log(2):.2f} bits), {verdict} the unigram-entropy "
+        f"baseline {baseline:.3f} nats/char"
+    )
+
+
+def demo(args):
+    """`train` with the demo's defaults; a rerun replaces the previous demo folder."""
+    if not args.resume:
+        args.overwrite = True
+    return train(args)
+
+
+def generate_command(args):
+    """Sample from the model of a finished run (`--output`)."""
+    folder = os.path.abspath(os.path.expanduser(args.output))
+    tokenizer_path = os.path.join(folder, "tokenizer.json")
+    if not os.path.exists(tokenizer_path):
+        raise training.RunError(
+            f"No finished GPT run in {folder} (no tokenizer.json). Received: output={args.output!r}"
+        )
+    run = training.Run(args, example="gpt")
+    run.checkpoint_dir = os.path.join(folder, "checkpoints")
+    path, _ = run.latest_checkpoint()
+    if path is None:
+        raise training.RunError(f"No checkpoint in {run.checkpoint_dir}")
+    tokenizer = text_lib.CharTokenizer.load(tokenizer_path)
+    model = keras.models.load_model(path)
+    prompt = tokenizer.encode(args.prompt)[None]
+    sampling = (
+        "greedy"
+        if args.top_k is None and args.temperature is None
+        else ("top_k" if args.top_k else "temperature")
+    )
+    out = generate(
+        model,
+        prompt,
+        min(args.sample_length, model.get_layer("embedding").max_length - prompt.shape[1]),
+        sampling=sampling,
+        top_k=args.top_k,
+        temperature=args.temperature or 1.0,
+        seed=args.seed,
+    )
+    print(tokenizer.decode(out[0]))
+    return out
+
+
+class _StepTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def compare(args):
+    """Train the same GPT with keras_attn attention and with keras.layers.MultiHeadAttention,
+    epoch by epoch in turn (so machine load falls on both alike); report step times,
+    final losses, and the cached vs uncached generation speed."""
+    _check_args(args)
+    args.overwrite = True
+    keras.utils.set_random_seed(args.seed)
+    train_text, eval_text = load_text(args, "train"), load_text(args, "test")
+    tokenizer = text_lib.CharTokenizer.from_texts([train_text])
+    train_ids, eval_ids = tokenizer.encode(train_text), tokenizer.encode(eval_text)
+    baseline = text_lib.unigram_entropy(train_ids, tokenizer.vocab_size)
+    candidates = {"keras_attn": training.attention_from_args(args), "keras": {"layer": "keras"}}
+    models, timers, losses = {}, {}, {}
+    for label, attention in candidates.items():
+        keras.utils.set_random_seed(args.seed)
+        models[label] = compile_gpt(
+            build_gpt(
+                tokenizer.vocab_size,
+                args.max_length,
+                args.num_layers,
+                args.num_heads,
+                args.hidden_dim,
+                dropout=args.dropout,
+                attention=attention,
+            ),
+            args.learning_rate,
+        )
+        timers[label], losses[label] = _StepTimer(), []
+    steps = args.steps or 50
+    for epoch in range(args.epochs):
+        for label, model in models.items():
+            keras.utils.set_random_seed(args.seed + epoch)
+            ds = text_lib.lm_dataset(
+                train_ids, args.seq_len, args.batch_size, seed=args.seed + epoch, repeat=True
+            )
+            h = model.fit(ds, epochs=1, steps_per_epoch=steps, callbacks=[timers[label]], verbose=0)
+            losses[label].append(float(h.history["loss"][-1]))
+            print(f"epoch {epoch + 1} {label:>10}: loss {losses[label][-1]:.3f}", flush=True)
+    eval_ds = text_lib.lm_dataset(eval_ids, args.seq_len, args.batch_size, shuffle=False)
+    rows = {}
+    for label, model in models.items():
+        step_times = (
+            timers[label].times[1:] if len(timers[label].times) > 1 else timers[label].times
+        )
+        rows[label] = {
+            "median_step_ms": 1000 * statistics.median(step_times),
+            "train_loss": losses[label][-1],
+            "test_loss": float(model.evaluate(eval_ds, verbose=0, return_dict=True)["loss"]),
+        }
+    ratio = rows["keras_attn"]["median_step_ms"] / rows["keras"]["median_step_ms"]
+    speed = generation_speed(
+        models["keras_attn"], tokenizer.encode(args.prompt)[None], args.sample_length
+    )
+    result = {
+        "backend": keras.backend.backend(),
+        "steps": steps * args.epochs,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "model": {k: getattr(args, k) for k in MODEL_FLAGS},
+        "unigram_entropy": baseline,
+        "models": rows,
+        "step_time_ratio": ratio,
+        "generation": speed,
+    }
+    print(
+        f"\nstep time keras_attn / keras.layers.MultiHeadAttention: {ratio:.3f} "
+        f"(median {rows['keras_attn']['median_step_ms']:.1f} ms vs {rows['keras']['median_step_ms']:.1f} ms)\n"
+        f"test loss: keras_attn {rows['keras_attn']['test_loss']:.3f}, keras {rows['keras']['test_loss']:.3f}, "
+        f"unigram baseline {baseline:.3f}\n"
+        f"generation of {speed['new_tokens']} tokens: cached {speed['cached_s']:.2f} s, "
+        f"uncached {speed['uncached_s']:.2f} s, speed-up {speed['speedup']:.1f}x"
+    )
+    with training.Run(args, example="gpt-compare") as run:
+        run.save_metrics(result)
+    print(f"results: {run.output_path('metrics.json')}")
+    return result
+
+
+def generation_speed(model, prompt, new_tokens):
+    """Seconds for cached and uncached greedy decoding of `new_tokens` (after a warm-up
+    that compiles both), and whether they produced the same tokens."""
+    generator = Generator(model)
+    new_tokens = min(new_tokens, generator.max_length - prompt.shape[1])
+    for use_cache in (True, False):
+        generator.generate(prompt, 2, use_cache=use_cache)  # compile
+    start = time.perf_counter()
+    cached = generator.generate(prompt, new_tokens, use_cache=True)
+    cached_s = time.perf_counter() - start
+    start = time.perf_counter()
+    uncached = generator.generate(prompt, new_tokens, use_cache=False)
+    uncached_s = time.perf_counter() - start
+    return {
+        "new_tokens": new_tokens,
+        "cached_s": cached_s,
+        "uncached_s": uncached_s,
+        "speedup": uncached_s / cached_s,
+        "same_tokens": bool((cached == uncached).all()),
+    }
+
+
+COMMANDS = {
+    "train": "train a GPT (or resume one) and write a run folder",
+    "demo": "a short run on the embedded Python-docs text (what `make demo` runs)",
+    "generate": "sample text from the model of a finished run",
+    "compare": "train beside keras.layers.MultiHeadAttention; step times and generation speed",
+}
+
+DEFAULTS = {
+    "train": {
+        "epochs": 10,
+        "steps": None,
+        "batch_size": 32,
+        "learning_rate": 2e-3,
+        "output": "runs/gpt",
+    },
+    "demo": {
+        "epochs": 6,
+        "steps": 50,
+        "batch_size": 32,
+        "learning_rate": 3e-3,
+        "output": "runs/gpt-demo",
+        "verbose": 2,
+    },
+    "generate": {"output": "runs/gpt"},
+    "compare": {
+        "epochs": 3,
+        "steps": 30,
+        "batch_size": 32,
+        "learning_rate": 3e-3,
+        "output": "runs/gpt-compare",
+        "verbose": 0,
+    },
+}
+
+MODEL_DEFAULTS = {
+    "demo": {
+        "num_layers": 3,
+        "hidden_dim": 128,
+        "seq_len": 96,
+        "max_length": 512,
+        "sample_length": 300,
+    },
+    "compare": {
+        "num_layers": 4,
+        "hidden_dim": 256,
+        "seq_len": 128,
+        "max_length": 512,
+        "sample_length": 256,
+    },
+}
+
+
+def make_parser():
+    parser, subparsers = training.make_parser(
+        "python -m examples.gpt", "GPT built from keras_attn layers.", COMMANDS, DATASETS, DEFAULTS
+    )
+    for name, p in subparsers.items():
+        _add_model_arguments(p, **MODEL_DEFAULTS.get(name, {}))
+    subparsers["generate"].add_argument("--top-k", type=int, default=None)
+    subparsers["generate"].add_argument("--temperature", type=float, default=None)
+    return parser
+
+
+def main(argv=None):
+    commands = {"train": train, "demo": demo, "generate": generate_command, "compare": compare}
+    return training.main(make_parser(), commands, argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
