@@ -91,9 +91,7 @@ class Hard(Normalizer):
     def __init__(self, gumbel=False, temperature=1.0, seed=None, **kwargs):
         super().__init__(**kwargs)
         if not temperature > 0:
-            raise ValueError(
-                f"`temperature` must be positive. Received: temperature={temperature}"
-            )
+            raise ValueError(f"`temperature` must be positive. Received: temperature={temperature}")
         self.gumbel = gumbel
         self.temperature = float(temperature)
         self.seed = seed
@@ -153,7 +151,16 @@ class Sparsemax(Normalizer):
     name = "sparsemax"
 
     def normalize(self, logits, mask, training):
-        return ops.sparsemax(logits, axis=-1)
+        # Not keras.ops.sparsemax: up to Keras 3.15 it builds the threshold from the sum
+        # of the cumulative sums over the support, so its rows do not sum to 1
+        # (keras-team/keras#23425).
+        z = ops.flip(ops.sort(logits, axis=-1), axis=-1)  # (..., Tq, Tk), descending
+        r = ops.arange(1, ops.shape(logits)[-1] + 1, dtype=logits.dtype)
+        support = 1.0 + r * z > ops.cumsum(z, axis=-1)  # a prefix of the sorted row
+        # At least one: a fully masked row (all NEG_INF) must not divide by zero.
+        k = ops.maximum(ops.sum(ops.cast(support, logits.dtype), axis=-1, keepdims=True), 1.0)
+        tau = (ops.sum(ops.where(support, z, 0.0), axis=-1, keepdims=True) - 1.0) / k
+        return ops.maximum(logits - tau, 0.0)
 
 
 @hookimpl
