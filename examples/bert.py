@@ -37,7 +37,7 @@ from examples import training
 PACKAGE = "keras_attn_examples"
 
 
-# -- attention by configuration ---------------------------------------------------------
+# -- how a block calls its attention -------------------------------------------------------
 
 
 def self_attend(layer, x, mask):
@@ -75,7 +75,7 @@ class PaddingMask(keras.layers.Layer):
 
 def check_length(length, max_length):
     """Raise the error a sequence longer than the model's maximum gets."""
-    if length is not None and max_length is not None and length > max_length:
+    if isinstance(length, int) and max_length is not None and length > max_length:
         raise ValueError(
             f"The sequence is longer than the model's maximum length max_length={max_length}. "
             f"Cut or split it. Received: a sequence of length {length}"
@@ -110,11 +110,16 @@ class PositionEmbedding(keras.layers.Layer):
 
     def call(self, x):
         length = x.shape[1]
-        check_length(length, self.max_length)
-        if length is None:  # unknown when traced without shapes; slice dynamically
+        if isinstance(length, int):
+            check_length(length, self.max_length)
+        else:  # unknown (or symbolic, on JAX) while tracing: slice dynamically
             length = ops.shape(x)[1]
         positions = ops.cast(self.embeddings[:length], x.dtype)  # (T, E)
         return x + positions[None]
+
+    def compute_output_shape(self, input_shape):
+        check_length(input_shape[1], self.max_length)
+        return input_shape
 
     def get_config(self):
         return {

@@ -326,7 +326,7 @@ def train(args):
         )
         tokens = ["[CLS]"] + [f"p{i}" for i in range(num_patches)]
         training.save_attention_heatmaps(
-            model, x_test[:2].astype("float32"), run.attention_dir, tokens=[tokens, tokens]
+            model, [x_test[:2].astype("float32")], run.attention_dir, tokens=[tokens, tokens]
         )
         run.save_metrics(metrics)
     print(f"\nrun finished: {run.final_path}")
