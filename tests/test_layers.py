@@ -6,6 +6,7 @@ output projection), written from the papers' formulas, not from the library code
 """
 
 import math
+import warnings
 
 import keras
 import numpy as np
@@ -615,6 +616,16 @@ def test_keras_mask_propagates_through_every_layer():
         else:
             explicit = layer(plain[0], query_mask=tokens != 0, value_mask=value_tokens != 0)
         assert_close(out, ops.convert_to_numpy(explicit), atol=1e-6)
+
+
+def test_masked_inputs_do_not_make_the_projections_warn():
+    embed = keras.layers.Embedding(10, 8, mask_zero=True)
+    tokens = np.array([[1, 2, 0, 0, 0], [3, 4, 5, 6, 7]], "int32")
+    layer = keras_attn.Attention(num_heads=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer(embed(tokens))
+    assert not [w for w in caught if "mask" in str(w.message)]
 
 
 def test_subclass_overriding_compute_attention_receives_masks():
