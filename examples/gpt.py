@@ -309,43 +309,45 @@ def attention_weights(model, token_ids):
 class Generator:
     """Decoding for a `build_gpt` model, with or without a key/value cache.
 
-    The cached step is a functional model sharing the GPT's layers, ``(token_ids,
-    index, caches) -> (logits, caches)``, run with `predict_on_batch`, so it is
-    compiled on every backend. Uncached decoding runs the whole model on a
-    fixed-size buffer and reads the logits at the current position (causal
-    attention makes the tokens after it irrelevant), also compiled.
+    The whole decode loop is one compiled call (`keras.ops.while_loop` inside a
+    model run with `predict_on_batch`, so tf.function on TensorFlow and jit on
+    JAX). With the cache, each iteration runs the blocks on one new token, whose
+    attention reads the past keys and values from the cache. Without it, each
+    iteration reruns the whole model on a fixed-size buffer of the sequence and
+    reads the logits at the current position (causal attention makes the empty
+    positions after it irrelevant).
+
+    Sampling draws Gumbel noise on the host (from `seed`) and takes
+    ``argmax(logits / temperature + noise)`` over the `top_k` best tokens, which
+    samples from ``softmax(logits / temperature)``; greedy uses no noise.
     """
 
     def __init__(self, model):
         self.model = model
         self.embedding, self.blocks, self.final_norm, self.head = _parts(model)
         self.max_length = self.embedding.max_length
+        self.vocab_size = self.embedding.vocab_size
         # keras.layers.MultiHeadAttention (the reference) has no key/value cache.
         self.supports_cache = all(
             isinstance(b.attention, keras_attn.Attention) for b in self.blocks
         )
-        self._step_model = None
-
-    def _cache_shape(self, block, batch, length):
-        heads = block.num_heads
-        return (batch, 2, length, heads, block.attention._key_dim)
-
-    def _build_step_model(self):
-        return _CachedStep(self.embedding, self.blocks, self.final_norm, self.head)
+        self._decoders = {}
 
     def _check_length(self, prompt, max_new_tokens):
-        total = prompt.shape[1] + max_new_tokens
         if prompt.ndim != 2 or prompt.shape[1] == 0:
             raise ValueError(
                 f"`prompt` must be int ids (B, T) with T >= 1. Received: prompt.shape={prompt.shape}"
             )
-        if total > self.max_length:
+        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+            raise ValueError(
+                f"`max_new_tokens` must be a positive integer. Received: {max_new_tokens!r}"
+            )
+        if prompt.shape[1] + max_new_tokens > self.max_length:
             raise ValueError(
                 f"The prompt plus the new tokens is longer than the model's maximum "
                 f"length {self.max_length}. Received: prompt length={prompt.shape[1]}, "
                 f"max_new_tokens={max_new_tokens}"
             )
-        return total
 
     def generate(
         self,
@@ -363,6 +365,7 @@ class Generator:
             sampling: ``"greedy"`` (argmax), ``"temperature"`` (sample from
                 softmax(logits / temperature)) or ``"top_k"`` (the same, among the
                 `top_k` most likely tokens).
+            seed: Seed of the sampling noise (same seed, same tokens).
             use_cache: Decode with the key/value cache (default) or rerun the
                 model over the whole sequence for every token.
         """
@@ -377,90 +380,118 @@ class Generator:
             raise ValueError(f"top_k sampling needs a positive `top_k`. Received: top_k={top_k!r}")
         if temperature <= 0:
             raise ValueError(f"`temperature` must be positive. Received: temperature={temperature}")
-        total = self._check_length(prompt, max_new_tokens)
-        rng = np.random.default_rng(seed)
-        pick = lambda logits: _pick(logits, sampling, temperature, top_k, rng)  # noqa: E731
+        self._check_length(prompt, max_new_tokens)
         if use_cache and not self.supports_cache:
             raise ValueError(
                 "keras.layers.MultiHeadAttention has no key/value cache; pass use_cache=False."
             )
-        if use_cache:
-            return self._generate_cached(prompt, max_new_tokens, total, pick)
-        return self._generate_uncached(prompt, max_new_tokens, total, pick)
-
-    def _generate_cached(self, prompt, max_new_tokens, total, pick):
-        if self._step_model is None:
-            self._step_model = self._build_step_model()
-        batch, length = prompt.shape
-        caches = [
-            np.zeros(self._cache_shape(b, batch, total), b.attention.compute_dtype)
-            for b in self.blocks
-        ]
-        tokens = [prompt]
-        step_input, index = prompt, 0
-        for _ in range(max_new_tokens):
-            logits, *caches = self._step_model.predict_on_batch(
-                [step_input, np.array([index], "int32"), *caches]
+        batch = prompt.shape[0]
+        if sampling == "greedy":
+            noise = np.zeros((batch, max_new_tokens, self.vocab_size), "float32")
+            temperature, top_k = 1.0, self.vocab_size
+        else:
+            uniform = np.random.default_rng(seed).uniform(
+                1e-12, 1.0, (batch, max_new_tokens, self.vocab_size)
             )
-            index += step_input.shape[1]
-            step_input = pick(np.asarray(logits, "float32"))[:, None]
-            tokens.append(step_input)
-        return np.concatenate(tokens, axis=1)
+            noise = (-np.log(-np.log(uniform))).astype("float32")  # Gumbel(0, 1)
+            top_k = min(top_k or self.vocab_size, self.vocab_size)
+        decoder = self._decoders.get(use_cache)
+        if decoder is None:
+            decoder = _Decoder(self, use_cache)
+            self._decoders[use_cache] = decoder
+        new = decoder.predict_on_batch(
+            [
+                prompt,
+                noise,
+                np.full((batch,), temperature, "float32"),
+                np.full((batch,), top_k, "int32"),
+            ]
+        )
+        return np.concatenate([prompt, np.asarray(new, "int32")], axis=1)
 
-    def _generate_uncached(self, prompt, max_new_tokens, total, pick):
-        batch, length = prompt.shape
-        buffer = np.zeros((batch, total), "int32")  # tokens after the current one are never seen
-        buffer[:, :length] = prompt
-        for t in range(length, total):
-            logits = self.model.predict_on_batch(buffer)
-            buffer[:, t] = pick(np.asarray(logits[:, t - 1], "float32"))
-        return buffer
 
-
-class _CachedStep(keras.Model):
-    """One cached decoding step over the layers of a GPT: ``[token_ids (B, T), index (1,),
-    *caches] -> [logits of the last position (B, V), *new caches]``.
+class _Decoder(keras.Model):
+    """The decode loop of a GPT as a model: ``[prompt (B, T), noise (B, N, V),
+    temperature (B,), top_k (B,)] -> new tokens (B, N)``.
 
     A subclassed model, not a functional one: Keras' functional graphs require a
     layer to return the same number of outputs on every call, and the blocks
     return their cache only here.
     """
 
-    def __init__(self, embedding, blocks, final_norm, head):
-        super().__init__(name="gpt_cached_step")
-        self.embedding = embedding
-        self.blocks = blocks
-        self.final_norm = final_norm
-        self.head = head
+    def __init__(self, generator, use_cache):
+        super().__init__(name="gpt_cached_decoder" if use_cache else "gpt_decoder")
+        self.gpt = generator.model
+        self.embedding = generator.embedding
+        self.blocks = generator.blocks
+        self.final_norm = generator.final_norm
+        self.head = generator.head
+        self.use_cache = use_cache
 
-    def call(self, inputs):
-        token_ids, index, *caches = inputs
-        start = index[0]
-        x = self.embedding(token_ids, start_index=start)  # (B, T, E)
+    def _step(self, token_ids, index, caches):
+        """Logits of the last position ``(B, V)`` and the new caches."""
+        x = self.embedding(token_ids, start_index=index)  # (B, T, E)
         new_caches = []
         for block, cache in zip(self.blocks, caches, strict=True):
-            x, cache = block(x, cache=cache, cache_update_index=start)  # cache (B, 2, S, H, D)
+            x, cache = block(x, cache=cache, cache_update_index=index)  # (B, 2, S, H, D)
             new_caches.append(cache)
-        logits = self.head(self.final_norm(x[:, -1:, :]))[:, 0]  # (B, V)
-        return [logits, *new_caches]
+        return self.head(self.final_norm(x[:, -1:, :]))[:, 0], new_caches
 
+    def call(self, inputs):
+        prompt, noise, temperature, top_k = inputs
+        # Dynamic sizes: TensorFlow may trace with unknown lengths.
+        batch, prompt_length = ops.shape(prompt)[0], ops.shape(prompt)[1]
+        new_tokens = ops.shape(noise)[1]
+        total = prompt_length + new_tokens
 
-def _pick(logits, sampling, temperature, top_k, rng):
-    """Next token ids ``(B,)`` from logits ``(B, V)``."""
-    if sampling == "greedy":
-        return np.argmax(logits, axis=-1).astype("int32")
-    logits = logits.astype("float64") / temperature
-    if sampling == "top_k":
-        k = min(top_k, logits.shape[-1])
-        kth = np.sort(logits, axis=-1)[:, -k][:, None]
-        logits = np.where(logits >= kth, logits, -np.inf)
-    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    probs /= probs.sum(axis=-1, keepdims=True)
-    return np.array([rng.choice(len(p), p=p) for p in probs], dtype="int32")
+        def pick(logits, i):
+            logits = ops.cast(logits, "float32") / temperature[:, None]
+            vocab = ops.shape(logits)[-1]
+            kth = ops.take_along_axis(
+                ops.sort(logits, axis=-1), (vocab - top_k)[:, None], axis=-1
+            )  # (B, 1): the k-th largest logit
+            logits = ops.where(logits >= kth, logits, -1e9)
+            return ops.cast(ops.argmax(logits + noise[:, i], axis=-1), "int32")  # (B,)
+
+        out = ops.zeros((batch, new_tokens), "int32")
+        if self.use_cache:
+            caches = [
+                ops.zeros(
+                    (batch, 2, total, b.num_heads, b.attention._key_dim),
+                    dtype=b.attention.compute_dtype,
+                )
+                for b in self.blocks
+            ]
+            logits, caches = self._step(prompt, 0, caches)  # prefill with the prompt
+            token = pick(logits, 0)
+
+            def body(i, token, out, *caches):
+                out = ops.slice_update(out, [0, i], token[:, None])
+                logits, caches = self._step(token[:, None], prompt_length + i, caches)
+                return (i + 1, pick(logits, ops.minimum(i + 1, new_tokens - 1)), out, *caches)
+
+            loop_vars = (ops.convert_to_tensor(0, "int32"), token, out, *caches)
+        else:
+            buffer = ops.concatenate([prompt, out], axis=1)  # (B, S)
+
+            def body(i, token, buffer):
+                logits = self.gpt(buffer)  # (B, S, V); positions after i are ignored
+                position = prompt_length + i
+                token = pick(ops.take(logits, position - 1, axis=1), i)
+                buffer = ops.slice_update(buffer, [0, position], token[:, None])
+                return i + 1, token, buffer
+
+            loop_vars = (ops.convert_to_tensor(0, "int32"), ops.zeros((batch,), "int32"), buffer)
+
+        def cond(i, *_):
+            return i < new_tokens
+
+        result = ops.while_loop(cond, body, loop_vars)
+        return result[2] if self.use_cache else result[2][:, prompt_length:]
 
 
 def generate(model, prompt, max_new_tokens, **kwargs):
-    """`Generator(model).generate(...)`, reusing the compiled step across calls."""
+    """`Generator(model).generate(...)`, reusing the compiled decoder across calls."""
     generator = getattr(model, "_gpt_generator", None)
     if generator is None:
         generator = Generator(model)
@@ -738,11 +769,12 @@ def compare(args):
 
 def generation_speed(model, prompt, new_tokens):
     """Seconds for cached and uncached greedy decoding of `new_tokens` (after a warm-up
-    that compiles both), and whether they produced the same tokens."""
+    run of each with the same shapes, so compiling is not timed), and whether they
+    produced the same tokens."""
     generator = Generator(model)
     new_tokens = min(new_tokens, generator.max_length - prompt.shape[1])
     for use_cache in (True, False):
-        generator.generate(prompt, 2, use_cache=use_cache)  # compile
+        generator.generate(prompt, new_tokens, use_cache=use_cache)  # compile for these shapes
     start = time.perf_counter()
     cached = generator.generate(prompt, new_tokens, use_cache=True)
     cached_s = time.perf_counter() - start

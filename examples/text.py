@@ -171,6 +171,11 @@ def lm_dataset(ids, length, batch_size, shuffle=True, seed=0, stride=None, repea
     import tensorflow as tf
 
     x, y = lm_windows(ids, length, stride)
+    if len(x) < batch_size:
+        raise ValueError(
+            f"The text makes {len(x)} windows of length {length}, fewer than one batch. "
+            f"Use a smaller --batch-size or --seq-len. Received: batch_size={batch_size}"
+        )
     ds = tf.data.Dataset.from_tensor_slices((x, y))
     if shuffle:
         ds = ds.shuffle(len(x), seed=seed, reshuffle_each_iteration=True)

@@ -607,7 +607,7 @@ def attention_maps(model, inputs):
     for layer in _attention_layers(model):
         node = layer._inbound_nodes[0]
         symbolic = node.arguments.keras_tensors
-        probe = keras.Model(model.inputs, symbolic)
+        probe = keras.Model(model.input, symbolic)
         values = probe(inputs, training=False)
         values = values if isinstance(values, (list, tuple)) else [values]
         by_id = {id(t): v for t, v in zip(symbolic, values, strict=True)}

@@ -1,0 +1,252 @@
+"""The GPT example: model, cached generation, and the train command end to end."""
+
+import json
+import os
+import pathlib
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+import keras_attn
+
+# examples/ is a folder of the repository, not an installed package.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from examples import gpt  # noqa: E402
+
+VOCAB = 23
+
+
+def tiny_gpt(attention=None, max_length=24, num_layers=2, seed=0):
+    keras.utils.set_random_seed(seed)
+    return gpt.build_gpt(
+        VOCAB, max_length, num_layers=num_layers, num_heads=2, hidden_dim=16, attention=attention
+    )
+
+
+def logits_of(model, ids):
+    return keras.ops.convert_to_numpy(model(np.asarray(ids, "int32")))
+
+
+def naive_greedy(model, prompt, steps):
+    """Uncached greedy decoding by hand: rerun the model on the growing sequence."""
+    ids = np.asarray(prompt, "int32")
+    for _ in range(steps):
+        nxt = logits_of(model, ids)[:, -1].argmax(-1).astype("int32")
+        ids = np.concatenate([ids, nxt[:, None]], axis=1)
+    return ids
+
+
+# -- model ---------------------------------------------------------------------------
+
+
+def test_logits_shape_and_causality():
+    model = tiny_gpt()
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, VOCAB, (2, 10)).astype("int32")
+    changed = ids.copy()
+    changed[:, 6:] = (changed[:, 6:] + 1) % VOCAB  # change only the future of position 5
+    a, b = logits_of(model, ids), logits_of(model, changed)
+    assert a.shape == (2, 10, VOCAB)
+    np.testing.assert_allclose(a[:, :6], b[:, :6], atol=1e-5)
+    assert np.abs(a[:, 6:] - b[:, 6:]).max() > 1e-4  # the future positions do see the change
+
+
+def test_blocks_use_keras_attn_layers_from_the_attention_flags():
+    attention = {
+        "layer": "attention",
+        "pattern": {"name": "local", "config": {"window": 3, "causal": True}},
+        "normalizer": "hard",
+    }
+    model = tiny_gpt(attention)
+    layer = model.get_layer("block_0").attention
+    assert isinstance(layer, keras_attn.Attention)
+    assert keras_attn.plugins.registry_name(layer.normalizer) == "hard"
+    assert keras_attn.plugins.registry_name(layer.pattern) == "local"
+    # Local window 3, causal: the logits at position 9 ignore tokens 0..6.
+    ids = np.random.default_rng(1).integers(0, VOCAB, (1, 10)).astype("int32")
+    changed = ids.copy()
+    changed[0, 0] = (changed[0, 0] + 1) % VOCAB
+    a, b = logits_of(model, ids), logits_of(model, changed)
+    # Two blocks of window 3 reach back 4 positions: position 9 cannot see position 0.
+    np.testing.assert_allclose(a[0, 9], b[0, 9], atol=1e-5)
+
+
+def test_reference_model_uses_keras_multi_head_attention():
+    model = tiny_gpt({"layer": "keras"})
+    assert type(model.get_layer("block_0").attention) is keras.layers.MultiHeadAttention
+
+
+@pytest.mark.parametrize(
+    "attention",
+    [None, {"layer": "attention", "score": "general", "score_mods": ["softcap"]}],
+    ids=["default", "general+softcap"],
+)
+def test_save_and_load_gives_identical_outputs(tmp_path, attention):
+    model = tiny_gpt(attention)
+    ids = np.random.default_rng(2).integers(0, VOCAB, (2, 12)).astype("int32")
+    path = str(tmp_path / "gpt.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(logits_of(model, ids), logits_of(loaded, ids))
+    assert (
+        loaded.get_layer("block_1").attention_config == model.get_layer("block_1").attention_config
+    )
+
+
+def test_sequence_longer_than_max_length_is_a_clear_error():
+    model = tiny_gpt(max_length=8)
+    with pytest.raises(ValueError, match="longer than the model's maximum length 8"):
+        model(np.zeros((1, 9), "int32"))
+    with pytest.raises(ValueError, match="longer than the model's maximum length 8"):
+        gpt.generate(model, np.zeros((1, 5), "int32"), 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"sampling": "beam"}, "sampling"),
+        ({"sampling": "top_k"}, "top_k"),
+        ({"sampling": "temperature", "temperature": 0.0}, "temperature"),
+    ],
+)
+def test_bad_sampling_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        gpt.generate(tiny_gpt(), np.zeros((1, 2), "int32"), 2, **kwargs)
+
+
+def test_build_gpt_validates_arguments():
+    with pytest.raises(ValueError, match="hidden_dim=10, num_heads=4"):
+        gpt.build_gpt(VOCAB, 8, num_heads=4, hidden_dim=10)
+    with pytest.raises(ValueError, match="num_layers=0"):
+        gpt.build_gpt(VOCAB, 8, num_layers=0)
+    with pytest.raises(keras_attn.UnknownComponentError, match="no_such_pattern"):
+        gpt.build_gpt(VOCAB, 8, attention={"pattern": "no_such_pattern"})
+
+
+# -- generation ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pattern", ["full", {"name": "local", "config": {"window": 4}}])
+def test_cached_greedy_equals_uncached_greedy(pattern):
+    model = tiny_gpt({"pattern": pattern})
+    prompt = np.random.default_rng(3).integers(0, VOCAB, (2, 3)).astype("int32")
+    reference = naive_greedy(model, prompt, 12)
+    cached = gpt.generate(model, prompt, 12, use_cache=True)
+    uncached = gpt.generate(model, prompt, 12, use_cache=False)
+    np.testing.assert_array_equal(cached, reference)
+    np.testing.assert_array_equal(uncached, reference)
+    np.testing.assert_array_equal(cached[:, :3], prompt)
+
+
+def test_sampling_is_seeded_and_top_k_stays_among_the_best():
+    model = tiny_gpt()
+    prompt = np.array([[1, 2, 3]], "int32")
+    a = gpt.generate(model, prompt, 10, sampling="temperature", temperature=5.0, seed=7)
+    b = gpt.generate(model, prompt, 10, sampling="temperature", temperature=5.0, seed=7)
+    c = gpt.generate(model, prompt, 10, sampling="temperature", temperature=5.0, seed=8)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)  # 10 draws at high temperature: equal only by a fluke
+    # top_k=1 is greedy whatever the noise.
+    np.testing.assert_array_equal(
+        gpt.generate(model, prompt, 10, sampling="top_k", top_k=1, seed=3),
+        gpt.generate(model, prompt, 10),
+    )
+    # With top_k=3 every token is among the 3 best of its position (checked by hand).
+    ids = gpt.generate(model, prompt, 10, sampling="top_k", top_k=3, temperature=10.0, seed=4)
+    logits = logits_of(model, ids)
+    for t in range(3, ids.shape[1]):
+        best3 = np.argsort(logits[0, t - 1])[-3:]
+        assert ids[0, t] in best3
+
+
+def test_temperature_sampling_follows_softmax():
+    """Gumbel-max sampling of one step matches softmax(logits / T) (chi-square-free check)."""
+    model = tiny_gpt(num_layers=1)
+    prompt = np.array([[4, 5]], "int32")
+    probs = keras.ops.convert_to_numpy(keras.ops.softmax(logits_of(model, prompt)[0, -1] / 2.0))
+    batch = np.repeat(prompt, 4000, axis=0)
+    draws = gpt.generate(model, batch, 1, sampling="temperature", temperature=2.0, seed=0)[:, -1]
+    freq = np.bincount(draws, minlength=VOCAB) / len(draws)
+    np.testing.assert_allclose(freq, probs, atol=0.03)
+
+
+# -- the command line ----------------------------------------------------------------
+
+TINY = [
+    "--num-layers", "1", "--num-heads", "2", "--hidden-dim", "32", "--seq-len", "32",
+    "--max-length", "64", "--batch-size", "16", "--sample-length", "8", "--verbose", "0",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+def run_main(argv):
+    return gpt.main(argv)
+
+
+def test_train_reduces_loss_on_the_embedded_text_and_writes_a_finished_run(tmp_path, data_dir):
+    out = tmp_path / "run"
+    argv = ["train", "--output", str(out), "--data-dir", data_dir, "--epochs", "3", "--steps", "15"]
+    metrics = run_main(argv + ["--learning-rate", "3e-3", *TINY])
+    losses = metrics["loss_per_epoch"]
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert not os.path.exists(str(out) + ".partial")
+    with open(out / "run.json") as f:
+        info = json.load(f)
+    assert info["status"] == "finished"
+    with open(out / "metrics.json") as f:
+        saved = json.load(f)
+    assert saved["test_loss"] == pytest.approx(metrics["test_loss"])
+    assert saved["unigram_entropy"] > 2.0
+    assert sorted(os.listdir(out / "checkpoints")) == [
+        "epoch-0001.keras", "epoch-0002.keras", "epoch-0003.keras",
+    ]  # fmt: skip
+    assert os.listdir(out / "attention") == ["block_0.png"]
+    assert os.listdir(out / "logs")  # TensorBoard event files
+    with open(out / "attention" / "block_0.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # --resume continues from the last checkpoint, epoch 3 -> 4.
+    resumed = run_main(argv[:-4] + ["--epochs", "4", "--steps", "15", "--resume", *TINY])
+    with open(out / "run.json") as f:
+        info = json.load(f)
+    assert info["resumed_epoch"] == 3 and info["status"] == "finished"
+    assert len(resumed["loss_per_epoch"]) == 1
+    assert "epoch-0004.keras" in os.listdir(out / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "no_such_dataset"], "Unknown dataset 'no_such_dataset'"),
+        (["--seq-len", "80"], "longer than the model's maximum length"),
+        (["--pattern", "no_such_pattern"], "Unknown pattern 'no_such_pattern'"),
+    ],
+)
+def test_bad_input_fails_before_writing_anything(tmp_path, data_dir, capsys, extra, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_main(["train", "--output", str(out), "--data-dir", data_dir, *TINY, *extra])
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_tiny_shakespeare_through_tfds_mock_data(tmp_path):
+    out = tmp_path / "run"
+    # Mock examples are short random strings: small windows and batches.
+    small = ["--seq-len", "4", "--batch-size", "2", "--epochs", "1", "--steps", "2"]
+    with tfds.testing.mock_data(num_examples=4):
+        metrics = run_main(
+            ["train", "--dataset", "tiny_shakespeare", "--output", str(out), "--no-download"]
+            + TINY
+            + small
+        )
+    assert np.isfinite(metrics["loss"])
+    assert os.path.isdir(out)

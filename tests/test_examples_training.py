@@ -1,0 +1,286 @@
+"""The shared training conventions of the examples (examples/training.py)."""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+import types
+
+import keras
+import numpy as np
+import pytest
+
+import keras_attn
+
+# examples/ is a folder of the repository, not an installed package.
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from examples import training  # noqa: E402
+
+# -- command line --------------------------------------------------------------------
+
+
+def parse(argv, commands=None):
+    parser, _ = training.make_parser(
+        "prog", "test", commands or {"train": "train"}, ("pydoc_text", "other")
+    )
+    return parser.parse_args(argv)
+
+
+def test_attention_flags_take_names_and_json_specs():
+    args = parse(
+        ["train", "--pattern", '{"name": "local", "config": {"window": 64, "causal": true}}']
+        + ["--normalizer", "hard", "--score-mod", "softcap", "--score-mod", "relative_position"]
+    )
+    assert training.attention_from_args(args) == {
+        "layer": "attention",
+        "score": "scaled_dot",
+        "pattern": {"name": "local", "config": {"window": 64, "causal": True}},
+        "normalizer": "hard",
+        "score_mods": ["softcap", "relative_position"],
+    }
+    assert args.dataset == "pydoc_text" and args.distribute == "none" and args.download
+
+
+@pytest.mark.parametrize("text", ['{"name": ', '{"config": {}}', "[1]"])
+def test_bad_json_specs_are_rejected(text):
+    if text.startswith("["):
+        assert training.parse_component(text) == "[1]"  # a name; the registry rejects it later
+        return
+    with pytest.raises(argparse.ArgumentTypeError):
+        training.parse_component(text)
+
+
+def test_resume_and_overwrite_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        parse(["train", "--resume", "--overwrite"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+# -- attention layers from the flags -------------------------------------------------
+
+
+def test_attention_layer_builds_presets_with_their_config():
+    layer = training.attention_layer(
+        {"layer": {"name": "local", "config": {"window": 3, "causal": True}}}, 2, 8
+    )
+    assert type(layer) is keras_attn.LocalAttention and layer.window == 3 and layer.causal
+    hard = training.attention_layer({"layer": "hard", "normalizer": "softmax"}, 2, 8)
+    assert keras_attn.plugins.registry_name(hard.normalizer) == "hard"  # the preset wins
+    reference = training.attention_layer({"layer": "keras"}, 2, 8)
+    assert type(reference) is keras.layers.MultiHeadAttention
+
+
+def test_check_attention_names_unknown_components_early():
+    with pytest.raises(keras_attn.UnknownComponentError, match="no_such_score"):
+        training.check_attention({"score": "no_such_score"})
+    with pytest.raises(keras_attn.UnknownComponentError, match="no_such_layer"):
+        training.check_attention({"layer": "no_such_layer"})
+
+
+class Halved(keras_attn.Normalizer):
+    """A test plugin's normalizer: softmax weights times 0.5."""
+
+    name = "test_halved_softmax"
+
+    def call(self, logits, mask=None, training=None):
+        logits = keras.ops.where(mask, logits, -1e9) if mask is not None else logits
+        weights = keras.ops.softmax(logits, axis=-1)
+        return 0.5 * (weights if mask is None else keras.ops.where(mask, weights, 0.0))
+
+
+def test_a_plugin_component_is_usable_from_the_flags():
+    plugin = types.SimpleNamespace(
+        register_normalizers=keras_attn.hookimpl(lambda register: register(Halved))
+    )
+    keras_attn.plugins.register(plugin, name="test_examples_plugin")
+    try:
+        args = parse(["train", "--normalizer", "test_halved_softmax"])
+        attention = training.check_attention(training.attention_from_args(args))
+        layer = training.attention_layer(attention, 1, 4)
+        x = np.random.default_rng(0).normal(size=(1, 3, 4)).astype("float32")
+        _, weights = layer(x, x, return_attention_scores=True)
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(weights).sum(-1), 0.5, rtol=1e-5)
+    finally:
+        keras_attn.plugins.unregister(plugin)
+
+
+# -- the run folder ------------------------------------------------------------------
+
+
+def run_args(path, **flags):
+    return argparse.Namespace(output=str(path), resume=False, overwrite=False, **flags)
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def test_a_run_is_renamed_into_place_only_when_it_finishes(tmp_path):
+    out = tmp_path / "run"
+    with training.Run(run_args(out), "test") as run:
+        assert run.path == str(out) + ".partial"
+        assert read_json(os.path.join(run.path, "run.json"))["status"] == "running"
+        assert not out.exists()
+        run.save_metrics({"loss": np.float32(1.5)})
+    assert not os.path.exists(str(out) + ".partial")
+    assert read_json(out / "run.json")["status"] == "finished"
+    assert read_json(out / "metrics.json") == {"loss": 1.5}
+
+
+def test_a_failed_run_stays_partial_and_says_why(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="boom"):
+        with training.Run(run_args(out), "test"):
+            raise RuntimeError("boom")
+    assert not out.exists()
+    info = read_json(str(out) + ".partial/run.json")
+    assert info["status"] == "failed" and "boom" in info["error"]
+
+
+def test_a_finished_run_is_kept_unless_resumed_or_overwritten(tmp_path):
+    out = tmp_path / "run"
+    with training.Run(run_args(out), "test") as run:
+        run.save_metrics({"loss": 1.0})
+    with pytest.raises(training.RunError, match="--resume .* or --overwrite"):
+        training.Run(run_args(out), "test").check()
+    with training.Run(
+        argparse.Namespace(output=str(out), resume=True, overwrite=False), "t"
+    ) as run:
+        assert read_json(os.path.join(run.path, "metrics.json")) == {"loss": 1.0}  # copied
+    with training.Run(
+        argparse.Namespace(output=str(out), resume=False, overwrite=True), "t"
+    ) as run:
+        assert not os.path.exists(os.path.join(run.path, "metrics.json"))  # a fresh folder
+        run.save_metrics({"loss": 0.5})
+    assert read_json(out / "metrics.json") == {"loss": 0.5}
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_resume_without_a_run_is_an_error(tmp_path):
+    args = argparse.Namespace(output=str(tmp_path / "none"), resume=True, overwrite=False)
+    with pytest.raises(training.RunError, match="no run to resume"):
+        training.Run(args, "test").check()
+
+
+def test_latest_checkpoint_and_restore(tmp_path):
+    out = tmp_path / "run"
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with training.Run(run_args(out), "test") as run:
+        assert run.latest_checkpoint() == (None, 0)
+        for epoch in (1, 2, 10):
+            model.save(os.path.join(run.checkpoint_dir, f"epoch-{epoch:04d}.keras"))
+        assert run.latest_checkpoint()[1] == 10
+    resumed = training.Run(argparse.Namespace(output=str(out), resume=True, overwrite=False), "t")
+    with resumed:
+        restored, epoch = resumed.restore()
+    assert epoch == 10
+    x = np.ones((1, 3), "float32")
+    np.testing.assert_array_equal(
+        keras.ops.convert_to_numpy(restored(x)), keras.ops.convert_to_numpy(model(x))
+    )
+
+
+# -- devices and precision -----------------------------------------------------------
+
+
+def test_distribute_tpu_without_a_tpu_is_a_clear_error(backend):
+    with pytest.raises(training.RunError, match="tpu"):
+        training.distribution("tpu")
+
+
+def test_distribute_choices_are_checked_per_backend(backend):
+    wrong = "data_parallel" if backend == "tensorflow" else "mirrored"
+    with pytest.raises(training.RunError, match="Received: distribute="):
+        training.distribution(wrong)
+    assert training.distribution("none").num_replicas == 1
+
+
+def test_mixed_precision_sets_the_policy():
+    assert training.configure_precision("mixed_bfloat16") == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == "mixed_bfloat16"
+    assert training.configure_precision(None) == "float32"
+    with pytest.raises(training.RunError):
+        training.configure_precision("float8")
+
+
+DISTRIBUTED_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import keras, numpy as np
+    from examples import gpt, training
+
+    training.split_cpu(2)
+
+    def losses(name):
+        dist = training.distribution(name)
+        keras.utils.set_random_seed(0)
+        with dist.scope():
+            model = gpt.build_gpt(20, 16, num_layers=1, num_heads=2, hidden_dim=16)
+            model.compile(
+                optimizer=keras.optimizers.SGD(0.5),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            )
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 20, (16, 16)).astype("int32")
+        y = np.roll(x, -1, axis=1)
+        history = model.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0)
+        if name == "data_parallel":
+            keras.distribution.set_distribution(None)
+        return history.history["loss"], dist.num_replicas
+
+    single, _ = losses("none")
+    multi, replicas = losses(sys.argv[1])
+    print(json.dumps({"single": single, "multi": multi, "replicas": replicas}))
+    """
+)
+
+
+def test_two_devices_give_the_loss_of_one(backend):
+    """Data parallel training on 2 logical CPU devices (tf.distribute.MirroredStrategy on
+    TensorFlow, keras.distribution.DataParallel on JAX) matches one device, step by step."""
+    if backend not in ("tensorflow", "jax"):
+        pytest.skip("tf.distribute / keras.distribution are TensorFlow and JAX features")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), KERAS_BACKEND=backend)
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"  # read before jax starts
+    name = "mirrored" if backend == "tensorflow" else "data_parallel"
+    result = subprocess.run(
+        [sys.executable, "-c", DISTRIBUTED_SCRIPT, name],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    np.testing.assert_allclose(out["multi"], out["single"], rtol=1e-4)
+    assert out["single"][-1] < out["single"][0]  # it trained
+
+
+# -- attention pictures --------------------------------------------------------------
+
+
+def test_attention_maps_of_a_functional_model(tmp_path):
+    inputs = keras.Input((5, 8))
+    x = keras.layers.Dense(8, name="proj")(inputs)
+    layer = keras_attn.Attention(num_heads=2, name="attn")
+    outputs = layer(x, x, use_causal_mask=True)
+    model = keras.Model(inputs, outputs)
+    data = np.random.default_rng(0).normal(size=(3, 5, 8)).astype("float32")
+    maps = training.attention_maps(model, data)
+    assert list(maps) == ["attn"]
+    weights = maps["attn"]
+    assert weights.shape == (3, 2, 5, 5)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(np.triu(np.ones((5, 5)), 1)[None, None] * weights == 0)  # causal kept
+    # The same as calling the layer by hand on the projected inputs.
+    projected = model.get_layer("proj")(data)
+    _, expected = layer(projected, projected, use_causal_mask=True, return_attention_scores=True)
+    np.testing.assert_allclose(weights, keras.ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-6)
+    paths = training.save_attention_heatmaps(model, data, str(tmp_path), examples=2)
+    assert sorted(os.path.basename(p) for p in paths) == ["attn-example0.png", "attn-example1.png"]
+    for path in paths:
+        with open(path, "rb") as f:
+            assert f.read(4) == b"\x89PNG"
