@@ -192,6 +192,20 @@ def test_hard_gradient_is_the_softmax_gradient(temperature):
     assert np.all(g_hard[~np.broadcast_to(mask, logits.shape)] == 0.0)
 
 
+def test_gumbel_hard_trains():
+    logits, mask = _data((2, 4, 5), seed=8)
+    weights = np.random.default_rng(3).normal(size=logits.shape).astype("float32")
+    hard = normalizers.Hard(gumbel=True, seed=0)
+    g = _grad(lambda x: ops.sum(hard(x, mask=mask, training=True) * weights), logits)
+    full_mask = np.broadcast_to(mask, logits.shape)
+    assert np.all(np.isfinite(g))
+    assert np.all(g[~full_mask] == 0.0)
+    rows = full_mask.sum(-1) >= 2
+    assert np.all(np.abs(g).sum(-1)[rows] > 0)
+    # A softmax gradient (here of the noisy logits) is blind to a shift of the row.
+    np.testing.assert_allclose(g.sum(-1), 0.0, atol=1e-5)
+
+
 def _picks(weights):
     return np.argmax(weights.reshape(-1, weights.shape[-1]), axis=-1)
 

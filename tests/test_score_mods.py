@@ -98,6 +98,20 @@ def test_softcap_mixed_precision(dtype):
     assert np.all(np.isfinite(out)) and np.all(np.abs(out) <= 30.0)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_relative_position_mixed_precision(dtype):
+    keras.config.set_dtype_policy(f"mixed_{dtype}")
+    mod = score_mods.RelativePosition(num_heads=2, num_buckets=8, max_distance=20)
+    mod.build()
+    table = np.random.default_rng(0).normal(size=(8, 2)).astype("float32")
+    mod.embeddings.assign(table)
+    logits = ops.cast(np.zeros((1, 2, 3, 5), "float32"), dtype)
+    out = mod(logits, positions=make_positions(3, 5, 2, query_offset=1))
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    bias = _ref_bias(table, np.arange(3) + 1, np.arange(5), 8, 20, True)
+    np.testing.assert_allclose(_np(ops.cast(out, "float32"))[0], bias, rtol=1e-2, atol=1e-2)
+
+
 @given(
     cap=st.floats(0.1, 100.0),
     values=st.lists(st.floats(-1e4, 1e4, width=32), min_size=16, max_size=16),

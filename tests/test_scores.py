@@ -194,9 +194,10 @@ def test_mixed_precision(name, dtype):
 
 
 @given(
-    tq=st.integers(1, 6),
-    tk=st.integers(1, 6),
-    depth=st.integers(1, 8),
+    # A few shapes (JAX compiles once per shape); values and scales vary freely.
+    tq=st.sampled_from([1, 5]),
+    tk=st.sampled_from([1, 6]),
+    depth=st.sampled_from([1, 8]),
     scale=st.one_of(st.none(), st.floats(0.01, 10.0)),
     seed=st.integers(0, 2**16),
 )
