@@ -67,7 +67,7 @@ def test_registered_by_its_entry_point():
         assert (entry.distribution, entry.version) == ("keras-attn-bigbird", "0.1.0")
 
 
-@settings(deadline=None, max_examples=20, derandomize=True)
+@settings(deadline=None, max_examples=12, derandomize=True)
 @given(
     window=st.integers(1, 6),
     globals_=st.one_of(st.integers(0, 3), st.lists(st.integers(0, 30), min_size=1, max_size=3)),
@@ -90,7 +90,7 @@ def test_longformer_matches_reference(window, globals_, causal, lengths, block_s
     )
 
 
-@settings(deadline=None, max_examples=20, derandomize=True)
+@settings(deadline=None, max_examples=12, derandomize=True)
 @given(
     block_size=st.integers(1, 5),
     window_blocks=st.sampled_from([1, 3, 5]),
