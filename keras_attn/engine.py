@@ -46,13 +46,22 @@ def choose_path(
     return_scores=False,
     dropout_active=False,
     block_sparse="auto",
+    block_size=128,
+    query_offset=0,
 ):
-    """The path that runs this attention: one of `PATHS`."""
-    if is_fusable(score, score_mods, pattern, normalizer, return_scores, dropout_active):
+    """The path that runs this attention: one of `PATHS`.
+
+    ``block_sparse=True`` insists on the block-sparse path, even where the fused one
+    would do; ``False`` never takes it.
+    """
+    fusable = is_fusable(score, score_mods, pattern, normalizer, return_scores, dropout_active)
+    if fusable and block_sparse is not True:
         return "fused"
     from keras_attn import block_sparse as block_sparse_module
 
-    if block_sparse_module.pays_off(pattern, query_length, key_length, block_sparse):
+    if block_sparse_module.pays_off(
+        pattern, query_length, key_length, block_sparse, block_size, query_offset
+    ):
         return "block_sparse"
     return "dense"
 
@@ -76,8 +85,18 @@ def pattern_mask(pattern, positions):
 
 
 def dense_attention(
-    query, key, value, *, score, score_mods, pattern, normalizer, positions,
-    mask=None, dropout=None, training=None,
+    query,
+    key,
+    value,
+    *,
+    score,
+    score_mods,
+    pattern,
+    normalizer,
+    positions,
+    mask=None,
+    dropout=None,
+    training=None,
 ):
     """The exact masked reference computation.
 

@@ -98,6 +98,31 @@ def _block_mask_by_rows(pattern, query_length, key_length, block_size, query_off
     return out
 
 
+def _block_bounds(query_length, key_length, block_size, query_offset):
+    """First and last absolute position of each query block ``(nq, 1)`` and key block ``(1, nk)``."""
+    offset = int(query_offset)
+    q_first = np.arange(0, query_length, block_size)
+    q_last = np.minimum(q_first + block_size, query_length) - 1
+    k_first = np.arange(0, key_length, block_size)
+    k_last = np.minimum(k_first + block_size, key_length) - 1
+    return (q_first[:, None] + offset, q_last[:, None] + offset, k_first[None, :], k_last[None, :])
+
+
+def _distance_bounds(query_length, key_length, block_size, query_offset):
+    """Smallest and largest ``query - key`` of each block ``(nq, nk)``.
+
+    Query and key positions of a block are two intervals, so every distance between
+    the two bounds occurs in the block.
+    """
+    qa, qb, ka, kb = _block_bounds(query_length, key_length, block_size, query_offset)
+    return qa - kb, qb - ka
+
+
+def _holds_multiple(low, high, step):
+    """Whether the integer interval ``[low, high]`` holds a multiple of `step`."""
+    return (low <= high) & (-(-low // step) * step <= high)
+
+
 def _positive_int(value, arg):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"`{arg}` must be a positive integer. Received: {arg}={value!r}")
@@ -116,6 +141,9 @@ class Full(Pattern):
     def mask(self, positions):
         return ops.equal(positions.query * 0, positions.key * 0)
 
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        return np.ones((-(-query_length // block_size), -(-key_length // block_size)), bool)
+
 
 class Causal(Pattern):
     """Query i sees keys j <= i."""
@@ -124,6 +152,10 @@ class Causal(Pattern):
 
     def mask(self, positions):
         return _distance(positions) >= 0
+
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        _, high = _distance_bounds(query_length, key_length, block_size, query_offset)
+        return high >= 0
 
     @property
     def causal(self):
@@ -166,6 +198,11 @@ class Local(_Banded):
         d = _distance(positions)
         return self._with_causal(ops.abs(d) < self.window, positions)
 
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        low, high = _distance_bounds(query_length, key_length, block_size, query_offset)
+        low = np.maximum(low, 0 if self.causal else 1 - self.window)
+        return low <= np.minimum(high, self.window - 1)
+
     def get_config(self):
         return {"window": self.window, "causal": self.causal}
 
@@ -191,6 +228,12 @@ class Dilated(_Banded):
         )
         return self._with_causal(m, positions)
 
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        low, high = _distance_bounds(query_length, key_length, block_size, query_offset)
+        reach = self.window * self.dilation - 1
+        low = np.maximum(low, 0 if self.causal else -reach)
+        return _holds_multiple(low, np.minimum(high, reach), self.dilation)
+
     def get_config(self):
         return {"window": self.window, "dilation": self.dilation, "causal": self.causal}
 
@@ -211,6 +254,12 @@ class Strided(_Banded):
     def mask(self, positions):
         return self._with_causal(ops.equal(_distance(positions) % self.stride, 0), positions)
 
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        low, high = _distance_bounds(query_length, key_length, block_size, query_offset)
+        if self.causal:
+            low = np.maximum(low, 0)
+        return _holds_multiple(low, high, self.stride)
+
     def get_config(self):
         return {"stride": self.stride, "causal": self.causal}
 
@@ -227,6 +276,14 @@ class BlockLocal(_Banded):
     def mask(self, positions):
         m = ops.equal(positions.query // self.block_size, positions.key // self.block_size)
         return self._with_causal(m, positions)
+
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        qa, qb, ka, kb = _block_bounds(query_length, key_length, block_size, query_offset)
+        b = self.block_size
+        # The query and key blocks share a group g; causal also needs some key <= query,
+        # which (within a shared group) is the case exactly when ka <= qb.
+        out = np.maximum(qa // b, ka // b) <= np.minimum(qb // b, kb // b)
+        return out & (ka <= qb) if self.causal else out
 
     def get_config(self):
         return {"block_size": self.block_size, "causal": self.causal}
@@ -270,9 +327,19 @@ class GlobalTokens(Pattern):
         return out
 
     def mask(self, positions):
-        return ops.logical_or(
-            self._is_global(positions.query), self._is_global(positions.key)
-        )
+        return ops.logical_or(self._is_global(positions.query), self._is_global(positions.key))
+
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        qa, qb, ka, kb = _block_bounds(query_length, key_length, block_size, query_offset)
+        if self.indices is None:
+            return (qa < self.num_tokens) | (ka < self.num_tokens)
+        indices = np.asarray(self.indices)
+
+        def holds_global(first, last):
+            nxt = np.searchsorted(indices, first)  # first global position >= first
+            return (nxt < len(indices)) & (indices[np.minimum(nxt, len(indices) - 1)] <= last)
+
+        return holds_global(qa, qb) | holds_global(ka, kb)
 
     def get_config(self):
         return {"num_tokens": self.num_tokens, "indices": self.indices}
@@ -340,6 +407,15 @@ class Intersection(_Combined):
             out = ops.logical_and(out, p.mask(positions))
         return out
 
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        # A block with a pair allowed by all patterns is kept by each of them. The
+        # result may keep a few blocks with no such pair: those are masked exactly.
+        out = None
+        for p in self.patterns:
+            m = p.block_mask(query_length, key_length, block_size, query_offset)
+            out = m if out is None else out & m
+        return out
+
     @property
     def causal(self):
         return any(p.causal for p in self.patterns)
@@ -347,5 +423,15 @@ class Intersection(_Combined):
 
 @hookimpl
 def register_patterns(register):
-    for cls in (Full, Causal, Local, Dilated, Strided, BlockLocal, GlobalTokens, Union, Intersection):
+    for cls in (
+        Full,
+        Causal,
+        Local,
+        Dilated,
+        Strided,
+        BlockLocal,
+        GlobalTokens,
+        Union,
+        Intersection,
+    ):
         register(cls)

@@ -1,0 +1,385 @@
+"""Side-by-side speed and memory of keras_attn against keras.layers.MultiHeadAttention.
+
+Run ``python -m benchmarks.run`` (``--quick`` for a short check, ``--help`` for sizes).
+Every measurement runs in its own subprocess, so that its peak resident memory
+(``resource.getrusage``) is its own. Each one times a forward+backward pass (gradients
+of the summed output with respect to the inputs and all weights) after one warm-up
+pass that traces and compiles. Batch 1, 8 heads, key_dim 64 (model width 512).
+
+Cases:
+- ``dense``: keras_attn.MultiHeadAttention vs keras.layers.MultiHeadAttention, causal.
+- ``local``: keras_attn.LocalAttention(window=256) vs
+  keras.layers.MultiHeadAttention(sliding_window=256); Keras only where it fits.
+- ``local_global``: keras_attn with ``local(256) | global_tokens(1)``.
+- ``core``: the block-sparse kernel alone (no projections), for the FLOP rate.
+- ``matmul``: this machine's dense float32 matmul rate, the reference.
+
+Writes ``results.md`` (tables, ratios, targets) and ``results.png`` (time and memory
+against T, log-log) into ``--out`` (default: this folder), and ``results.json``.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+HEADS, KEY_DIM, WINDOW = 8, 64, 256
+WIDTH = HEADS * KEY_DIM
+DENSE_SIZES = (256, 512, 1024, 2048, 4096)
+LOCAL_SIZES = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
+LOCAL_GLOBAL_SIZES = (8192, 65536)
+# Peak memory of keras.layers.MultiHeadAttention forward+backward, in bytes per
+# element of one (H, T, T) score tensor (measured: about 9 GB at T=8192), plus a base.
+KERAS_BYTES_PER_SCORE = 4.5 * 4
+BASE_BYTES = 1.5e9
+
+
+# -- useful work ----------------------------------------------------------------------
+
+
+def allowed_pairs(case, length, window=WINDOW):
+    """Number of (query, key) pairs the case's pattern allows, per head."""
+    t = length
+    if case == "dense":  # causal
+        return t * (t + 1) // 2
+    rows = [min(i + window, t) - max(i - window + 1, 0) for i in range(t)]
+    pairs = sum(rows)
+    if case == "local_global":
+        # Query 0 sees every key; key 0 is seen by every query outside its window.
+        pairs += (t - rows[0]) + max(t - window, 0)
+    return pairs
+
+
+def useful_flops(case, length, projections=True):
+    """Floating-point operations of forward+backward that the pattern needs.
+
+    Attention: ``2 * D`` for q.k and ``2 * Dv`` for the weighted sum per allowed pair
+    and head; projections: four ``(T, 512) x (512, 512)`` matmuls. The backward
+    pass costs twice the forward one.
+    """
+    forward = allowed_pairs(case, length) * HEADS * 4 * KEY_DIM
+    if projections:
+        forward += 4 * 2 * length * WIDTH * WIDTH
+    return 3 * forward
+
+
+# -- one measurement (child process) --------------------------------------------------
+
+
+def _rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _make_layer(spec):
+    import keras
+
+    import keras_attn
+    from keras_attn import patterns
+
+    impl, case = spec["impl"], spec["case"]
+    if impl == "keras":
+        window = WINDOW if case == "local" else None
+        return keras.layers.MultiHeadAttention(HEADS, KEY_DIM, sliding_window=window)
+    if case == "dense":
+        return keras_attn.MultiHeadAttention(HEADS, KEY_DIM)
+    if case == "local":
+        return keras_attn.LocalAttention(window=WINDOW, num_heads=HEADS, key_dim=KEY_DIM)
+    pattern = patterns.Local(WINDOW) | patterns.GlobalTokens(1)
+    return keras_attn.Attention(num_heads=HEADS, key_dim=KEY_DIM, pattern=pattern)
+
+
+def _layer_step(spec):
+    """A compiled forward+backward step of the layer, and its input."""
+    import keras
+
+    layer = _make_layer(spec)
+    x = keras.random.normal((1, spec["length"], WIDTH), seed=0)
+    causal = spec["case"] == "dense"
+    layer(x, x, use_causal_mask=causal)  # build
+    if keras.backend.backend() == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        def loss(trainable, non_trainable, x):
+            y, _ = layer.stateless_call(trainable, non_trainable, x, x, use_causal_mask=causal)
+            return jnp.sum(y)
+
+        grad = jax.jit(jax.grad(loss, argnums=(0, 2)))
+        tv = [v.value for v in layer.trainable_variables]
+        ntv = [v.value for v in layer.non_trainable_variables]
+
+        def step():
+            return jax.block_until_ready(grad(tv, ntv, x))
+
+    else:
+        import tensorflow as tf
+
+        @tf.function
+        def grad(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, x, use_causal_mask=causal)
+                loss = tf.reduce_sum(y)
+            return tape.gradient(loss, [x, *layer.trainable_variables])
+
+        def step():
+            return [g.numpy() for g in grad(x)]
+
+    return step, layer
+
+
+def _core_step(spec):
+    """Forward+backward of the block-sparse kernel alone on (1, 8, T, 64) heads."""
+    import keras
+
+    from keras_attn import block_sparse
+    from keras_attn import normalizers
+    from keras_attn import patterns
+    from keras_attn import scores
+    from keras_attn.positions import make_positions
+
+    t = spec["length"]
+    shape = (1, HEADS, t, KEY_DIM)
+    q, k, v = (keras.random.normal(shape, seed=i) for i in range(3))
+    score, normalizer = scores.ScaledDot(), normalizers.Softmax()
+    pattern = patterns.Local(WINDOW)
+    positions = make_positions(t, t, HEADS)
+
+    def attend(q, k, v):
+        out, _ = block_sparse.block_sparse_attention(
+            q, k, v, block_size=spec.get("block_size", 128), score=score, score_mods=(),
+            pattern=pattern, normalizer=normalizer, positions=positions,
+        )  # fmt: skip
+        return out
+
+    if keras.backend.backend() == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)))
+
+        def step():
+            return jax.block_until_ready(grad(q, k, v))
+
+    else:
+        import tensorflow as tf
+
+        @tf.function
+        def grad(q, k, v):
+            with tf.GradientTape() as tape:
+                tape.watch([q, k, v])
+                loss = tf.reduce_sum(attend(q, k, v))
+            return tape.gradient(loss, [q, k, v])
+
+        def step():
+            return [g.numpy() for g in grad(q, k, v)]
+
+    return step
+
+
+def _matmul_step(spec):
+    import keras
+
+    n = spec["length"]
+    a = keras.random.normal((n, n), seed=0)
+    b = keras.random.normal((n, n), seed=1)
+    if keras.backend.backend() == "jax":
+        import jax
+
+        f = jax.jit(keras.ops.matmul)
+        return lambda: jax.block_until_ready(f(a, b))
+    import tensorflow as tf
+
+    f = tf.function(keras.ops.matmul)
+    return lambda: f(a, b).numpy()
+
+
+def measure(spec):
+    """Time `spec` and report its peak memory: runs inside the child process."""
+    import resource
+
+    path = None
+    if spec["case"] == "matmul":
+        step = _matmul_step(spec)
+    elif spec["case"] == "core":
+        step = _core_step(spec)
+    else:
+        step, layer = _layer_step(spec)
+        path = getattr(layer, "last_path", None)
+    base_rss = _rss_bytes()
+    start = time.perf_counter()
+    step()  # warm-up: tracing and compilation
+    warmup = time.perf_counter() - start
+    if spec["case"] not in ("matmul", "core") and spec["impl"] == "keras_attn":
+        path = layer.last_path
+    times = []
+    budget = spec.get("budget_s", 20.0)
+    while len(times) < spec.get("max_repeats", 5):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+        if sum(times) > budget:
+            break
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {
+        **spec,
+        "time_s": statistics.median(times),
+        "min_time_s": min(times),
+        "repeats": len(times),
+        "warmup_s": warmup,
+        "peak_rss": peak,
+        "base_rss": base_rss,
+        "path": path,
+        "load_after": os.getloadavg()[0],
+    }
+
+
+# -- the driver (parent process) ------------------------------------------------------
+
+
+def run_child(spec, timeout):
+    cmd = [sys.executable, "-m", "benchmarks.run", "--child", json.dumps(spec)]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    load = os.getloadavg()[0]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timed out after {timeout} s", "load_before": load}
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("RESULT "):
+            return {**json.loads(line[len("RESULT ") :]), "load_before": load}
+    tail = (proc.stderr or "").strip().splitlines()[-3:]
+    reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else " / ".join(tail)
+    return {**spec, "error": f"exit {proc.returncode}: {reason}", "load_before": load}
+
+
+def keras_fits(length, available):
+    need = KERAS_BYTES_PER_SCORE * HEADS * length * length + BASE_BYTES
+    return need <= 0.85 * available, need
+
+
+def available_memory():
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info["MemTotal"])
+
+
+def machine_name():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    with open("/proc/meminfo") as f:
+        total = int(f.readline().split()[1]) / 2**20
+    return f"{cpu}, {os.cpu_count()} cores, {total:.0f} GiB RAM, {platform.system()}"
+
+
+def plan(args):
+    dense = args.dense_sizes
+    local = args.local_sizes
+    lg = [t for t in args.local_global_sizes if t]
+    specs = [{"impl": "ref", "case": "matmul", "length": args.matmul_size}]
+    for t in dense:
+        for impl in ("keras_attn", "keras"):
+            specs.append({"impl": impl, "case": "dense", "length": t})
+    for t in local:
+        specs.append({"impl": "keras_attn", "case": "local", "length": t})
+        specs.append({"impl": "keras", "case": "local", "length": t})
+        specs.append({"impl": "keras_attn", "case": "core", "length": t})
+    for t in lg:
+        specs.append({"impl": "keras_attn", "case": "local_global", "length": t})
+    for s in specs:
+        s.update(budget_s=args.budget, max_repeats=args.repeats, backend=args.backend)
+    return specs
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="A few small sizes, one repeat.")
+    parser.add_argument("--dense-sizes", type=_sizes, default=DENSE_SIZES)
+    parser.add_argument("--local-sizes", type=_sizes, default=LOCAL_SIZES)
+    parser.add_argument("--local-global-sizes", type=_sizes, default=LOCAL_GLOBAL_SIZES)
+    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=5, help="Most timed passes per size.")
+    parser.add_argument("--budget", type=float, default=20.0, help="Seconds of timing per size.")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="Seconds per measurement.")
+    parser.add_argument("--backend", default=os.environ.get("KERAS_BACKEND", "tensorflow"))
+    parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        spec = json.loads(args.child)
+        os.environ["KERAS_BACKEND"] = spec["backend"]
+        print("RESULT " + json.dumps(measure(spec)), flush=True)
+        return
+    os.environ["KERAS_BACKEND"] = args.backend
+    if args.quick:
+        args.dense_sizes, args.local_sizes = (256, 1024), (1024, 4096)
+        args.local_global_sizes, args.matmul_size = (4096,), 1024
+        args.repeats, args.budget = 1, 5.0
+    results = []
+    started = time.time()
+    for spec in plan(args):
+        label = f"{spec['impl']:>10} {spec['case']:>12} T={spec['length']:<6}"
+        if spec["impl"] == "keras" and spec["case"] == "local":
+            fits, need = keras_fits(spec["length"], available_memory())
+            if not fits:
+                results.append({**spec, "skipped": f"needs about {need / 1e9:.0f} GB"})
+                print(f"{label} skipped: would need about {need / 1e9:.0f} GB", flush=True)
+                continue
+        r = run_child(spec, args.timeout)
+        results.append(r)
+        if "error" in r:
+            print(f"{label} failed: {r['error']}", flush=True)
+        else:
+            print(
+                f"{label} {r['time_s']:8.3f} s  peak {r['peak_rss'] / 2**30:6.2f} GiB  "
+                f"path={r['path']}  load={r['load_before']:.1f}",
+                flush=True,
+            )
+    meta = {
+        "machine": machine_name(),
+        "backend": args.backend,
+        "keras": _version("keras"),
+        "backend_version": _version("tensorflow" if args.backend == "tensorflow" else "jax"),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "duration_s": time.time() - started,
+        "quick": args.quick,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump({"meta": meta, "results": results}, f, indent=1)
+    from benchmarks import report
+
+    report.write(results, meta, args.out)
+    print(f"wrote {args.out}/results.md and results.png")
+
+
+def _sizes(text):
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
+def _version(module):
+    try:
+        from importlib.metadata import version
+
+        return version(module if module != "tensorflow" else "tensorflow-cpu")
+    except Exception:
+        return "?"
+
+
+if __name__ == "__main__":
+    main()

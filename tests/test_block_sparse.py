@@ -1,0 +1,418 @@
+"""The block-sparse path equals the dense one: outputs, weights and gradients."""
+
+import keras
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from keras import ops
+
+import keras_attn
+from keras_attn import block_sparse
+from keras_attn import engine
+from keras_attn import normalizers
+from keras_attn import patterns as P
+from keras_attn import scores
+from keras_attn.positions import make_positions
+
+ATOL = 2e-5
+
+# -- strategies -----------------------------------------------------------------------
+
+simple_patterns = st.one_of(
+    st.builds(P.Local, st.integers(1, 40), causal=st.booleans()),
+    st.builds(P.Dilated, st.integers(1, 8), st.integers(1, 4), causal=st.booleans()),
+    st.builds(P.Strided, st.integers(1, 12), causal=st.booleans()),
+    st.builds(P.BlockLocal, st.integers(1, 20), causal=st.booleans()),
+    st.builds(P.GlobalTokens, st.integers(1, 3)),
+    st.builds(
+        lambda idx: P.GlobalTokens(indices=idx),
+        st.lists(st.integers(0, 90), min_size=1, max_size=3, unique=True),
+    ),
+    st.just(P.Causal()),
+)
+
+
+@st.composite
+def any_pattern(draw):
+    parts = draw(st.lists(simple_patterns, min_size=1, max_size=3))
+    out = parts[0]
+    for p in parts[1:]:
+        out = out | p if draw(st.booleans()) else out & p
+    return out
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def _pair(block_size=8, **kwargs):
+    """The same attention twice, forced onto the block-sparse and the dense path."""
+    sparse = keras_attn.Attention(block_sparse=True, block_size=block_size, **kwargs)
+    dense = keras_attn.Attention(block_sparse=False, block_size=block_size, **kwargs)
+    return sparse, dense
+
+
+def _run(layer, query, value, cotangents, **call_kwargs):
+    """Output, weights and the gradients (inputs, then weights) of a fixed linear loss."""
+    c_out, c_w = cotangents
+    if keras.backend.backend() == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        ntv = [v.value for v in layer.non_trainable_variables]
+
+        def loss(tv, q, v):
+            (out, w), _ = layer.stateless_call(
+                tv, ntv, q, v, return_attention_scores=True, **call_kwargs
+            )
+            return jnp.sum(out * c_out) + jnp.sum(w * c_w), (out, w)
+
+        tv = [v.value for v in layer.trainable_variables]
+        # One compiled program per example: much faster than op-by-op dispatch.
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+        (_, (out, w)), grads = step(tv, query, value)
+        grads = [grads[1], grads[2], *grads[0]]
+    else:
+        import tensorflow as tf
+
+        query, value = tf.constant(query), tf.constant(value)
+        with tf.GradientTape() as tape:
+            tape.watch([query, value])
+            out, w = layer(query, value, return_attention_scores=True, **call_kwargs)
+            loss = tf.reduce_sum(out * c_out) + tf.reduce_sum(w * c_w)
+        grads = tape.gradient(loss, [query, value, *layer.trainable_variables])
+    return [ops.convert_to_numpy(x) for x in (out, w, *grads)]
+
+
+def _compare(sparse, dense, query, value, atol=ATOL, **call_kwargs):
+    """Run both layers on the same weights and inputs; check every result agrees."""
+    sparse(query, value, **call_kwargs)
+    dense(query, value, **call_kwargs)
+    dense.set_weights(sparse.get_weights())
+    rng = np.random.default_rng(1)
+    h = sparse.num_heads
+    b, tq, tk = query.shape[0], query.shape[1], value.shape[1]
+    cot = (
+        rng.normal(size=(b, tq, query.shape[-1])).astype("float32"),
+        rng.normal(size=(b, h, tq, tk)).astype("float32"),
+    )
+    got = _run(sparse, query, value, cot, **call_kwargs)
+    assert sparse.last_path == "block_sparse"
+    want = _run(dense, query, value, cot, **call_kwargs)
+    assert dense.last_path == "dense"
+    names = ["output", "weights", "d_query", "d_value"] + [
+        v.path for v in sparse.trainable_variables
+    ]
+    for name, g, w in zip(names, got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=atol, rtol=1e-4, err_msg=name)
+    return got
+
+
+def _compiled(fn):
+    """`fn` compiled as a whole under JAX (op-by-op dispatch is slow); as is elsewhere."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(fn)
+    return fn
+
+
+def _inputs(rng, batch, length, dim=8):
+    return rng.normal(size=(batch, length, dim)).astype("float32")
+
+
+# -- block masks and layouts ----------------------------------------------------------
+
+
+@given(
+    pattern=any_pattern(),
+    query_length=st.integers(1, 90),
+    key_length=st.integers(1, 90),
+    block_size=st.integers(1, 20),
+    offset=st.integers(0, 40),
+)
+@settings(max_examples=40)
+def test_closed_form_block_masks_equal_the_generic_one(
+    pattern, query_length, key_length, block_size, offset
+):
+    got = pattern.block_mask(query_length, key_length, block_size, offset)
+    want = P._block_mask_by_rows(pattern, query_length, key_length, block_size, offset)
+    if isinstance(pattern, P.Intersection):
+        # An intersection may keep a few extra blocks (masked exactly), never fewer.
+        assert not (want & ~got).any()
+    else:
+        np.testing.assert_array_equal(got, want)
+
+
+@given(pattern=any_pattern(), length=st.integers(1, 200), block_size=st.sampled_from([4, 16]))
+@settings(max_examples=30)
+def test_layout_covers_every_kept_block_once(pattern, length, block_size):
+    layout = block_sparse.block_layout(pattern, length, length, block_size)
+    rows = np.concatenate([g.rows for g in layout.groups])
+    assert sorted(rows.tolist()) == list(range(layout.num_query_blocks))
+    for g in layout.groups:
+        assert g.cols.shape == g.valid.shape and g.cols.shape[0] == len(g.rows)
+        for r, cols, valid in zip(g.rows, g.cols, g.valid, strict=True):
+            assert sorted(cols[valid].tolist()) == np.flatnonzero(layout.block_mask[r]).tolist()
+
+
+def test_global_rows_get_their_own_group():
+    pattern = P.Local(256) | P.GlobalTokens(1)
+    layout = block_sparse.block_layout(pattern, 65536, 65536, 128)
+    widths = sorted(g.cols.shape[1] for g in layout.groups)
+    assert widths == [6, 512]  # 2 blocks each side + own + the global column; one dense row
+    assert layout.computed_blocks == 511 * 6 + 512
+    assert layout.computed_fraction < 0.015
+
+
+def test_layout_is_cached_per_pattern_and_shape():
+    a = block_sparse.block_layout(P.Local(8), 100, 100, 16)
+    assert block_sparse.block_layout(P.Local(8), 100, 100, 16) is a
+    assert block_sparse.block_layout(P.Local(9), 100, 100, 16) is not a
+
+
+# -- exactness against the dense path -------------------------------------------------
+
+
+@given(
+    pattern=any_pattern(),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    query_length=st.integers(1, 50),
+    key_length=st.integers(1, 50),
+    block_size=st.sampled_from([4, 8, 16]),
+    seed=st.integers(0, 1000),
+)
+@settings(max_examples=15)
+def test_equals_dense_for_random_shapes_and_patterns(
+    pattern, batch, heads, query_length, key_length, block_size, seed
+):
+    rng = np.random.default_rng(seed)
+    sparse, dense = _pair(block_size, num_heads=heads, key_dim=4, pattern=pattern)
+    query, value = _inputs(rng, batch, query_length), _inputs(rng, batch, key_length, 6)
+    _compare(sparse, dense, query, value)
+
+
+@pytest.mark.parametrize("score", ["dot", "scaled_dot", "general", "additive", "cosine"])
+def test_every_score(score):
+    rng = np.random.default_rng(0)
+    sparse, dense = _pair(num_heads=2, key_dim=4, score=score, pattern=P.Local(5))
+    _compare(sparse, dense, _inputs(rng, 2, 37), _inputs(rng, 2, 37))
+
+
+@pytest.mark.parametrize(
+    "score_mods",
+    [
+        [{"name": "softcap", "config": {"cap": 2.0}}],
+        [{"name": "relative_position", "config": {"embeddings_initializer": "random_normal"}}],
+        [
+            {"name": "relative_position", "config": {"embeddings_initializer": "random_normal"}},
+            {"name": "softcap", "config": {"cap": 3.0}},
+        ],
+    ],
+    ids=["softcap", "relative_position", "both"],
+)
+def test_score_mods_see_absolute_positions(score_mods):
+    rng = np.random.default_rng(0)
+    pattern = P.Local(6) | P.GlobalTokens(indices=[3, 20])
+    sparse, dense = _pair(num_heads=3, key_dim=4, score_mods=score_mods, pattern=pattern)
+    _compare(sparse, dense, _inputs(rng, 2, 41), _inputs(rng, 2, 41))
+
+
+@pytest.mark.parametrize(
+    "normalizer",
+    ["softmax", "hard", {"name": "topk", "config": {"k": 3}}, "sparsemax"],
+    ids=["softmax", "hard", "topk", "sparsemax"],
+)
+def test_every_normalizer_sees_the_whole_row(normalizer):
+    # Rows span several blocks, so a normalizer applied per block would differ.
+    rng = np.random.default_rng(0)
+    pattern = P.Local(7) | P.Strided(9)
+    sparse, dense = _pair(
+        block_size=4, num_heads=2, key_dim=4, normalizer=normalizer, pattern=pattern
+    )
+    _compare(sparse, dense, _inputs(rng, 2, 45), _inputs(rng, 2, 45))
+
+
+@pytest.mark.parametrize("kind", ["query_and_value", "attention_mask", "attention_mask_2d"])
+def test_padding_and_explicit_masks(kind):
+    rng = np.random.default_rng(0)
+    b, tq, tk = 3, 29, 35
+    sparse, dense = _pair(num_heads=2, key_dim=4, pattern=P.Local(6) | P.GlobalTokens(1))
+    query, value = _inputs(rng, b, tq), _inputs(rng, b, tk)
+    if kind == "query_and_value":
+        kwargs = {
+            "query_mask": np.arange(tq)[None] < np.array([[29], [10], [0]]),
+            "value_mask": np.arange(tk)[None] < np.array([[35], [3], [20]]),
+        }
+    elif kind == "attention_mask":
+        kwargs = {"attention_mask": rng.random((b, tq, tk)) > 0.3}
+    else:
+        kwargs = {"attention_mask": rng.random((tq, tk)) > 0.5}
+    _compare(sparse, dense, query, value, **kwargs)
+
+
+def test_causal_mask_and_cross_attention_with_presets():
+    rng = np.random.default_rng(0)
+    kwargs = dict(window=5, num_heads=2, key_dim=4, block_size=8)
+    sparse = keras_attn.LocalAttention(block_sparse=True, **kwargs)
+    dense = keras_attn.LocalAttention(block_sparse=False, **kwargs)
+    _compare(sparse, dense, _inputs(rng, 2, 30), _inputs(rng, 2, 19), use_causal_mask=True)
+
+
+def test_numpy_reference():
+    # Independent of the dense path: local attention written out in numpy.
+    rng = np.random.default_rng(0)
+    b, h, t, d, window = 2, 2, 45, 4, 6
+    q, k, v = (rng.normal(size=(b, h, t, d)).astype("float32") for _ in range(3))
+    kwargs = dict(
+        block_size=8, score=scores.ScaledDot(), score_mods=(),
+        pattern=P.Local(window, causal=True), normalizer=normalizers.Softmax(),
+        positions=make_positions(t, t, h), return_weights=True,
+    )  # fmt: skip
+    out, weights = _compiled(
+        lambda q, k, v: block_sparse.block_sparse_attention(q, k, v, **kwargs)
+    )(q, k, v)
+    logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(d)
+    i, j = np.arange(t)[:, None], np.arange(t)[None]
+    allowed = (i - j >= 0) & (i - j < window)
+    logits = np.where(allowed, logits, -np.inf)
+    want_w = np.exp(logits - logits.max(-1, keepdims=True))
+    want_w /= want_w.sum(-1, keepdims=True)
+    np.testing.assert_allclose(ops.convert_to_numpy(weights), want_w, atol=1e-6)
+    np.testing.assert_allclose(ops.convert_to_numpy(out), want_w @ v, atol=1e-5)
+
+
+def test_query_offset_for_cached_decoding():
+    # Queries at absolute positions 30.. (a cache index) attend over 50 keys.
+    rng = np.random.default_rng(0)
+    b, h, tq, tk, d, offset = 1, 2, 13, 50, 4, 30
+    q = rng.normal(size=(b, h, tq, d)).astype("float32")
+    k, v = (rng.normal(size=(b, h, tk, d)).astype("float32") for _ in range(2))
+    pattern = P.Local(5, causal=True) | P.GlobalTokens(2)
+    kwargs = dict(
+        score=scores.ScaledDot(), score_mods=(), pattern=pattern, normalizer=normalizers.Softmax(),
+        positions=make_positions(tq, tk, h, query_offset=offset),
+        mask=np.arange(tk)[None, None, None] < offset + tq,
+    )  # fmt: skip
+    got, got_w = _compiled(
+        lambda q, k, v: block_sparse.block_sparse_attention(
+            q, k, v, block_size=8, return_weights=True, query_offset=offset, **kwargs
+        )
+    )(q, k, v)
+    want, want_w = _compiled(lambda q, k, v: engine.dense_attention(q, k, v, **kwargs))(q, k, v)
+    np.testing.assert_allclose(ops.convert_to_numpy(got_w), ops.convert_to_numpy(want_w), atol=1e-6)
+    np.testing.assert_allclose(ops.convert_to_numpy(got), ops.convert_to_numpy(want), atol=1e-5)
+
+
+def test_compiled_function_matches():
+    # Static shapes only: the path runs inside tf.function(jit_compile=True) / jax.jit.
+    rng = np.random.default_rng(0)
+    layer = keras_attn.LocalAttention(window=4, num_heads=2, key_dim=4, block_size=8)
+    x = _inputs(rng, 2, 70)
+    eager = ops.convert_to_numpy(layer(x, x))
+    assert layer.last_path == "block_sparse"
+    if keras.backend.backend() == "jax":
+        import jax
+
+        tv = [v.value for v in layer.trainable_variables]
+
+        @jax.jit
+        def f(tv, x):
+            return layer.stateless_call(tv, [], x, x)[0]
+
+        compiled = f(tv, x)
+    else:
+        import tensorflow as tf
+
+        compiled = tf.function(lambda x: layer(x, x), jit_compile=True)(tf.constant(x))
+    np.testing.assert_allclose(ops.convert_to_numpy(compiled), eager, atol=1e-5)
+
+
+# -- a plugin's pattern ---------------------------------------------------------------
+
+
+class EveryThirdNearby(keras_attn.Pattern):
+    """A plugin pattern without a closed-form block mask."""
+
+    name = "test_block_sparse_every_third_nearby"
+
+    def __init__(self, reach=12):
+        self.reach = reach
+
+    def mask(self, positions):
+        d = positions.query - positions.key
+        return ops.logical_and(ops.abs(d) < self.reach, ops.equal(d % 3, 0))
+
+    def get_config(self):
+        return {"reach": self.reach}
+
+
+class _Plugin:
+    @keras_attn.hookimpl
+    def register_patterns(self, register):
+        register(EveryThirdNearby)
+
+
+@pytest.fixture
+def plugin():
+    p = _Plugin()
+    keras_attn.plugins.register(p, name="test_block_sparse_plugin")
+    yield p
+    keras_attn.plugins.unregister(p)
+
+
+def test_plugin_pattern_runs_block_sparse(plugin):
+    rng = np.random.default_rng(0)
+    pattern = {"name": EveryThirdNearby.name, "config": {"reach": 9}}
+    sparse, dense = _pair(num_heads=2, key_dim=4, pattern=pattern)
+    got = _compare(sparse, dense, _inputs(rng, 2, 53), _inputs(rng, 2, 53))
+    i, j = np.arange(53)[:, None], np.arange(53)[None]
+    allowed = (np.abs(i - j) < 9) & ((i - j) % 3 == 0)
+    assert (got[1][:, :, ~allowed] == 0).all()
+    # Chosen automatically too, on a long enough input.
+    auto = keras_attn.Attention(num_heads=1, key_dim=4, pattern=pattern, block_size=8)
+    auto(_inputs(rng, 1, 160), _inputs(rng, 1, 160))
+    assert auto.last_path == "block_sparse"
+
+
+# -- choosing the path ----------------------------------------------------------------
+
+
+def test_auto_takes_block_sparse_when_it_pays_off():
+    rng = np.random.default_rng(0)
+    layer = keras_attn.LocalAttention(window=8, num_heads=1, key_dim=4, block_size=8)
+    layer(_inputs(rng, 1, 200), _inputs(rng, 1, 200))
+    assert layer.last_path == "block_sparse"
+    layer(_inputs(rng, 1, 20), _inputs(rng, 1, 20))  # too short to pay off
+    assert layer.last_path == "dense"
+    never = keras_attn.LocalAttention(window=8, key_dim=4, block_size=8, block_sparse=False)
+    never(_inputs(rng, 1, 200), _inputs(rng, 1, 200))
+    assert never.last_path == "dense"
+    full = keras_attn.Attention(key_dim=4, block_size=8, pattern="full")
+    full(_inputs(rng, 1, 200), _inputs(rng, 1, 200), return_attention_scores=True)
+    assert full.last_path == "dense"
+
+
+def test_pays_off():
+    local = P.Local(256)
+    assert block_sparse.pays_off(local, 8192, 8192)
+    assert not block_sparse.pays_off(local, 512, 512)  # most blocks are kept
+    assert not block_sparse.pays_off(local, None, 8192)
+    assert not block_sparse.pays_off(local, 8192, 8192, mode=False)
+    assert not block_sparse.pays_off(P.Full(), 8192, 8192)
+    assert block_sparse.pays_off(P.Full(), 64, 64, mode=True)
+    with pytest.raises(ValueError, match="query_offset"):
+        block_sparse.pays_off(local, 8192, 8192, mode=True, query_offset=ops.convert_to_tensor(3))
+    with pytest.raises(ValueError, match="key_length=None"):
+        block_sparse.pays_off(local, 8, None, mode=True)
+
+
+def test_block_mask_of_wrong_shape_is_reported():
+    class Broken(P.Local):
+        def block_mask(self, query_length, key_length, block_size, query_offset=0):
+            return np.ones((1, 1), bool)
+
+    with pytest.raises(ValueError, match=r"Broken.block_mask must return .* shape \(4, 4\)"):
+        block_sparse.block_layout(Broken(3), 30, 30, 8)
