@@ -18,6 +18,7 @@ The attention of every block is configurable (`attention=` of `build_gpt`, the
 call it with ``use_causal_mask=True``, so any pattern is intersected with causal.
 """
 
+import json
 import os
 import statistics
 import sys
@@ -499,6 +500,37 @@ def generate(model, prompt, max_new_tokens, **kwargs):
     return generator.generate(prompt, max_new_tokens, **kwargs)
 
 
+def generate_text(model, prompt, length, window=None, seed=None, **kwargs):
+    """Generate `length` tokens after `prompt`, sliding past the trained length.
+
+    Positions past the training windows (`window`, the ``--seq-len`` trained on)
+    have untrained embeddings, so long samples go in chunks: each chunk continues
+    from the last ``window // 2`` tokens so far, with the key/value cache inside it.
+
+    Returns:
+        Int ``(B, T + length)``.
+    """
+    max_length = _parts(model)[0].max_length
+    window = min(window or max_length, max_length)
+    ids = np.asarray(prompt, "int32")
+    ids = ids[None] if ids.ndim == 1 else ids
+    if ids.shape[1] >= window:
+        raise ValueError(
+            f"The prompt must be shorter than the window of {window} tokens. "
+            f"Received: prompt length={ids.shape[1]}"
+        )
+    target = ids.shape[1] + length
+    chunk = 0
+    while ids.shape[1] < target:
+        context = ids if chunk == 0 else ids[:, -(window // 2) :]
+        new = window - context.shape[1]  # same shapes from the second chunk on: one compile
+        chunk_seed = None if seed is None else seed + chunk
+        out = generate(model, context, new, seed=chunk_seed, **kwargs)
+        ids = np.concatenate([ids, out[:, context.shape[1] :]], axis=1)
+        chunk += 1
+    return ids[:, :target]
+
+
 # -- data ----------------------------------------------------------------------------
 
 
@@ -519,16 +551,28 @@ def _add_model_arguments(parser, **defaults):
     g.add_argument(
         "--seq-len", type=int, default=defaults.get("seq_len", 128), help="training window"
     )
-    g.add_argument("--max-length", type=int, default=defaults.get("max_length", 512))
+    g.add_argument(
+        "--max-length",
+        type=int,
+        default=defaults.get("max_length"),
+        help="positions of the model (default: --seq-len)",
+    )
     g.add_argument("--num-layers", type=int, default=defaults.get("num_layers", 4))
     g.add_argument("--num-heads", type=int, default=defaults.get("num_heads", 4))
     g.add_argument("--hidden-dim", type=int, default=defaults.get("hidden_dim", 128))
     g.add_argument("--dropout", type=float, default=defaults.get("dropout", 0.0))
-    g.add_argument("--sample-length", type=int, default=defaults.get("sample_length", 200))
+    g.add_argument(
+        "--sample-length",
+        type=int,
+        default=defaults.get("sample_length", 200),
+        help="characters to generate after training (0: none)",
+    )
     g.add_argument("--prompt", default=defaults.get("prompt", "The "))
 
 
 def _check_args(args):
+    if args.max_length is None:
+        args.max_length = args.seq_len
     if args.seq_len > args.max_length:
         raise ValueError(
             f"--seq-len is longer than the model's maximum length --max-length={args.max_length}. "
@@ -541,6 +585,44 @@ def _check_args(args):
             )
 
 
+class TextData:
+    """A dataset's text as token ids, with the tokenizer built from its training split."""
+
+    def __init__(self, args):
+        train_text, eval_text = load_text(args, "train"), load_text(args, "test")
+        self.tokenizer = text_lib.CharTokenizer.from_texts([train_text])
+        self.train_ids = self.tokenizer.encode(train_text)
+        self.eval_ids = self.tokenizer.encode(eval_text)
+        self.baseline = text_lib.unigram_entropy(self.train_ids, self.tokenizer.vocab_size)
+
+    def datasets(self, args):
+        """``(train, eval)`` `tf.data` pipelines of next-token windows."""
+        train = text_lib.lm_dataset(
+            self.train_ids,
+            args.seq_len,
+            args.batch_size,
+            seed=args.seed,
+            repeat=args.steps is not None,
+        )
+        evaluation = text_lib.lm_dataset(
+            self.eval_ids, args.seq_len, args.batch_size, shuffle=False
+        )
+        return train, evaluation
+
+
+def _new_model(args, vocab_size, attention):
+    model = build_gpt(
+        vocab_size,
+        args.max_length,
+        args.num_layers,
+        args.num_heads,
+        args.hidden_dim,
+        dropout=args.dropout,
+        attention=attention,
+    )
+    return compile_gpt(model, args.learning_rate)
+
+
 def train(args):
     """Train (or resume) a GPT; write checkpoints, logs, metrics, heatmaps and a sample."""
     _check_args(args)
@@ -550,79 +632,66 @@ def train(args):
     training.configure_precision(args.mixed_precision)
     keras.utils.set_random_seed(args.seed)
     dist = training.distribution(args.distribute)
-    train_text = load_text(args, "train")
-    eval_text = load_text(args, "test")
-    tokenizer = text_lib.CharTokenizer.from_texts([train_text])
-    train_ids, eval_ids = tokenizer.encode(train_text), tokenizer.encode(eval_text)
-    baseline = text_lib.unigram_entropy(train_ids, tokenizer.vocab_size)
-    train_ds = text_lib.lm_dataset(
-        train_ids, args.seq_len, args.batch_size, seed=args.seed, repeat=args.steps is not None
-    )
-    eval_ds = text_lib.lm_dataset(eval_ids, args.seq_len, args.batch_size, shuffle=False)
+    data = TextData(args)
+    train_ds, eval_ds = data.datasets(args)
 
     with run, dist.scope():
-        run.note(distribution=dist.describe(), attention=attention, unigram_entropy=baseline)
-        tokenizer.save(os.path.join(run.path, "tokenizer.json"))
-        restored = run.restore()
-        if restored is None:
-            model = build_gpt(
-                tokenizer.vocab_size,
-                args.max_length,
-                args.num_layers,
-                args.num_heads,
-                args.hidden_dim,
-                dropout=args.dropout,
-                attention=attention,
-            )
-            compile_gpt(model, args.learning_rate)
-            initial_epoch = 0
-        else:
-            model, initial_epoch = restored
+        run.note(distribution=dist.describe(), attention=attention, unigram_entropy=data.baseline)
+        data.tokenizer.save(os.path.join(run.path, "tokenizer.json"))
+        model, initial_epoch = run.restore() or (
+            _new_model(args, data.tokenizer.vocab_size, attention),
+            0,
+        )
         print(
-            f"gpt: {model.count_params():,} parameters, vocabulary {tokenizer.vocab_size}, "
-            f"{len(train_ids):,} training tokens; unigram entropy {baseline:.3f} nats; "
+            f"gpt: {model.count_params():,} parameters, vocabulary {data.tokenizer.vocab_size}, "
+            f"{len(data.train_ids):,} training tokens; unigram entropy {data.baseline:.3f} nats; "
             f"devices: {dist.describe()}"
         )
         history = training.fit(model, train_ds, args, run, initial_epoch=initial_epoch)
         evaluation = model.evaluate(eval_ds, verbose=0, return_dict=True)
         metrics = training.final_metrics(history, model, evaluation)
-        metrics.update(
-            unigram_entropy=baseline, below_unigram_baseline=metrics["test_loss"] < baseline
-        )
+        metrics["unigram_entropy"] = data.baseline
+        metrics["below_unigram_baseline"] = metrics["test_loss"] < data.baseline
         metrics["loss_per_epoch"] = [float(v) for v in history.history["loss"]]
-        _report_losses(metrics, baseline)
-
-        prompt = tokenizer.encode(args.prompt)[None]
-        sample = generate(
-            model,
-            prompt,
-            min(args.sample_length, args.max_length - prompt.shape[1]),
-            sampling="top_k",
-            top_k=5,
-            seed=args.seed,
-            use_cache=Generator(model).supports_cache,
-        )
-        sample_text = tokenizer.decode(sample[0])
-        with open(os.path.join(run.path, "sample.txt"), "w", encoding="utf-8") as f:
-            f.write(sample_text + "\n")
-        print("\nsample (top-5):\n" + "-" * 60 + "\n" + sample_text + "\n" + "-" * 60)
-
-        heat_ids = eval_ids[: min(48, args.seq_len)][None]
-        maps = attention_weights(model, heat_ids)
-        for name, weights in maps.items():
-            from keras_attn import viz
-
-            viz.plot_attention(
-                weights[0, :4],
-                os.path.join(run.attention_dir, f"{name}.png"),
-                tokens=tokenizer.tokens(heat_ids[0]),
-                title=f"gpt {name}",
-            )
+        _report_losses(metrics, data.baseline)
+        if args.sample_length > 0:
+            _write_sample(model, data.tokenizer, args, run)
+        _write_heatmaps(model, data.tokenizer, data.eval_ids[: min(48, args.seq_len)], run)
         run.save_metrics(metrics)
     print(f"\nrun finished: {run.final_path}")
     for item in ("metrics.json", "sample.txt", "attention", "checkpoints", "logs", "run.json"):
         print(f"  {run.output_path(item)}")
     return metrics
+
+
+def _write_heatmaps(model, tokenizer, ids, run):
+    from keras_attn import viz
+
+    for name, weights in attention_weights(model, ids[None]).items():
+        viz.plot_attention(
+            weights[0, :4],
+            os.path.join(run.attention_dir, f"{name}.png"),
+            tokens=tokenizer.tokens(ids),
+            title=f"gpt {name}: attention weights of heads 0-3",
+        )
+
+
+def _write_sample(model, tokenizer, args, run):
+    prompt = tokenizer.encode(args.prompt)[None]
+    sample = generate_text(
+        model,
+        prompt,
+        args.sample_length,
+        window=args.seq_len,
+        sampling="top_k",
+        top_k=5,
+        seed=args.seed,
+        use_cache=Generator(model).supports_cache,
+    )
+    sample_text = tokenizer.decode(sample[0])
+    with open(os.path.join(run.path, "sample.txt"), "w", encoding="utf-8") as f:
+        f.write(sample_text + "\n")
+    print("\nsample (top-5):\n" + "-" * 60 + "\n" + sample_text + "\n" + "-" * 60)
 
 
 def _report_losses(metrics, baseline):
@@ -664,10 +733,14 @@ def generate_command(args):
         if args.top_k is None and args.temperature is None
         else ("top_k" if args.top_k else "temperature")
     )
-    out = generate(
+    info_path = os.path.join(folder, "run.json")
+    with open(info_path, encoding="utf-8") as f:
+        trained_window = json.load(f)["args"].get("seq_len")
+    out = generate_text(
         model,
         prompt,
-        min(args.sample_length, model.get_layer("embedding").max_length - prompt.shape[1]),
+        args.sample_length,
+        window=trained_window,
         sampling=sampling,
         top_k=args.top_k,
         temperature=args.temperature or 1.0,
@@ -689,77 +762,73 @@ class _StepTimer(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def compare(args):
-    """Train the same GPT with keras_attn attention and with keras.layers.MultiHeadAttention,
-    epoch by epoch in turn (so machine load falls on both alike); report step times,
-    final losses, and the cached vs uncached generation speed."""
-    _check_args(args)
-    args.overwrite = True
-    keras.utils.set_random_seed(args.seed)
-    train_text, eval_text = load_text(args, "train"), load_text(args, "test")
-    tokenizer = text_lib.CharTokenizer.from_texts([train_text])
-    train_ids, eval_ids = tokenizer.encode(train_text), tokenizer.encode(eval_text)
-    baseline = text_lib.unigram_entropy(train_ids, tokenizer.vocab_size)
-    candidates = {"keras_attn": training.attention_from_args(args), "keras": {"layer": "keras"}}
+def _train_side_by_side(args, data, candidates):
+    """Train one model per entry of `candidates` (label -> attention), epoch by epoch
+    in turn, so machine load falls on all alike. Returns ``(models, rows)``."""
     models, timers, losses = {}, {}, {}
     for label, attention in candidates.items():
-        keras.utils.set_random_seed(args.seed)
-        models[label] = compile_gpt(
-            build_gpt(
-                tokenizer.vocab_size,
-                args.max_length,
-                args.num_layers,
-                args.num_heads,
-                args.hidden_dim,
-                dropout=args.dropout,
-                attention=attention,
-            ),
-            args.learning_rate,
-        )
+        keras.utils.set_random_seed(args.seed)  # same initial weights for every candidate
+        models[label] = _new_model(args, data.tokenizer.vocab_size, attention)
         timers[label], losses[label] = _StepTimer(), []
     steps = args.steps or 50
     for epoch in range(args.epochs):
         for label, model in models.items():
-            keras.utils.set_random_seed(args.seed + epoch)
             ds = text_lib.lm_dataset(
-                train_ids, args.seq_len, args.batch_size, seed=args.seed + epoch, repeat=True
+                data.train_ids, args.seq_len, args.batch_size, seed=args.seed + epoch, repeat=True
             )
-            h = model.fit(ds, epochs=1, steps_per_epoch=steps, callbacks=[timers[label]], verbose=0)
+            h = model.fit(
+                ds,
+                epochs=1,
+                steps_per_epoch=steps,
+                callbacks=[timers[label]],
+                verbose=0,
+                shuffle=False,
+            )
             losses[label].append(float(h.history["loss"][-1]))
             print(f"epoch {epoch + 1} {label:>10}: loss {losses[label][-1]:.3f}", flush=True)
-    eval_ds = text_lib.lm_dataset(eval_ids, args.seq_len, args.batch_size, shuffle=False)
+    _, eval_ds = data.datasets(args)
     rows = {}
     for label, model in models.items():
-        step_times = (
-            timers[label].times[1:] if len(timers[label].times) > 1 else timers[label].times
-        )
+        step_times = timers[label].times[1:]  # the first step compiles
         rows[label] = {
             "median_step_ms": 1000 * statistics.median(step_times),
             "train_loss": losses[label][-1],
             "test_loss": float(model.evaluate(eval_ds, verbose=0, return_dict=True)["loss"]),
         }
+    return models, rows
+
+
+def compare(args):
+    """Train the same GPT with keras_attn attention and with keras.layers.MultiHeadAttention
+    side by side; report step times, final losses, and cached vs uncached generation speed."""
+    _check_args(args)
+    args.overwrite = True
+    data = TextData(args)
+    candidates = {"keras_attn": training.attention_from_args(args), "keras": {"layer": "keras"}}
+    models, rows = _train_side_by_side(args, data, candidates)
     ratio = rows["keras_attn"]["median_step_ms"] / rows["keras"]["median_step_ms"]
-    speed = generation_speed(
-        models["keras_attn"], tokenizer.encode(args.prompt)[None], args.sample_length
-    )
+    prompt = data.tokenizer.encode(args.prompt)[None]
+    speed = generation_speed(models["keras_attn"], prompt, args.sample_length)
     result = {
         "backend": keras.backend.backend(),
-        "steps": steps * args.epochs,
+        "steps": (args.steps or 50) * args.epochs,
         "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
         "model": {k: getattr(args, k) for k in MODEL_FLAGS},
-        "unigram_entropy": baseline,
+        "attention": candidates["keras_attn"],
+        "unigram_entropy": data.baseline,
         "models": rows,
         "step_time_ratio": ratio,
         "generation": speed,
     }
+    ours, theirs = rows["keras_attn"], rows["keras"]
     print(
         f"\nstep time keras_attn / keras.layers.MultiHeadAttention: {ratio:.3f} "
-        f"(median {rows['keras_attn']['median_step_ms']:.1f} ms vs {rows['keras']['median_step_ms']:.1f} ms)\n"
-        f"test loss: keras_attn {rows['keras_attn']['test_loss']:.3f}, keras {rows['keras']['test_loss']:.3f}, "
-        f"unigram baseline {baseline:.3f}\n"
+        f"(median {ours['median_step_ms']:.1f} ms vs {theirs['median_step_ms']:.1f} ms)\n"
+        f"test loss: keras_attn {ours['test_loss']:.3f}, keras {theirs['test_loss']:.3f}, "
+        f"unigram baseline {data.baseline:.3f}\n"
         f"generation of {speed['new_tokens']} tokens: cached {speed['cached_s']:.2f} s, "
-        f"uncached {speed['uncached_s']:.2f} s, speed-up {speed['speedup']:.1f}x"
+        f"uncached {speed['uncached_s']:.2f} s, speed-up {speed['speedup']:.1f}x, "
+        f"same tokens: {speed['same_tokens']}"
     )
     with training.Run(args, example="gpt-compare") as run:
         run.save_metrics(result)
@@ -829,7 +898,6 @@ MODEL_DEFAULTS = {
         "num_layers": 3,
         "hidden_dim": 128,
         "seq_len": 96,
-        "max_length": 512,
         "sample_length": 300,
     },
     "compare": {

@@ -141,6 +141,19 @@ def test_cached_greedy_equals_uncached_greedy(pattern):
     np.testing.assert_array_equal(cached[:, :3], prompt)
 
 
+def test_generate_text_slides_past_the_maximum_length():
+    model = tiny_gpt(max_length=12)
+    prompt = np.array([[1, 2, 3]], "int32")
+    # Within one window it is plain greedy decoding.
+    np.testing.assert_array_equal(
+        gpt.generate_text(model, prompt, 9), naive_greedy(model, prompt, 9)
+    )
+    # Past it, each chunk continues greedily from the last 6 tokens (checked by hand).
+    ids = gpt.generate_text(model, prompt, 20)
+    assert ids.shape == (1, 23)
+    np.testing.assert_array_equal(naive_greedy(model, ids[:, 6:12], 6), ids[:, 6:18])
+
+
 def test_sampling_is_seeded_and_top_k_stays_among_the_best():
     model = tiny_gpt()
     prompt = np.array([[1, 2, 3]], "int32")
@@ -177,7 +190,7 @@ def test_temperature_sampling_follows_softmax():
 
 TINY = [
     "--num-layers", "1", "--num-heads", "2", "--hidden-dim", "32", "--seq-len", "32",
-    "--max-length", "64", "--batch-size", "16", "--sample-length", "8", "--verbose", "0",
+    "--max-length", "64", "--batch-size", "16", "--sample-length", "0", "--verbose", "0",
 ]  # fmt: skip
 
 
@@ -212,13 +225,18 @@ def test_train_reduces_loss_on_the_embedded_text_and_writes_a_finished_run(tmp_p
     with open(out / "attention" / "block_0.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
-    # --resume continues from the last checkpoint, epoch 3 -> 4.
-    resumed = run_main(argv[:-4] + ["--epochs", "4", "--steps", "15", "--resume", *TINY])
+
+@pytest.mark.slow
+def test_resume_continues_from_the_last_checkpoint(tmp_path, data_dir):
+    out = tmp_path / "run"
+    argv = ["train", "--output", str(out), "--data-dir", data_dir, "--steps", "5", *TINY]
+    run_main(argv + ["--epochs", "1"])
+    resumed = run_main(argv + ["--epochs", "2", "--resume"])
     with open(out / "run.json") as f:
         info = json.load(f)
-    assert info["resumed_epoch"] == 3 and info["status"] == "finished"
+    assert info["resumed_epoch"] == 1 and info["status"] == "finished"
     assert len(resumed["loss_per_epoch"]) == 1
-    assert "epoch-0004.keras" in os.listdir(out / "checkpoints")
+    assert sorted(os.listdir(out / "checkpoints")) == ["epoch-0001.keras", "epoch-0002.keras"]
 
 
 @pytest.mark.parametrize(
