@@ -573,8 +573,10 @@ def side_by_side(build, attention, train_data, eval_data, epochs, steps, seed):
     Returns:
         Dict: per model (``keras_attn``, ``keras``) the median step time in ms
         (compilation step excluded), the last training loss and the held-out
-        metrics; and ``step_time_ratio`` (keras_attn / keras).
+        metrics; ``step_time_ratio`` (keras_attn / keras) and ``wall_time_s``.
+        Dropout draws differ between the two, so their losses drift apart a little.
     """
+    started = time.perf_counter()
     models, timers, losses = {}, {}, {}
     for label, spec in (("keras_attn", attention), ("keras", {"layer": training.REFERENCE_LAYER})):
         keras.utils.set_random_seed(seed)
@@ -611,6 +613,7 @@ def side_by_side(build, attention, train_data, eval_data, epochs, steps, seed):
     return {
         "models": rows,
         "same_initial_weights": same_start,
+        "wall_time_s": round(time.perf_counter() - started, 1),
         "step_time_ratio": rows["keras_attn"]["median_step_ms"] / rows["keras"]["median_step_ms"],
     }
 
@@ -912,7 +915,7 @@ DEFAULTS = {
         "output": "runs/bert-finetune",
     },
     "compare": {
-        "epochs": 5,
+        "epochs": 12,
         "steps": 40,
         "batch_size": 32,
         "learning_rate": 1e-3,

@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import sys
 
 import keras
 import numpy as np
@@ -11,10 +13,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import keras_attn
-from examples import bert
-from examples import datasets
-from examples import text as text_lib
-from examples.datasets import pydoc_order
+
+# The examples are not an installed package: import them from the checkout.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from examples import bert  # noqa: E402
+from examples import datasets  # noqa: E402
+from examples import text as text_lib  # noqa: E402
+from examples.datasets import pydoc_order  # noqa: E402
 
 TINY = dict(num_layers=2, num_heads=2, hidden_dim=16)
 TINY_FLAGS = ["--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16", "--verbose", "0"]

@@ -2,6 +2,8 @@
 
 import json
 import os
+import pathlib
+import sys
 
 import keras
 import numpy as np
@@ -9,9 +11,12 @@ import pytest
 import tensorflow_datasets as tfds
 
 import keras_attn
-from examples import datasets
-from examples import vit
-from examples.datasets import digits
+
+# The examples are not an installed package: import them from the checkout.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from examples import datasets  # noqa: E402
+from examples import vit  # noqa: E402
+from examples.datasets import digits  # noqa: E402
 
 TINY = dict(patch_size=2, num_layers=2, num_heads=2, hidden_dim=16)
 TINY_FLAGS = ["--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16", "--verbose", "0"]
@@ -235,3 +240,30 @@ def test_patch_size_that_does_not_tile_the_image_is_a_clear_error(data_dir, tmp_
     argv = ["train", "--data-dir", data_dir, "--patch-size", "3", "--output", str(tmp_path / "r")]
     _fails(argv, capsys, "multiples of `patch_size`")
     assert not os.path.exists(tmp_path / "r")
+
+
+def test_compare_trains_both_models_from_the_same_weights(data_dir, tmp_path):
+    out = tmp_path / "compare"
+    result = vit.main(
+        [
+            "compare",
+            "--data-dir",
+            data_dir,
+            "--output",
+            str(out),
+            "--epochs",
+            "1",
+            "--steps",
+            "3",
+            *TINY_FLAGS,
+        ]  # fmt: skip
+    )
+    assert result["same_initial_weights"] and set(result["models"]) == {"keras_attn", "keras"}
+    for row in result["models"].values():
+        assert row["median_step_ms"] > 0 and 0.0 <= row["test_accuracy"] <= 1.0
+    ratio = (
+        result["models"]["keras_attn"]["median_step_ms"]
+        / result["models"]["keras"]["median_step_ms"]
+    )
+    assert result["step_time_ratio"] == pytest.approx(ratio)
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 3
