@@ -1,7 +1,6 @@
 """The attention layers: one engine (`Attention`) and its named presets."""
 
 import logging
-import math
 
 import keras
 from keras import ops
@@ -43,9 +42,7 @@ class _Components:
 
 
 def _positive_int_or_none(value, arg):
-    if value is not None and (
-        not isinstance(value, int) or isinstance(value, bool) or value <= 0
-    ):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
         raise ValueError(f"`{arg}` must be a positive integer. Received: {arg}={value!r}")
 
 
@@ -60,8 +57,9 @@ class Attention(keras.layers.Layer):
 
     The computation runs on one of three paths, chosen automatically: ``"fused"``
     (`keras.ops.dot_product_attention`) for scaled_dot + softmax with a full or
-    causal pattern, ``"block_sparse"`` for sparse patterns on long inputs, and
-    ``"dense"`` for everything else. ``layer.last_path`` tells which one ran last.
+    causal pattern and ``value_dim == key_dim``, ``"block_sparse"`` for sparse
+    patterns on long inputs, and ``"dense"`` for everything else.
+    ``layer.last_path`` tells which one ran last.
 
     Args:
         num_heads: Number of attention heads.
@@ -246,7 +244,11 @@ class Attention(keras.layers.Layer):
                     f"The last dimension of `{arg}` must be known. "
                     f"Received: {arg}.shape={tuple(shape)}"
                 )
-        if value_shape[1] is not None and key_shape[1] is not None and value_shape[1] != key_shape[1]:
+        if (
+            value_shape[1] is not None
+            and key_shape[1] is not None
+            and value_shape[1] != key_shape[1]
+        ):
             raise ValueError(
                 "`key` and `value` must have the same length. Received: "
                 f"key.shape={tuple(key_shape)}, value.shape={tuple(value_shape)}"
@@ -256,6 +258,7 @@ class Attention(keras.layers.Layer):
         value_shape = query_shape if value_shape is None else value_shape
         key_shape = value_shape if key_shape is None else key_shape
         self._check_shapes(query_shape, value_shape, key_shape)
+        self._check_score_mods()
         if self.key_dim is None:
             if query_shape[-1] % self.num_heads:
                 raise ValueError(
@@ -284,8 +287,21 @@ class Attention(keras.layers.Layer):
             **self._dense_kwargs(),
         )
         self._output_dense.build((query_shape[0], query_shape[1], self.num_heads, self._value_dim))
-        self._dropout_layer = keras.layers.Dropout(self.dropout, seed=self.seed, dtype=self.dtype_policy)
+        self._dropout_layer = keras.layers.Dropout(
+            self.dropout, seed=self.seed, dtype=self.dtype_policy
+        )
         self._build_components(query_shape, key_shape)
+
+    def _check_score_mods(self):
+        # Checked before anything is built, so a failed build leaves no weights behind.
+        for i, mod in enumerate(self._components.score_mods):
+            heads = getattr(mod, "num_heads", None)
+            if heads is not None and heads != self.num_heads:
+                raise ValueError(
+                    f"score_mod {plugins.registry_name(mod)!r} was made for another number "
+                    f"of heads than the layer's num_heads={self.num_heads}. "
+                    f"Received: score_mods[{i}].num_heads={heads}"
+                )
 
     def _build_extra_projections(self, query_shape):
         """Hook for presets that add projections between key and value (a gate)."""
@@ -296,18 +312,12 @@ class Attention(keras.layers.Layer):
         self._score_mods = list(c.score_mods)
         self._normalizer = c.normalizer
         heads_q = (query_shape[0], self.num_heads, query_shape[1], self._key_dim)
-        heads_k = (key_shape[0], self.num_heads, key_shape[1], self._key_dim)
         logits_shape = (query_shape[0], self.num_heads, query_shape[1], key_shape[1])
         if not c.score.built:
             c.score.build(heads_q)
         for mod in c.score_mods:
             if getattr(mod, "num_heads", "unset") is None:
                 mod.num_heads = self.num_heads
-            elif getattr(mod, "num_heads", self.num_heads) != self.num_heads:
-                raise ValueError(
-                    f"score_mod {plugins.registry_name(mod)!r} was made for "
-                    f"num_heads={mod.num_heads}, but the layer has num_heads={self.num_heads}."
-                )
             if not mod.built:
                 mod.build(logits_shape)
         if not c.normalizer.built:
@@ -322,6 +332,22 @@ class Attention(keras.layers.Layer):
         if type(pattern) is patterns_module.Full:
             return patterns_module.Causal()
         return pattern & patterns_module.Causal()
+
+    def _check_attention_mask(self, attention_mask, query, key, cache):
+        if attention_mask is None:
+            return
+        shape = tuple(attention_mask.shape)
+        key_length = key.shape[1] if cache is None else cache.shape[2]
+        expected = (query.shape[1], key_length)
+        if len(shape) not in (2, 3) or any(
+            a is not None and b is not None and a != b
+            for a, b in zip(shape[-2:], expected, strict=True)
+        ):
+            raise ValueError(
+                "`attention_mask` must have shape (B, Tq, Tk) or (Tq, Tk), here "
+                f"Tq={expected[0]} and Tk={expected[1]}. "
+                f"Received: attention_mask.shape={shape}"
+            )
 
     def _data_mask(self, query, value, key, query_mask, value_mask, key_mask, attention_mask):
         """Padding and explicit masks as one bool ``(B, 1, Tq, Tk)`` tensor, or None."""
@@ -372,8 +398,13 @@ class Attention(keras.layers.Layer):
             value = query
         if key is None:
             key = value
+        self._check_attention_mask(attention_mask, query, key, cache)
         mask = self._data_mask(query, value, key, query_mask, value_mask, key_mask, attention_mask)
         keras_query_mask = query_mask if query_mask is not None else get_keras_mask(query)
+        # The masks are in `mask` now. Take them off the inputs, as Keras's
+        # MultiHeadAttention does, so that the projections do not warn about them.
+        for tensor in (query, value, key):
+            set_keras_mask(tensor, None)
 
         q = self._query_dense(query)  # (B, Tq, H, D)
         k = self._key_dense(key)  # (B, Tk, H, D)
@@ -390,8 +421,15 @@ class Attention(keras.layers.Layer):
         pattern = self._effective_pattern(use_causal_mask)
 
         output, scores = self._compute_attention(
-            q, k, v, mask, training, return_attention_scores,
-            positions=positions, pattern=pattern, query_offset=query_offset,
+            q,
+            k,
+            v,
+            mask,
+            training,
+            return_attention_scores,
+            positions=positions,
+            pattern=pattern,
+            query_offset=query_offset,
         )
         if gate is not None:
             output = output * gate
@@ -460,11 +498,21 @@ class Attention(keras.layers.Layer):
         if positions is None:
             positions = make_positions(ops.shape(query)[1], ops.shape(key)[1], self.num_heads)
         dropout_active = bool(self.dropout) and bool(training)
+        # keras.ops.dot_product_attention needs one head size for keys and values (the
+        # JAX backend checks it), so value_dim != key_dim rules out the fused path.
+        unfusable_dims = value.shape[-1] != query.shape[-1]
         path = engine.choose_path(
-            self.score, self.score_mods, pattern, self.normalizer,
-            query_length=query.shape[1], key_length=key.shape[1],
-            return_scores=return_attention_scores, dropout_active=dropout_active,
+            self.score,
+            self.score_mods,
+            pattern,
+            self.normalizer,
+            query_length=query.shape[1],
+            key_length=key.shape[1],
+            return_scores=return_attention_scores or unfusable_dims,
+            dropout_active=dropout_active,
             block_sparse=self.block_sparse,
+            block_size=self.block_size,
+            query_offset=query_offset,
         )
         self._record_path(path)
         if path == "fused":
@@ -474,25 +522,39 @@ class Attention(keras.layers.Layer):
                 attention_mask = engine.combine_masks(attention_mask, pattern.mask(positions))
                 causal = False
             output = engine.fused_attention(
-                query, key, value,
+                query,
+                key,
+                value,
                 scale=self.score.scale_for(query.shape[-1]),
-                causal=causal, mask=attention_mask, flash_attention=self.flash_attention,
+                causal=causal,
+                mask=attention_mask,
+                flash_attention=self.flash_attention,
             )
             return output, None
         q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, Tq, D)
         k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, Tk, D)
         v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, Tk, Dv)
         kwargs = dict(
-            score=self.score, score_mods=self.score_mods, pattern=pattern,
-            normalizer=self.normalizer, positions=positions, mask=attention_mask,
-            dropout=self._dropout_layer if self.dropout else None, training=training,
+            score=self.score,
+            score_mods=self.score_mods,
+            pattern=pattern,
+            normalizer=self.normalizer,
+            positions=positions,
+            mask=attention_mask,
+            dropout=self._dropout_layer if self.dropout else None,
+            training=training,
         )
         if path == "block_sparse":
             from keras_attn import block_sparse
 
             output, weights = block_sparse.block_sparse_attention(
-                q, k, v, block_size=self.block_size,
-                return_weights=return_attention_scores, **kwargs,
+                q,
+                k,
+                v,
+                block_size=self.block_size,
+                return_weights=return_attention_scores,
+                query_offset=query_offset,
+                **kwargs,
             )
         else:
             output, weights = engine.dense_attention(q, k, v, **kwargs)
@@ -511,20 +573,32 @@ class Attention(keras.layers.Layer):
         return (*query_shape[:-1], output_dim)
 
     def compute_output_spec(
-        self, query, value=None, key=None, query_mask=None, value_mask=None,
-        key_mask=None, attention_mask=None, use_causal_mask=False,
-        return_attention_scores=False, training=None, cache=None, cache_update_index=None,
+        self,
+        query,
+        value=None,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        use_causal_mask=False,
+        return_attention_scores=False,
+        training=None,
+        cache=None,
+        cache_update_index=None,
     ):
         value = query if value is None else value
-        output = keras.KerasTensor(
-            self.compute_output_shape(query.shape), dtype=self.compute_dtype
-        )
+        output = keras.KerasTensor(self.compute_output_shape(query.shape), dtype=self.compute_dtype)
         result = (output,)
         if return_attention_scores:
             result += (
                 keras.KerasTensor(
-                    (query.shape[0], self.num_heads, query.shape[1],
-                     cache.shape[2] if cache is not None else value.shape[1]),
+                    (
+                        query.shape[0],
+                        self.num_heads,
+                        query.shape[1],
+                        cache.shape[2] if cache is not None else value.shape[1],
+                    ),
                     dtype=self.compute_dtype,
                 ),
             )
@@ -645,7 +719,9 @@ class LocalAttention(Attention):
     def __init__(self, window=None, causal=False, num_heads=1, **kwargs):
         kwargs.pop("pattern", None)
         if window is None:
-            raise ValueError("LocalAttention needs `window`, a positive integer. Received: window=None")
+            raise ValueError(
+                "LocalAttention needs `window`, a positive integer. Received: window=None"
+            )
         pattern = patterns_module.Local(window, causal=causal)
         self.window = window
         self.causal = causal
@@ -758,7 +834,9 @@ class MultiHeadAttention(Attention):
                 f"Received: attention_axes={attention_axes}"
             )
         if key_dim is None:
-            raise ValueError("`key_dim` is required, as in keras.layers.MultiHeadAttention. Received: key_dim=None")
+            raise ValueError(
+                "`key_dim` is required, as in keras.layers.MultiHeadAttention. Received: key_dim=None"
+            )
         if sliding_window is not None:
             _positive_int_or_none(sliding_window, "sliding_window")
             if "pattern" in kwargs:
@@ -768,8 +846,13 @@ class MultiHeadAttention(Attention):
         self.sliding_window = sliding_window
         self.use_gate = use_gate
         super().__init__(
-            num_heads=num_heads, key_dim=key_dim, value_dim=value_dim, dropout=dropout,
-            use_bias=use_bias, output_shape=output_shape, **kwargs,
+            num_heads=num_heads,
+            key_dim=key_dim,
+            value_dim=value_dim,
+            dropout=dropout,
+            use_bias=use_bias,
+            output_shape=output_shape,
+            **kwargs,
         )
 
     def _build_extra_projections(self, query_shape):
@@ -803,7 +886,13 @@ class MultiHeadAttention(Attention):
 @hookimpl
 def register_layers(register):
     for cls in (
-        Attention, SoftAttention, HardAttention, GlobalAttention, LocalAttention,
-        SelfAttention, CrossAttention, MultiHeadAttention,
+        Attention,
+        SoftAttention,
+        HardAttention,
+        GlobalAttention,
+        LocalAttention,
+        SelfAttention,
+        CrossAttention,
+        MultiHeadAttention,
     ):
         register(cls)
