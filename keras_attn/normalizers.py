@@ -132,7 +132,8 @@ class TopK(Normalizer):
 
     def normalize(self, logits, mask, training):
         length = logits.shape[-1]
-        k = self.k if length is None else min(self.k, length)
+        # An unknown length (TensorFlow graphs) is read at run time.
+        k = ops.minimum(self.k, ops.shape(logits)[-1]) if length is None else min(self.k, length)
         kth = ops.top_k(logits, k=k, sorted=True)[0][..., -1:]  # (..., Tq, 1)
         keep = logits >= kth
         weights = ops.softmax(ops.where(keep, logits, NEG_INF), axis=-1)

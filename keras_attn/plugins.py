@@ -436,8 +436,9 @@ def resolve(kind, spec, **defaults):
         )
     if actual is not None:
         raise ComponentKindError(
-            f"Expected a {kind}, but received a {actual}: {spec!r}. A {kind} is a "
-            f"registry name, a config dict or an instance of {base.__name__}."
+            f"Expected a {kind}, but received a {actual}. A {kind} is a registry "
+            f"name, a config dict or an instance of {base.__name__}. "
+            f"Received: {kind}={spec!r} (a {actual})"
         )
     raise ComponentKindError(
         f"Expected a {kind}: a registry name (one of {names(kind)}), a config dict "

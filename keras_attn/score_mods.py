@@ -23,9 +23,7 @@ class ScoreMod(keras.layers.Layer):
     name = None
 
     def call(self, logits, positions=None):
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement call(logits, positions)."
-        )
+        raise NotImplementedError(f"{type(self).__name__} must implement call(logits, positions).")
 
     def get_config(self):
         # Defined here so that subclasses without arguments serialize as they are.
@@ -46,7 +44,7 @@ class Softcap(ScoreMod):
 
     def __init__(self, cap=50.0, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(cap, (int, float)) or not cap > 0:
+        if not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0:
             raise ValueError(f"`cap` must be a positive number. Received: cap={cap}")
         self.cap = float(cap)
 
@@ -79,9 +77,7 @@ def relative_position_bucket(relative, num_buckets, max_distance, bidirectional)
     # Clamp before the log so that distance 0 gives no -inf (it is "small" anyway).
     far = ops.cast(ops.maximum(distance, max_exact), "float32")
     log_bucket = max_exact + ops.cast(
-        ops.log(far / max_exact)
-        / math.log(max_distance / max_exact)
-        * (num_buckets - max_exact),
+        ops.log(far / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact),
         "int32",
     )
     log_bucket = ops.minimum(log_bucket, num_buckets - 1)

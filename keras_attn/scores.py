@@ -122,7 +122,9 @@ class Additive(Score):
         depth = query_shape[-1]
         units = self.units or depth
         init = self.kernel_initializer
-        self.query_kernel = self.add_weight(name="query_kernel", shape=(depth, units), initializer=init)
+        self.query_kernel = self.add_weight(
+            name="query_kernel", shape=(depth, units), initializer=init
+        )
         self.key_kernel = self.add_weight(name="key_kernel", shape=(depth, units), initializer=init)
         self.bias = self.add_weight(name="bias", shape=(units,), initializer="zeros")
         self.v = self.add_weight(name="v", shape=(units,), initializer=init)
