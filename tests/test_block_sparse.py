@@ -87,8 +87,9 @@ def _run(layer, query, value, cotangents, **call_kwargs):
 
 def _compare(sparse, dense, query, value, atol=ATOL, **call_kwargs):
     """Run both layers on the same weights and inputs; check every result agrees."""
-    sparse(query, value, **call_kwargs)
-    dense(query, value, **call_kwargs)
+    # Build without an eager call: under JAX, op-by-op dispatch is what makes tests slow.
+    sparse.build(query.shape, value.shape)
+    dense.build(query.shape, value.shape)
     dense.set_weights(sparse.get_weights())
     rng = np.random.default_rng(1)
     h = sparse.num_heads
@@ -137,7 +138,16 @@ def test_closed_form_block_masks_equal_the_generic_one(
     pattern, query_length, key_length, block_size, offset
 ):
     got = pattern.block_mask(query_length, key_length, block_size, offset)
-    want = P._block_mask_by_rows(pattern, query_length, key_length, block_size, offset)
+    # Reference: the element mask of the whole matrix, reduced block by block.
+    positions = make_positions(query_length, key_length, 1, query_offset=offset)
+    element = np.broadcast_to(
+        ops.convert_to_numpy(pattern.mask(positions)), (1, 1, query_length, key_length)
+    )[0, 0]
+    nq, nk = -(-query_length // block_size), -(-key_length // block_size)
+    element = np.pad(
+        element, ((0, nq * block_size - query_length), (0, nk * block_size - key_length))
+    )
+    want = element.reshape(nq, block_size, nk, block_size).any(axis=(1, 3))
     if isinstance(pattern, P.Intersection):
         # An intersection may keep a few extra blocks (masked exactly), never fewer.
         assert not (want & ~got).any()
@@ -184,7 +194,7 @@ def test_layout_is_cached_per_pattern_and_shape():
     block_size=st.sampled_from([4, 8, 16]),
     seed=st.integers(0, 1000),
 )
-@settings(max_examples=15)
+@settings(max_examples=10)
 def test_equals_dense_for_random_shapes_and_patterns(
     pattern, batch, heads, query_length, key_length, block_size, seed
 ):
