@@ -141,13 +141,13 @@ def fused_attention(query, key, value, *, scale, causal, mask=None, flash_attent
         rows = ops.expand_dims(ops.arange(tq), -1)
         cols = ops.expand_dims(ops.arange(tk), 0)
         mask = ops.logical_and(mask, cols <= rows)
-    mask = ops.broadcast_to(
-        mask, (ops.shape(query)[0], ops.shape(query)[2], ops.shape(query)[1], ops.shape(key)[1])
-    )
+    while len(mask.shape) < 4:
+        mask = mask[None]
     output = ops.dot_product_attention(
         query, key, value, mask=mask, scale=scale, flash_attention=flash_attention
     )
-    # A row with no allowed key gets zeros, as on the other paths.
-    any_key = ops.any(mask, axis=-1)  # (B, H, Tq)
-    any_key = ops.transpose(any_key, (0, 2, 1))[..., None]  # (B, Tq, H, 1)
+    # A row with no allowed key gets zeros, as on the other paths. Reduce the mask
+    # before broadcasting it: a padding mask (B, 1, 1, Tk) gives a (B, 1, 1, 1) test.
+    any_key = ops.any(mask, axis=-1, keepdims=True)  # (B|1, H|1, Tq|1, 1)
+    any_key = ops.transpose(any_key, (0, 2, 1, 3))  # (B|1, Tq|1, H|1, 1)
     return ops.where(any_key, output, ops.zeros_like(output))
