@@ -21,9 +21,7 @@ side by side.
 
 import glob
 import os
-import statistics
 import sys
-import time
 
 import keras
 import numpy as np
@@ -541,95 +539,6 @@ def max_length_of(encoder):
     return encoder.get_layer("position_embedding").max_length
 
 
-# -- side by side with keras.layers.MultiHeadAttention -------------------------------------
-
-
-class StepTimer(keras.callbacks.Callback):
-    """Wall time of every training step."""
-
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
-
-
-def side_by_side(build, attention, train_data, eval_data, epochs, steps, seed):
-    """Train the model with `attention` and with `keras.layers.MultiHeadAttention`, in turn.
-
-    Both models start from the same weights where their layouts match (they do
-    for every softmax layer without extra weights) and see the same batches; they
-    take turns epoch by epoch, so the load of a shared machine falls on both alike.
-
-    Args:
-        build: ``build(attention) -> compiled model``.
-        train_data: ``train_data(epoch) -> dataset`` of at least `steps` batches.
-        eval_data: Held-out dataset for `model.evaluate`.
-
-    Returns:
-        Dict: per model (``keras_attn``, ``keras``) the median step time in ms
-        (compilation step excluded), the last training loss and the held-out
-        metrics; ``step_time_ratio`` (keras_attn / keras) and ``wall_time_s``.
-        Dropout draws differ between the two, so their losses drift apart a little.
-    """
-    started = time.perf_counter()
-    models, timers, losses = {}, {}, {}
-    for label, spec in (("keras_attn", attention), ("keras", {"layer": training.REFERENCE_LAYER})):
-        keras.utils.set_random_seed(seed)
-        models[label] = build(spec)
-        timers[label], losses[label] = StepTimer(), []
-    reference = models["keras"].get_weights()
-    same_start = [w.shape for w in models["keras_attn"].get_weights()] == [
-        w.shape for w in reference
-    ]
-    if same_start:
-        models["keras_attn"].set_weights(reference)
-    for epoch in range(epochs):
-        for label, model in models.items():
-            keras.utils.set_random_seed(seed + epoch)
-            history = model.fit(
-                train_data(epoch),
-                epochs=1,
-                steps_per_epoch=steps,
-                callbacks=[timers[label]],
-                verbose=0,
-            )
-            losses[label].append(float(history.history["loss"][-1]))
-            print(f"epoch {epoch + 1} {label:>10}: loss {losses[label][-1]:.4f}", flush=True)
-    rows = {}
-    for label, model in models.items():
-        times = timers[label].times[1:] or timers[label].times
-        evaluation = model.evaluate(eval_data, verbose=0, return_dict=True)
-        rows[label] = {
-            "median_step_ms": 1000 * statistics.median(times),
-            "train_loss": losses[label][-1],
-            "train_loss_per_epoch": losses[label],
-            **{f"test_{k}": float(v) for k, v in evaluation.items()},
-        }
-    return {
-        "models": rows,
-        "same_initial_weights": same_start,
-        "wall_time_s": round(time.perf_counter() - started, 1),
-        "step_time_ratio": rows["keras_attn"]["median_step_ms"] / rows["keras"]["median_step_ms"],
-    }
-
-
-def print_side_by_side(result):
-    rows = result["models"]
-    print(
-        f"\nstep time keras_attn / keras.layers.MultiHeadAttention: {result['step_time_ratio']:.3f} "
-        f"(median {rows['keras_attn']['median_step_ms']:.1f} ms vs "
-        f"{rows['keras']['median_step_ms']:.1f} ms)"
-    )
-    for label, row in rows.items():
-        tests = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("test_"))
-        print(f"{label:>10}: {tests}")
-
-
 # -- commands ------------------------------------------------------------------------------
 
 
@@ -863,7 +772,7 @@ def compare(args):
         tokenizer, train, test, _, baseline = pretraining_data(args)
         num_classes, facts = None, {"unigram_entropy": baseline}
     steps = args.steps or len(train[1]) // args.batch_size
-    result = side_by_side(
+    result = training.side_by_side(
         lambda spec: compile_bert(
             _build(args, tokenizer, spec, num_classes=num_classes), args.learning_rate
         ),
@@ -888,7 +797,7 @@ def compare(args):
         },
         data=facts,
     )
-    print_side_by_side(result)
+    training.print_side_by_side(result)
     with run:
         run.save_metrics(result)
     print(f"results: {run.output_path('metrics.json')}")

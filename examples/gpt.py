@@ -750,18 +750,6 @@ def generate_command(args):
     return out
 
 
-class _StepTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._start)
-
-
 def _train_side_by_side(args, data, candidates):
     """Train one model per entry of `candidates` (label -> attention), epoch by epoch
     in turn, so machine load falls on all alike. Returns ``(models, rows)``."""
@@ -769,7 +757,7 @@ def _train_side_by_side(args, data, candidates):
     for label, attention in candidates.items():
         keras.utils.set_random_seed(args.seed)  # same initial weights for every candidate
         models[label] = _new_model(args, data.tokenizer.vocab_size, attention)
-        timers[label], losses[label] = _StepTimer(), []
+        timers[label], losses[label] = training.StepTimer(), []
     steps = args.steps or 50
     for epoch in range(args.epochs):
         for label, model in models.items():

@@ -22,8 +22,6 @@ from examples.bert import PACKAGE
 from examples.bert import PositionEmbedding
 from examples.bert import TakeToken
 from examples.bert import encoder_block
-from examples.bert import print_side_by_side
-from examples.bert import side_by_side
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -347,7 +345,7 @@ def compare(args):
     keras.utils.set_random_seed(args.seed)
     (x_train, y_train), (x_test, y_test), facts = _data(args)
     steps = args.steps or len(y_train) // args.batch_size
-    result = side_by_side(
+    result = training.side_by_side(
         lambda spec: compile_vit(
             _build(args, facts, spec), args.learning_rate, args.epochs * steps
         ),
@@ -367,7 +365,7 @@ def compare(args):
         data=facts,
         model={k: getattr(args, k) for k in ("num_layers", "num_heads", "hidden_dim", "mlp_dim")},
     )
-    print_side_by_side(result)
+    training.print_side_by_side(result)
     with run:
         run.save_metrics(result)
     print(f"results: {run.output_path('metrics.json')}")
