@@ -399,6 +399,10 @@ class Generator:
         decoder = self._decoders.get(use_cache)
         if decoder is None:
             decoder = _Decoder(self, use_cache)
+            # XLA on TensorFlow too: without it, the per-op overhead of the
+            # tf.function while loop dominates a cached step (1.5 s vs 0.6 s for 256
+            # tokens of a 4-layer width-256 model on 2 CPU cores).
+            decoder.compile(jit_compile=keras.backend.backend() in ("tensorflow", "jax"))
             self._decoders[use_cache] = decoder
         new = decoder.predict_on_batch(
             [
