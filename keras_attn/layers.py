@@ -460,10 +460,11 @@ class Attention(keras.layers.Layer):
                 f"Received: cache.shape={cache.shape}"
             )
         index = ops.cast(cache_update_index, "int32")
-        start = [0, index, 0, 0]
-        key_cache = ops.slice_update(cache[:, 0], start, ops.cast(k, cache.dtype))
-        value_cache = ops.slice_update(cache[:, 1], start, ops.cast(v, cache.dtype))
-        cache = ops.stack([key_cache, value_cache], axis=1)  # (B, 2, S, H, D)
+        # One update of the whole cache (not a stack of two new halves), which XLA
+        # can do in place inside a decoding loop.
+        new = ops.stack([k, v], axis=1)  # (B, 2, Tq, H, D)
+        cache = ops.slice_update(cache, [0, 0, index, 0, 0], ops.cast(new, cache.dtype))
+        key_cache, value_cache = cache[:, 0], cache[:, 1]  # (B, S, H, D)
         # Cache slots past the last written position hold no key yet.
         filled = index + ops.shape(k)[1]
         cache_mask = ops.arange(ops.shape(cache)[2])[None, None, None, :] < filled  # (1, 1, 1, S)
