@@ -349,14 +349,8 @@ class Attention(keras.layers.Layer):
                 f"Received: attention_mask.shape={shape}"
             )
 
-    def _data_mask(self, query, value, key, query_mask, value_mask, key_mask, attention_mask):
+    def _data_mask(self, query_mask, value_mask, key_mask, attention_mask):
         """Padding and explicit masks as one bool ``(B, 1, Tq, Tk)`` tensor, or None."""
-        if query_mask is None:
-            query_mask = get_keras_mask(query)
-        if value_mask is None:
-            value_mask = get_keras_mask(value)
-        if key_mask is None and key is not value:
-            key_mask = get_keras_mask(key)
         masks = []
         if query_mask is not None:
             masks.append(ops.cast(query_mask, "bool")[:, :, None])  # (B, Tq, 1)
@@ -365,13 +359,8 @@ class Attention(keras.layers.Layer):
         if key_mask is not None:
             masks.append(ops.cast(key_mask, "bool")[:, None, :])  # (B, 1, Tk)
         if attention_mask is not None:
-            attention_mask = ops.cast(attention_mask, "bool")
-            if len(attention_mask.shape) not in (2, 3):
-                raise ValueError(
-                    "`attention_mask` must have shape (B, Tq, Tk) or (Tq, Tk). "
-                    f"Received: attention_mask.shape={attention_mask.shape}"
-                )
-            masks.append(attention_mask)
+            # Its shape was checked by `_check_attention_mask`.
+            masks.append(ops.cast(attention_mask, "bool"))
         mask = engine.combine_masks(*masks)
         if mask is None:
             return None
@@ -399,8 +388,14 @@ class Attention(keras.layers.Layer):
         if key is None:
             key = value
         self._check_attention_mask(attention_mask, query, key, cache)
-        mask = self._data_mask(query, value, key, query_mask, value_mask, key_mask, attention_mask)
-        keras_query_mask = query_mask if query_mask is not None else get_keras_mask(query)
+        # Masks not passed explicitly come from the inputs' Keras masks.
+        if query_mask is None:
+            query_mask = get_keras_mask(query)
+        if value_mask is None:
+            value_mask = get_keras_mask(value)
+        if key_mask is None and key is not value:
+            key_mask = get_keras_mask(key)
+        mask = self._data_mask(query_mask, value_mask, key_mask, attention_mask)
         # The masks are in `mask` now. Take them off the inputs, as Keras's
         # MultiHeadAttention does, so that the projections do not warn about them.
         for tensor in (query, value, key):
@@ -434,8 +429,8 @@ class Attention(keras.layers.Layer):
         if gate is not None:
             output = output * gate
         output = self._output_dense(output)  # (B, Tq, E)
-        if keras_query_mask is not None:
-            set_keras_mask(output, keras_query_mask)
+        if query_mask is not None:
+            set_keras_mask(output, query_mask)
         result = (output,)
         if return_attention_scores:
             result += (scores,)
