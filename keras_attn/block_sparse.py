@@ -23,6 +23,7 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_attn import engine
 from keras_attn import patterns as patterns_module
 from keras_attn.positions import Positions
 
@@ -35,21 +36,31 @@ MIN_BLOCKS = 16
 # Cost of one more group of rows, in blocks, when rows are grouped by width.
 GROUP_PENALTY = 4
 MAX_GROUPS = 4
+# A group of rows is cut into at most this many runs of consecutive rows to compute
+# each in band form (see `RowGroup`); more runs and it is gathered instead.
+MAX_RUNS = 8
 
 
 class RowGroup(NamedTuple):
     """Rows of query blocks computed together, padded to a common width.
 
     Attributes:
-        rows: ``(R,)`` query block indices.
-        cols: ``(R, W)`` key block indices of each row's kept blocks, ascending;
-            padding repeats a kept block.
+        rows: ``(R,)`` query block indices, ascending.
+        cols: ``(R, W)`` key block indices of each row's slab, in slab order;
+            padding repeats a block of the matrix.
         valid: ``(R, W)`` False where `cols` is padding.
+        shared, offsets: The band form, or None: the slab of row ``r`` is the key
+            blocks ``shared`` (the same for every row) followed by
+            ``r + offsets`` (zero blocks where out of range). Then the rows are
+            contiguous, and the key slabs are cut with slices instead of a gather
+            (whose gradient is a scatter-add).
     """
 
     rows: np.ndarray
     cols: np.ndarray
     valid: np.ndarray
+    shared: object = None
+    offsets: object = None
 
 
 class BlockLayout(NamedTuple):
@@ -156,20 +167,57 @@ def _make_layout(pattern, query_length, key_length, block_size, query_offset):
     groups, low = [], 0
     for high in _group_rows(widths):
         rows = np.flatnonzero((widths > low) & (widths <= high))
-        cols = np.zeros((len(rows), high), dtype="int32")
-        valid = np.zeros((len(rows), high), dtype=bool)
-        for i, r in enumerate(rows):
-            kept = np.flatnonzero(mask[r])
-            cols[i, : len(kept)] = kept
-            cols[i, len(kept) :] = kept[-1] if len(kept) else 0
-            valid[i, : len(kept)] = True
-        groups.append(RowGroup(rows.astype("int32"), cols, valid))
+        # Each run of consecutive rows in band form, when they all have one and
+        # there are few runs (global-token rows split the others into runs).
+        runs = np.split(rows, np.flatnonzero(np.diff(rows) != 1) + 1)
+        bands = [_band_group(run, mask, high) for run in runs] if len(runs) <= MAX_RUNS else [None]
+        if all(band is not None for band in bands):
+            groups.extend(bands)
+        else:
+            cols = np.zeros((len(rows), high), dtype="int32")
+            valid = np.zeros((len(rows), high), dtype=bool)
+            for i, r in enumerate(rows):
+                kept = np.flatnonzero(mask[r])
+                cols[i, : len(kept)] = kept
+                cols[i, len(kept) :] = kept[-1] if len(kept) else 0
+                valid[i, : len(kept)] = True
+            groups.append(RowGroup(rows.astype("int32"), cols, valid))
         low = high
+    groups.sort(key=lambda g: g.rows[0])
     rows = np.concatenate([g.rows for g in groups])
     order = None if np.array_equal(rows, np.arange(len(rows))) else np.argsort(rows)
     return BlockLayout(
         query_length, key_length, block_size, mask, tuple(groups),
         None if order is None else order.astype("int32"),
+    )  # fmt: skip
+
+
+def _band_group(rows, mask, width):
+    """These rows' kept blocks in band form (see `RowGroup`), or None.
+
+    Possible when the rows are consecutive and every kept block is either kept by
+    all of them (``shared``: global tokens) or lies on one of a few diagonals
+    (``offsets``: local windows), with no more blocks per row than `width`.
+    """
+    num_rows, nk = len(rows), mask.shape[1]
+    if not np.array_equal(rows, np.arange(rows[0], rows[0] + num_rows)):
+        return None
+    kept = mask[rows]  # (R, nk)
+    shared = np.flatnonzero(kept.all(axis=0))
+    rest = kept.copy()
+    rest[:, shared] = False
+    r, c = np.nonzero(rest)
+    offsets = np.unique(c - rows[r])
+    if len(shared) + len(offsets) > width or len(shared) + len(offsets) == 0:
+        return None
+    band = rows[:, None] + offsets[None, :]  # (R, len(offsets))
+    clipped = np.clip(band, 0, nk - 1)
+    in_band = (band == clipped) & rest[np.arange(num_rows)[:, None], clipped]
+    cols = np.concatenate([np.broadcast_to(shared, (num_rows, len(shared))), clipped], axis=1)
+    valid = np.concatenate([np.ones((num_rows, len(shared)), bool), in_band], axis=1)
+    return RowGroup(
+        rows.astype("int32"), cols.astype("int32"), valid,
+        shared.astype("int32"), offsets.astype("int32"),
     )  # fmt: skip
 
 
@@ -246,11 +294,49 @@ def _to_blocks(x, num_blocks, block_size):
     return ops.reshape(x, (-1, x.shape[1], num_blocks, block_size, x.shape[-1]))
 
 
-def _gather_key_blocks(x, cols):
-    """``(B, H, nk, bs, D)`` and cols ``(R, W)`` -> ``(B, H, R, W * bs, D)``."""
-    rows, width = cols.shape
-    x = ops.take(x, cols.reshape(-1), axis=2)  # (B, H, R * W, bs, D)
-    return ops.reshape(x, (-1, x.shape[1], rows, width * x.shape[3], x.shape[-1]))
+def _narrow(x, start, count):
+    """``x[:, :, start : start + count]``.
+
+    `ops.slice` rather than indexing: on TensorFlow the gradient of a slice is a
+    pad, while that of a strided slice is several times slower.
+    """
+    begin = [0] * len(x.shape)
+    begin[2] = start
+    size = [-1 if d is None else d for d in x.shape]
+    size[2] = count
+    return ops.slice(x, begin, size)
+
+
+def _take_blocks(x, index):
+    """``x[:, :, index]``: a slice when `index` is a run of consecutive blocks."""
+    start = int(index[0])
+    if np.array_equal(index, np.arange(start, start + len(index))):
+        return _narrow(x, start, len(index))
+    return ops.take(x, index, axis=2)
+
+
+def _key_slab(x, group):
+    """Key blocks ``(B, H, nk, bs, D)`` -> the group's slabs ``(B, H, R, W * bs, D)``."""
+    (rows, width), (heads, nk, bs, depth) = group.cols.shape, x.shape[1:]
+    if group.offsets is None:
+        x = _take_blocks(x, group.cols.reshape(-1))  # (B, H, R * W, bs, D)
+        return ops.reshape(x, (-1, heads, rows, width * bs, depth))
+    parts = []
+    if len(group.shared):
+        shared = _take_blocks(x, group.shared)  # (B, H, S, bs, D)
+        shared = ops.reshape(shared, (-1, heads, 1, len(group.shared) * bs, depth))
+        parts.append(ops.repeat(shared, rows, axis=2) if rows > 1 else shared)
+    if len(group.offsets):
+        # Row r takes blocks r + offset for each offset: one slice per offset of the
+        # blocks padded with zero blocks on both sides.
+        first, last = int(group.rows[0]), int(group.rows[-1])
+        before = max(0, -(first + int(group.offsets[0])))
+        after = max(0, last + int(group.offsets[-1]) - (nk - 1))
+        x = ops.pad(x, [(0, 0), (0, 0), (before, after), (0, 0), (0, 0)])
+        starts = [first + int(d) + before for d in group.offsets]
+        band = ops.stack([_narrow(x, i, rows) for i in starts], axis=3)  # (B, H, R, O, bs, D)
+        parts.append(ops.reshape(band, (-1, heads, rows, len(group.offsets) * bs, depth)))
+    return parts[0] if len(parts) == 1 else ops.concatenate(parts, axis=3)
 
 
 def _block_positions(positions, layout, group):
@@ -316,12 +402,12 @@ def _block_data_mask(mask, layout, group):
 
 
 def _group_attention(q, k, v, layout, group, *, whole, score, score_mods, pattern, normalizer,
-                     positions, mask, dropout, training):  # fmt: skip
+                     positions, mask, dropout, training, return_weights):  # fmt: skip
     """Attention of one row group on its slab: ``(B, H, R, bs, Dv)`` and weights."""
     if not whole:
-        q = ops.take(q, group.rows, axis=2)  # (B, H, R, bs, D)
-    k = _gather_key_blocks(k, group.cols)  # (B, H, R, W * bs, D)
-    v = _gather_key_blocks(v, group.cols)  # (B, H, R, W * bs, Dv)
+        q = _take_blocks(q, group.rows)  # (B, H, R, bs, D)
+    k = _key_slab(k, group)  # (B, H, R, W * bs, D)
+    v = _key_slab(v, group)  # (B, H, R, W * bs, Dv)
     block_positions = _block_positions(positions, layout, group)
     logits = score(q, k)  # (B, H, R, bs, W * bs)
     for mod in score_mods:
@@ -339,6 +425,8 @@ def _group_attention(q, k, v, layout, group, *, whole, score, score_mods, patter
         element_mask = (
             data_mask if element_mask is None else ops.logical_and(element_mask, data_mask)
         )
+    if not return_weights:
+        return engine.weighted_sum(normalizer, logits, v, element_mask, dropout, training)
     weights = normalizer(logits, mask=element_mask, training=training)
     dropped = dropout(weights, training=training) if dropout is not None else weights
     output = ops.matmul(ops.cast(dropped, v.dtype), v)  # (B, H, R, bs, Dv)
@@ -418,7 +506,7 @@ def block_sparse_attention(
         out, w = _group_attention(
             q, k, v, layout, group, whole=whole, score=score, score_mods=score_mods,
             pattern=pattern, normalizer=normalizer, positions=positions, mask=mask,
-            dropout=dropout, training=training,
+            dropout=dropout, training=training, return_weights=return_weights,
         )  # fmt: skip
         outputs.append(out)
         weights.append(w)
@@ -426,7 +514,9 @@ def block_sparse_attention(
     if layout.order is not None:
         output = ops.take(output, layout.order, axis=2)  # rows back in order
     heads, dv = value.shape[1], value.shape[-1]
-    output = ops.reshape(output, (-1, heads, nq * block_size, dv))[:, :, :tq]  # (B, H, Tq, Dv)
+    output = ops.reshape(output, (-1, heads, nq * block_size, dv))  # (B, H, nq * bs, Dv)
+    if nq * block_size != tq:
+        output = _narrow(output, 0, tq)
     if not return_weights:
         return output, None
     return output, _scatter_weights(weights, layout, ops.shape(query)[0], heads)

@@ -12,6 +12,7 @@ All three agree. `choose_path` picks one; the layer records the choice in
 
 import logging
 
+import keras
 from keras import ops
 
 from keras_attn import normalizers
@@ -84,6 +85,81 @@ def pattern_mask(pattern, positions):
     return pattern.mask(positions)
 
 
+def weighted_sum(normalizer, logits, value, mask=None, dropout=None, training=None):
+    """``normalizer(logits, mask) @ value``: the attention output and the weights.
+
+    For plain softmax without active dropout on TensorFlow and JAX, this is
+    `softmax_weighted_sum`, whose gradient skips several passes over the logits,
+    and the weights are not formed for the caller (None is returned for them).
+
+    Returns:
+        ``(output, weights or None)``.
+    """
+    dropout_active = dropout is not None and bool(training) and dropout.rate > 0
+    if (
+        type(normalizer) is normalizers.Softmax
+        and not dropout_active
+        and keras.backend.backend() in ("tensorflow", "jax")
+    ):
+        return softmax_weighted_sum(logits, value, mask), None
+    weights = normalizer(logits, mask=mask, training=training)
+    dropped = dropout(weights, training=training) if dropout is not None else weights
+    return ops.matmul(ops.cast(dropped, value.dtype), value), weights
+
+
+def softmax_weighted_sum(logits, value, mask=None):
+    """``softmax(logits over the allowed keys) @ value``, with a hand-written gradient.
+
+    Equal to `normalizers.Softmax` followed by the matmul: softmax in float32, a row
+    with no allowed key gives zeros. The gradient is the one flash attention uses:
+    ``dlogits = w * (dO · vᵀ - rowsum(dO * O))``, so the backward pass reads the
+    ``(..., Tq, Tk)`` weights twice instead of going through the masks and the
+    softmax's own gradient, and fewer logit-sized tensors are kept for it.
+
+    Args:
+        logits: ``(..., Tq, Tk)``, any float dtype.
+        value: ``(..., Tk, Dv)``.
+        mask: Bool, broadcastable to the logits, or None.
+
+    Returns:
+        ``(..., Tq, Dv)`` in the value's dtype.
+    """
+    has_key = None
+    if mask is not None:
+        mask = ops.cast(mask, "bool")
+        has_key = ops.any(mask, axis=-1, keepdims=True)  # (..., Tq|1, 1), on the mask's shape
+    logits_dtype = logits.dtype
+
+    @ops.custom_gradient
+    def attend(logits, value):
+        x = ops.cast(logits, "float32")
+        if mask is not None:
+            x = ops.where(mask, x, normalizers.NEG_INF)
+        weights = ops.softmax(x, axis=-1)
+        cast_weights = ops.cast(weights, value.dtype)
+        output = ops.matmul(cast_weights, value)
+        if has_key is not None:
+            output = ops.where(has_key, output, ops.zeros_like(output))
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            d_output = ops.cast(upstream, value.dtype)
+            if has_key is not None:
+                d_output = ops.where(has_key, d_output, ops.zeros_like(d_output))
+            d_value = ops.einsum("...qk,...qd->...kd", cast_weights, d_output)
+            d_weights = ops.cast(ops.einsum("...qd,...kd->...qk", d_output, value), "float32")
+            delta = ops.sum(
+                ops.cast(d_output, "float32") * ops.cast(output, "float32"), axis=-1, keepdims=True
+            )
+            d_logits = weights * (d_weights - delta)
+            return ops.cast(d_logits, logits_dtype), d_value
+
+        return output, grad
+
+    return attend(logits, value)
+
+
 def dense_attention(
     query,
     key,
@@ -97,6 +173,7 @@ def dense_attention(
     mask=None,
     dropout=None,
     training=None,
+    return_weights=True,
 ):
     """The exact masked reference computation.
 
@@ -107,14 +184,18 @@ def dense_attention(
         mask: Bool data mask broadcastable to ``(B, H, Tq, Tk)`` (padding and
             explicit masks), or None. The pattern's mask is added here.
         dropout: A dropout layer applied to the weights, or None.
+        return_weights: Whether the caller needs the weights.
 
     Returns:
-        ``(output (B, H, Tq, Dv), weights (B, H, Tq, Tk))``.
+        ``(output (B, H, Tq, Dv), weights (B, H, Tq, Tk) or None)``; the weights
+        are None only when not asked for.
     """
     logits = score(query, key)  # (B, H, Tq, Tk)
     for mod in score_mods:
         logits = mod(logits, positions=positions)
     mask = combine_masks(pattern_mask(pattern, positions), mask)
+    if not return_weights:
+        return weighted_sum(normalizer, logits, value, mask, dropout, training)
     weights = normalizer(logits, mask=mask, training=training)
     dropped = dropout(weights, training=training) if dropout is not None else weights
     output = ops.matmul(ops.cast(dropped, value.dtype), value)  # (B, H, Tq, Dv)

@@ -553,7 +553,9 @@ class Attention(keras.layers.Layer):
                 **kwargs,
             )
         else:
-            output, weights = engine.dense_attention(q, k, v, **kwargs)
+            output, weights = engine.dense_attention(
+                q, k, v, return_weights=return_attention_scores, **kwargs
+            )
         output = ops.transpose(output, (0, 2, 1, 3))  # (B, Tq, H, Dv)
         return output, weights if return_attention_scores else None
 

@@ -36,7 +36,9 @@ class Score(keras.layers.Layer):
 
 
 def _dot(query, key):
-    return ops.matmul(query, ops.swapaxes(key, -1, -2))  # (..., Tq, Tk)
+    # An einsum rather than matmul(query, swapaxes(key)): its gradient for the key
+    # needs no transpose of the (..., Tk, D) result.
+    return ops.einsum("...qd,...kd->...qk", query, key)  # (..., Tq, Tk)
 
 
 class Dot(Score):

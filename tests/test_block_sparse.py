@@ -53,8 +53,12 @@ def _pair(block_size=8, **kwargs):
     return sparse, dense
 
 
-def _run(layer, query, value, cotangents, **call_kwargs):
-    """Output, weights and the gradients (inputs, then weights) of a fixed linear loss."""
+def _run(layer, query, value, cotangents, scores=True, **call_kwargs):
+    """Output, weights and the gradients (inputs, then weights) of a fixed linear loss.
+
+    With ``scores=False`` the layer is called without ``return_attention_scores``
+    (softmax then takes its hand-written gradient) and the weights come back as None.
+    """
     c_out, c_w = cotangents
     if keras.backend.backend() == "jax":
         import jax
@@ -63,10 +67,12 @@ def _run(layer, query, value, cotangents, **call_kwargs):
         ntv = [v.value for v in layer.non_trainable_variables]
 
         def loss(tv, q, v):
-            (out, w), _ = layer.stateless_call(
-                tv, ntv, q, v, return_attention_scores=True, **call_kwargs
+            result, _ = layer.stateless_call(
+                tv, ntv, q, v, return_attention_scores=scores, **call_kwargs
             )
-            return jnp.sum(out * c_out) + jnp.sum(w * c_w), (out, w)
+            out, w = result if scores else (result, None)
+            total = jnp.sum(out * c_out) + (jnp.sum(w * c_w) if scores else 0.0)
+            return total, (out, w)
 
         tv = [v.value for v in layer.trainable_variables]
         # One compiled program per example: much faster than op-by-op dispatch.
@@ -79,10 +85,11 @@ def _run(layer, query, value, cotangents, **call_kwargs):
         query, value = tf.constant(query), tf.constant(value)
         with tf.GradientTape() as tape:
             tape.watch([query, value])
-            out, w = layer(query, value, return_attention_scores=True, **call_kwargs)
-            loss = tf.reduce_sum(out * c_out) + tf.reduce_sum(w * c_w)
+            result = layer(query, value, return_attention_scores=scores, **call_kwargs)
+            out, w = result if scores else (result, None)
+            loss = tf.reduce_sum(out * c_out) + (tf.reduce_sum(w * c_w) if scores else 0.0)
         grads = tape.gradient(loss, [query, value, *layer.trainable_variables])
-    return [ops.convert_to_numpy(x) for x in (out, w, *grads)]
+    return [None if x is None else ops.convert_to_numpy(x) for x in (out, w, *grads)]
 
 
 def _compare(sparse, dense, query, value, atol=ATOL, **call_kwargs):
@@ -107,6 +114,15 @@ def _compare(sparse, dense, query, value, atol=ATOL, **call_kwargs):
     ]
     for name, g, w in zip(names, got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=atol, rtol=1e-4, err_msg=name)
+    # Without the scores, softmax runs `engine.softmax_weighted_sum` and its
+    # hand-written gradient; the reference is the dense path's autodiff through the
+    # normalizer (scores asked for, and left out of the loss).
+    cot = (cot[0], np.zeros_like(cot[1]))
+    want = _run(dense, query, value, cot, **call_kwargs)
+    got_fast = _run(sparse, query, value, cot, scores=False, **call_kwargs)
+    for name, g, w in zip(names, got_fast, want, strict=True):
+        if name != "weights":
+            np.testing.assert_allclose(g, w, atol=atol, rtol=1e-4, err_msg=f"{name} (no scores)")
     return got
 
 
@@ -174,6 +190,33 @@ def test_global_rows_get_their_own_group():
     assert widths == [6, 512]  # 2 blocks each side + own + the global column; one dense row
     assert layout.computed_blocks == 511 * 6 + 512
     assert layout.computed_fraction < 0.015
+
+
+def test_local_and_global_rows_take_the_band_form():
+    # Local windows lie on a few diagonals of blocks; global columns are kept by every
+    # row: both are cut from the key blocks with slices, without a gather.
+    (band,) = block_sparse.block_layout(P.Local(256), 8192, 8192, 128).groups
+    assert band.offsets.tolist() == [-2, -1, 0, 1, 2] and band.shared.tolist() == []
+    assert not band.valid[0, :2].any() and band.valid[1:-1].sum() == 62 * 5 - 2
+    dense_row, rows = block_sparse.block_layout(
+        P.Local(256) | P.GlobalTokens(1), 8192, 8192, 128
+    ).groups
+    assert dense_row.rows.tolist() == [0] and dense_row.shared.tolist() == list(range(64))
+    assert rows.shared.tolist() == [0] and rows.offsets.tolist() == [-2, -1, 0, 1, 2]
+    # Band entries that fall on a shared column are padding: no block is counted twice.
+    assert not rows.valid[0, 1 + np.flatnonzero(rows.cols[0, 1:] == 0)].any()
+
+
+def test_band_form_per_run_of_rows_and_a_gather_otherwise():
+    # Global rows 0 and 2 cut the other rows into runs [1] and [3..31]: all in band form.
+    pattern = P.Local(4) | P.GlobalTokens(indices=[0, 300])
+    groups = block_sparse.block_layout(pattern, 4096, 4096, 128).groups
+    assert [g.rows.tolist() for g in groups] == [[0], [1], [2], list(range(3, 32))]
+    assert all(g.offsets is not None for g in groups)
+    assert groups[3].shared.tolist() == [0, 2] and groups[3].offsets.tolist() == [-1, 0, 1]
+    # Blocks of 200 tokens do not line up with blocks of 128: no few diagonals.
+    groups = block_sparse.block_layout(P.BlockLocal(200), 4096, 4096, 128).groups
+    assert any(g.offsets is None for g in groups)
 
 
 def test_layout_is_cached_per_pattern_and_shape():

@@ -5,6 +5,8 @@ import logging
 import keras
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from keras import ops
 
 import keras_attn
@@ -241,3 +243,96 @@ def test_fused_path_inside_a_compiled_function():
     eager = ops.convert_to_numpy(layer(X, use_causal_mask=True))
     np.testing.assert_allclose(model.predict(X, verbose=0), eager, atol=1e-5)
     assert layer.last_path == "fused"
+
+
+# -- softmax_weighted_sum: the hand-written gradient -------------------------------------
+
+
+def _value_and_grads(fn, *args):
+    """``fn(*args)`` (a scalar) and its gradients for every argument, by autodiff."""
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        args = [tf.constant(a) for a in args]
+        with tf.GradientTape() as tape:
+            tape.watch(args)
+            y = fn(*args)
+        return float(y), [g.numpy() for g in tape.gradient(y, args)]
+    if backend == "jax":
+        import jax
+
+        y, grads = jax.value_and_grad(fn, argnums=tuple(range(len(args))))(*args)
+        return float(y), [np.asarray(g) for g in grads]
+    pytest.skip(f"no gradient helper for backend {backend}")
+
+
+@given(
+    tq=st.integers(1, 9),
+    tk=st.integers(1, 9),
+    dv=st.integers(1, 5),
+    mask_kind=st.sampled_from(["none", "random", "key_padding", "empty_rows"]),
+    seed=st.integers(0, 2**16),
+)
+def test_softmax_weighted_sum_equals_softmax_then_matmul(tq, tk, dv, mask_kind, seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(2, 3, tq, tk)).astype("float32") * 3
+    value = rng.normal(size=(2, 3, tk, dv)).astype("float32")
+    cot = rng.normal(size=(2, 3, tq, dv)).astype("float32")
+    mask = {
+        "none": None,
+        "random": rng.random((2, 3, tq, tk)) < 0.6,
+        "key_padding": rng.random((2, 1, 1, tk)) < 0.7,
+        "empty_rows": (rng.random((2, 1, tq, tk)) < 0.6) & (rng.random((2, 1, tq, 1)) < 0.5),
+    }[mask_kind]
+    _, want_w = np_softmax_attention(
+        np.eye(tq, dtype="float32"),
+        np.swapaxes(logits, -1, -2),
+        value,
+        np.ones((tq, tk), bool) if mask is None else mask,
+        1.0,
+    )
+    want_out = want_w @ value
+    got_out = ops.convert_to_numpy(engine.softmax_weighted_sum(logits, value, mask))
+    np.testing.assert_allclose(got_out, want_out, atol=1e-5)
+
+    def reference(logits, value):
+        weights = normalizers.Softmax()(logits, mask=mask)
+        return ops.sum(ops.matmul(weights, value) * cot)
+
+    def fast(logits, value):
+        return ops.sum(engine.softmax_weighted_sum(logits, value, mask) * cot)
+
+    want_y, want_grads = _value_and_grads(reference, logits, value)
+    got_y, got_grads = _value_and_grads(fast, logits, value)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+    for name, g, w in zip(["d_logits", "d_value"], got_grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-5, err_msg=name)
+    if mask_kind == "empty_rows":
+        empty = ~np.broadcast_to(mask, logits.shape).any(-1)
+        assert np.all(got_out[empty] == 0) and np.all(got_grads[0][empty] == 0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_softmax_weighted_sum_in_low_precision(dtype):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(1, 2, 5, 7)).astype("float32")
+    value = rng.normal(size=(1, 2, 7, 4)).astype("float32")
+    mask = rng.random((1, 1, 5, 7)) < 0.7
+    got = engine.softmax_weighted_sum(ops.cast(logits, dtype), ops.cast(value, dtype), mask)
+    assert got.dtype == dtype
+    want = np_softmax_attention(
+        np.eye(5, dtype="float32"), np.swapaxes(logits, -1, -2), value, mask, 1.0
+    )[1] @ value
+    np.testing.assert_allclose(ops.convert_to_numpy(ops.cast(got, "float32")), want, atol=3e-2)
+
+
+def test_weighted_sum_uses_the_normalizer_when_it_is_not_plain_softmax():
+    logits = randn(1, 1, 3, 4)
+    value = randn(1, 1, 4, 2)
+    output, weights = engine.weighted_sum(normalizers.Sparsemax(), logits, value)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(output), ops.convert_to_numpy(weights) @ value, atol=1e-6
+    )
+    _, none = engine.weighted_sum(normalizers.Softmax(), logits, value)
+    assert none is None or keras.backend.backend() not in ("tensorflow", "jax")
