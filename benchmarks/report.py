@@ -40,6 +40,13 @@ def _gflops(r, case, projections=True):
     return f"{useful_flops(case, r['length'], projections) / r['time_s'] / 1e9:.1f}"
 
 
+def _computed_gflops(r):
+    """Kernel GFLOP/s counting every pair computed, block padding included."""
+    if not _ok(r) or "computed_pairs" not in r:
+        return "—"
+    return f"{r['computed_pairs'] * HEADS * 4 * KEY_DIM * 3 / r['time_s'] / 1e9:.1f}"
+
+
 def _lengths(results, case):
     return sorted({r["length"] for r in results if r["case"] == case})
 
@@ -65,6 +72,14 @@ def _tables(results, meta):
         "`load` is the 1-minute load average before the measurement (the machine is shared).",
         "",
     ]
+    rounds = max((len(r.get("round_times_s", [])) for r in results), default=0)
+    if rounds > 1:
+        lines += [
+            f"Dense sizes ran {rounds} times each, alternating the two layers in separate "
+            "processes; the table gives the median over those rounds (all rounds in "
+            "`results.json`).",
+            "",
+        ]
     if peak:
         lines += [
             f"Dense float32 matmul ({matmul['length']}x{matmul['length']}): "
@@ -92,11 +107,12 @@ def _tables(results, meta):
         "",
         "`speed-up` is Keras time / keras_attn time. GFLOP/s counts only the useful work: "
         "the allowed pairs and the four projections (layer), or the allowed pairs alone "
-        "(kernel: the block-sparse kernel without projections).",
+        "(kernel: the block-sparse kernel without projections). `kernel computed` counts "
+        "every pair the kernel computes, the padding of partial blocks included.",
         "",
         "| T | keras_attn s | Keras s | speed-up | keras_attn GiB | Keras GiB | memory ratio "
-        "| layer GFLOP/s | kernel s | kernel GFLOP/s | path | load |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| layer GFLOP/s | kernel s | kernel GFLOP/s | kernel computed GFLOP/s | path | load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for t in _lengths(results, "local"):
         a, b = idx.get(("keras_attn", "local", t)), idx.get(("keras", "local", t))
@@ -104,7 +120,8 @@ def _tables(results, meta):
         lines.append(
             f"| {t} | {_time(a)} | {_time(b)} | {_ratio(b, a, 'time_s')} | {_mem(a)} | "
             f"{_mem(b)} | {_ratio(a, b, 'peak_rss')} | {_gflops(a, 'local')} | {_time(c)} | "
-            f"{_gflops(c, 'local', projections=False)} | {(a or {}).get('path', '—')} "
+            f"{_gflops(c, 'local', projections=False)} | {_computed_gflops(c)} "
+            f"| {(a or {}).get('path', '—')} "
             f"| {(a or {}).get('load_before', 0):.1f} |"
         )
     lg = _lengths(results, "local_global")
