@@ -3,16 +3,20 @@
 The ``(Tq, Tk)`` score matrix is cut into ``block_size`` x ``block_size`` blocks. Once
 per shape, outside the traced computation (numpy, cached), the pattern's
 ``block_mask`` says which blocks hold at least one allowed pair; that is the
-`BlockLayout`. At run time each row of query blocks gathers its kept key blocks into
-one slab ``(B, H, rows, bs, W * bs)``, so the score, the score_mods and the normalizer
-see the row's whole allowed part (a normalizer needs the whole row) and nothing else.
+`BlockLayout`. At run time each row of query blocks takes its kept key blocks as one
+slab ``(B, H, rows, bs, W * bs)``, so the score, the score_mods and the normalizer see
+the row's whole allowed part (a normalizer needs the whole row) and nothing else.
 The exact element mask (pattern, padding, data mask) is applied inside the slab.
 
 Rows are padded to the widest row of their group and the padding is masked, so all
 shapes are static (XLA friendly). Rows are split into a few groups of similar width,
 so that a few dense rows (the queries of global tokens) do not widen every row.
-Cost grows with the blocks kept, not with ``Tq * Tk``; gradients follow the same
-gathers backwards.
+Where a group's blocks lie on a few diagonals (local windows) plus columns that every
+row keeps (global tokens), the slabs are cut from the keys with slices (the "band
+form" of `RowGroup`); otherwise they are gathered. Cost grows with the blocks kept,
+not with ``Tq * Tk``; gradients follow the same slices or gathers backwards. Plain
+softmax without dropout takes `keras_attn.engine.softmax_weighted_sum`, whose
+hand-written gradient makes fewer passes over the slabs.
 """
 
 import contextlib

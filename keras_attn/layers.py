@@ -411,8 +411,6 @@ class Attention(keras.layers.Layer):
             k, v, cache, cache_mask = self._update_cache(k, v, cache, cache_update_index)
             query_offset = cache_update_index
             mask = engine.combine_masks(mask, cache_mask)
-        tq, tk = ops.shape(q)[1], ops.shape(k)[1]
-        positions = make_positions(tq, tk, self.num_heads, query_offset=query_offset)
         pattern = self._effective_pattern(use_causal_mask)
 
         output, scores = self._compute_attention(
@@ -422,7 +420,6 @@ class Attention(keras.layers.Layer):
             mask,
             training,
             return_attention_scores,
-            positions=positions,
             pattern=pattern,
             query_offset=query_offset,
         )
@@ -484,15 +481,15 @@ class Attention(keras.layers.Layer):
             attention_mask: Bool ``(B, 1, Tq, Tk)`` combining the padding masks, the
                 explicit `attention_mask` and cache validity, or None. The pattern
                 is applied separately.
-            positions: `keras_attn.positions.Positions` for the logits.
+            positions: `keras_attn.positions.Positions` for the logits, or None to
+                make them from the lengths and `query_offset` where a path reads them.
             pattern: The pattern for this call (the layer's, plus causal if asked).
+            query_offset: Absolute position of the first query (the cache index).
 
         Returns:
             ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None)``.
         """
         pattern = self.pattern if pattern is None else pattern
-        if positions is None:
-            positions = make_positions(ops.shape(query)[1], ops.shape(key)[1], self.num_heads)
         dropout_active = bool(self.dropout) and bool(training)
         # keras.ops.dot_product_attention needs one head size for keys and values (the
         # JAX backend checks it), so value_dim != key_dim rules out the fused path.
@@ -511,11 +508,20 @@ class Attention(keras.layers.Layer):
             query_offset=query_offset,
         )
         self._record_path(path)
+
+        def get_positions():
+            # Made only where read, so that the fused path's graph is Keras's own.
+            if positions is not None:
+                return positions
+            return make_positions(
+                ops.shape(query)[1], ops.shape(key)[1], self.num_heads, query_offset=query_offset
+            )
+
         if path == "fused":
             causal = type(pattern) is patterns_module.Causal
             if causal and not (isinstance(query_offset, int) and query_offset == 0):
                 # Absolute positions differ from the kernel's 0-based causal mask.
-                attention_mask = engine.combine_masks(attention_mask, pattern.mask(positions))
+                attention_mask = engine.combine_masks(attention_mask, pattern.mask(get_positions()))
                 causal = False
             output = engine.fused_attention(
                 query,
@@ -535,7 +541,7 @@ class Attention(keras.layers.Layer):
             score_mods=self.score_mods,
             pattern=pattern,
             normalizer=self.normalizer,
-            positions=positions,
+            positions=get_positions(),
             mask=attention_mask,
             dropout=self._dropout_layer if self.dropout else None,
             training=training,

@@ -929,3 +929,30 @@ def test_relative_position_with_a_different_num_heads():
     with pytest.raises(ValueError, match=r"num_heads=2.*Received: score_mods\[0\].num_heads=3"):
         layer(X)
     assert not layer.built and layer.weights == []
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="inspects a tf.function graph")
+def test_the_fused_path_traces_the_same_graph_as_keras():
+    # The dense causal benchmark compares the two layers; on the fused path they must
+    # run the same operations, projections and kernel, forward and backward.
+    import collections
+
+    import tensorflow as tf
+
+    def op_types(layer):
+        x = keras.random.normal((1, 16, 32))
+        layer(x, x, use_causal_mask=True)
+
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                loss = tf.reduce_sum(layer(x, x, use_causal_mask=True))
+            return tape.gradient(loss, [x, *layer.trainable_variables])
+
+        graph = step.get_concrete_function(x).graph
+        return collections.Counter(op.type for op in graph.get_operations())
+
+    ours = keras_attn.MultiHeadAttention(num_heads=4, key_dim=8)
+    assert op_types(ours) == op_types(keras.layers.MultiHeadAttention(num_heads=4, key_dim=8))
+    assert ours.last_path == "fused"
