@@ -1,0 +1,87 @@
+"""The benchmark scripts: their counts of useful work, the merging of rounds, the report."""
+
+import numpy as np
+import pytest
+from keras import ops
+
+from benchmarks import matmul_shapes
+from benchmarks import report
+from benchmarks import run
+from keras_attn import patterns
+from keras_attn.positions import make_positions
+
+
+def _pattern_pairs(pattern, length):
+    mask = ops.convert_to_numpy(pattern.mask(make_positions(length, length, 1)))
+    return int(np.broadcast_to(mask, (1, 1, length, length)).sum())
+
+
+@pytest.mark.parametrize("length", [1, 7, 300, 600])
+def test_allowed_pairs_count_what_the_patterns_allow(length):
+    # The FLOP rates divide these counts by time: they must be the patterns' own.
+    assert run.allowed_pairs("dense", length) == _pattern_pairs(patterns.Causal(), length)
+    local = patterns.Local(run.WINDOW)
+    assert run.allowed_pairs("local", length) == _pattern_pairs(local, length)
+    both = local | patterns.GlobalTokens(1)
+    assert run.allowed_pairs("local_global", length) == _pattern_pairs(both, length)
+
+
+def test_useful_flops():
+    pairs = run.allowed_pairs("local", 1024)
+    assert run.useful_flops("local", 1024, projections=False) == 3 * pairs * 8 * 4 * 64
+    projections = 3 * 4 * 2 * 1024 * 512 * 512
+    assert run.useful_flops("local", 1024) == run.useful_flops("local", 1024, False) + projections
+
+
+def test_merge_rounds_takes_the_median_time_and_the_largest_peak():
+    def result(impl, time_s, peak, round_):
+        spec = {"impl": impl, "case": "dense", "length": 256, "round": round_}
+        return {**spec, "time_s": time_s, "peak_rss": peak, "load_before": 1.0}
+
+    results = [
+        result("keras_attn", 3.0, 10, 0),
+        result("keras", 2.0, 11, 0),
+        result("keras_attn", 1.0, 12, 1),
+        result("keras", 2.0, 11, 1),
+        result("keras_attn", 2.0, 11, 2),
+        {"impl": "keras", "case": "dense", "length": 256, "round": 2, "error": "exit 1"},
+    ]
+    merged = run.merge_rounds(results)
+    assert [(r["impl"], r["time_s"], r["peak_rss"]) for r in merged] == [
+        ("keras_attn", 2.0, 12),
+        ("keras", 2.0, 11),
+    ]
+    assert merged[0]["round_times_s"] == [3.0, 1.0, 2.0]
+
+
+def test_report_states_which_targets_are_met(tmp_path):
+    def r(impl, case, length, time_s, peak_gib, **extra):
+        return {
+            "impl": impl, "case": case, "length": length, "time_s": time_s,
+            "peak_rss": peak_gib * 2**30, "load_before": 1.0, "path": "block_sparse", **extra,
+        }  # fmt: skip
+
+    results = [
+        r("ref", "matmul", 2048, 2 * 2048**3 / 200e9, 1),  # 200 GFLOP/s
+        r("keras_attn", "dense", 256, 1.0, 1),
+        r("keras", "dense", 256, 1.1, 1),
+        r("keras_attn", "local", 8192, 1.0, 1.5),
+        r("keras", "local", 8192, 7.0, 9.0),
+        r("keras_attn", "local", 65536, 8.5, 9.0),
+        r("keras_attn", "core", 8192, 0.5, 1.5, computed_pairs=8 * 64 * 5 * 128 * 128),
+    ]
+    meta = {"machine": "m", "backend": "tensorflow", "backend_version": "x", "keras": "y"}
+    report.write(results, {**meta, "date": "d", "duration_s": 60}, str(tmp_path))
+    text = (tmp_path / "results.md").read_text()
+    assert "Dense time ratio <= 1.0 at every T: **met** (worst 0.91" in text
+    assert "at least 6x faster: **met** (7.0x); at most 1/5 the peak memory: **met**" in text
+    assert "time(65536) / time(8192) <= 9: **met** (8.5" in text
+    # Useful work counted from the pattern itself, over 0.5 s, against 200 GFLOP/s.
+    rate = 3 * _pattern_pairs(patterns.Local(run.WINDOW), 8192) * 8 * 4 * 64 / 0.5 / 1e9
+    assert f"(200.0 GFLOP/s): **missed** (kernel best {rate:.1f} GFLOP/s = 25%" in text
+
+
+def test_matmul_shapes_runs(capsys):
+    matmul_shapes.main(["--length", "512", "--square", "64"])
+    out = capsys.readouterr().out
+    assert "| scores q·kᵀ (writes a slab) |" in out and "Bound on the kernel's useful rate" in out
