@@ -10,6 +10,7 @@ All three agree. `choose_path` picks one; the layer records the choice in
 ``layer.last_path`` and logs it at debug level.
 """
 
+import functools
 import logging
 
 import keras
@@ -49,22 +50,61 @@ def choose_path(
     block_sparse="auto",
     block_size=128,
     query_offset=0,
+    flash_attention=None,
 ):
     """The path that runs this attention: one of `PATHS`.
 
     ``block_sparse=True`` insists on the block-sparse path, even where the fused one
-    would do; ``False`` never takes it.
+    would do; ``False`` never takes it. With ``"auto"``, a fusable sparse pattern
+    (causal) still takes the block-sparse path on a CPU, where the fused kernel
+    computes the whole score matrix, once it skips enough blocks
+    (`block_sparse.MAX_FRACTION_OVER_FUSED`), unless ``flash_attention`` is True.
     """
-    fusable = is_fusable(score, score_mods, pattern, normalizer, return_scores, dropout_active)
-    if fusable and block_sparse is not True:
-        return "fused"
     from keras_attn import block_sparse as block_sparse_module
 
+    fusable = is_fusable(score, score_mods, pattern, normalizer, return_scores, dropout_active)
+    if fusable and block_sparse is not True:
+        cpu_fused = (
+            block_sparse == "auto" and flash_attention is not True and fused_kernel_is_dense()
+        )
+        if cpu_fused and block_sparse_module.pays_off(
+            pattern,
+            query_length,
+            key_length,
+            block_size=block_size,
+            query_offset=query_offset,
+            max_fraction=block_sparse_module.MAX_FRACTION_OVER_FUSED,
+        ):
+            return "block_sparse"
+        return "fused"
     if block_sparse_module.pays_off(
         pattern, query_length, key_length, block_sparse, block_size, query_offset
     ):
         return "block_sparse"
     return "dense"
+
+
+@functools.cache
+def fused_kernel_is_dense():
+    """Whether `keras.ops.dot_product_attention` forms the whole score matrix here.
+
+    True on a CPU (every backend's kernel there is the plain masked computation);
+    False where a GPU or TPU is visible, whose fused kernels may be flash kernels.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.default_backend() == "cpu"
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return not any(tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU"))
+    if backend == "torch":
+        import torch
+
+        return not torch.cuda.is_available()
+    return False
 
 
 def combine_masks(*masks):

@@ -506,6 +506,7 @@ class Attention(keras.layers.Layer):
             block_sparse=self.block_sparse,
             block_size=self.block_size,
             query_offset=query_offset,
+            flash_attention=self.flash_attention,
         )
         self._record_path(path)
 

@@ -337,3 +337,42 @@ def test_weighted_sum_uses_the_normalizer_when_it_is_not_plain_softmax():
     )
     _, none = engine.weighted_sum(normalizers.Softmax(), logits, value)
     assert none is None or keras.backend.backend() not in ("tensorflow", "jax")
+
+
+# -- causal on a CPU: block-sparse instead of the fused kernel ---------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, path",
+    [
+        (dict(query_length=1024, key_length=1024), "block_sparse"),  # 0.67 of the blocks
+        (dict(query_length=512, key_length=512), "fused"),  # 4 x 4 blocks: all computed
+        (dict(query_length=1024, key_length=1024, flash_attention=True), "fused"),
+        (dict(query_length=1024, key_length=1024, block_sparse=False), "fused"),
+        (dict(query_length=1024, key_length=1024, query_offset=None), "fused"),  # traced
+    ],
+)
+def test_causal_takes_the_block_sparse_path_where_the_fused_kernel_is_dense(kwargs, path):
+    # On a CPU, keras.ops.dot_product_attention computes every score; a causal pattern
+    # long enough skips a third of the blocks on the block-sparse path.
+    assert engine.fused_kernel_is_dense()  # the test machines have no GPU or TPU
+    assert choose(pattern="causal", **kwargs) == path
+
+
+def test_where_the_fused_kernel_is_not_dense_causal_stays_fused(monkeypatch):
+    monkeypatch.setattr(engine, "fused_kernel_is_dense", lambda: False)
+    assert choose(pattern="causal", query_length=4096, key_length=4096) == "fused"
+
+
+def test_long_causal_self_attention_equals_the_fused_kernel():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1, 1100, 16)).astype("float32")  # 9 blocks, the last one partial
+    auto = keras_attn.MultiHeadAttention(num_heads=2, key_dim=8)
+    fused = keras_attn.MultiHeadAttention(num_heads=2, key_dim=8, block_sparse=False)
+    auto.build(x.shape, x.shape)
+    fused.build(x.shape, x.shape)
+    fused.set_weights(auto.get_weights())
+    got = ops.convert_to_numpy(auto(x, x, use_causal_mask=True))
+    want = ops.convert_to_numpy(fused(x, x, use_causal_mask=True))
+    assert (auto.last_path, fused.last_path) == ("block_sparse", "fused")
+    np.testing.assert_allclose(got, want, atol=1e-5)
