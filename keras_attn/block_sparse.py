@@ -312,11 +312,13 @@ def _to_blocks(x, num_blocks, block_size):
 
 
 def _narrow(x, start, count):
-    """``x[:, :, start : start + count]``.
+    """``x[:, :, start : start + count]`` (`x` itself when that is all of it).
 
     `ops.slice` rather than indexing: on TensorFlow the gradient of a slice is a
     pad, while that of a strided slice is several times slower.
     """
+    if start == 0 and count == x.shape[2]:
+        return x
     begin = [0] * len(x.shape)
     begin[2] = start
     size = [-1 if d is None else d for d in x.shape]
@@ -418,11 +420,10 @@ def _block_data_mask(mask, layout, group):
     return ops.reshape(mask, lead + (rows, bs, width * bs))
 
 
-def _group_attention(q, k, v, layout, group, *, whole, score, score_mods, pattern, normalizer,
+def _group_attention(q, k, v, layout, group, *, score, score_mods, pattern, normalizer,
                      positions, mask, dropout, training, return_weights):  # fmt: skip
     """Attention of one row group on its slab: ``(B, H, R, bs, Dv)`` and weights."""
-    if not whole:
-        q = _take_blocks(q, group.rows)  # (B, H, R, bs, D)
+    q = _take_blocks(q, group.rows)  # (B, H, R, bs, D)
     k = _key_slab(k, group)  # (B, H, R, W * bs, D)
     v = _key_slab(v, group)  # (B, H, R, W * bs, Dv)
     block_positions = _block_positions(positions, layout, group)
@@ -442,12 +443,10 @@ def _group_attention(q, k, v, layout, group, *, whole, score, score_mods, patter
         element_mask = (
             data_mask if element_mask is None else ops.logical_and(element_mask, data_mask)
         )
-    if not return_weights:
-        return engine.weighted_sum(normalizer, logits, v, element_mask, dropout, training)
-    weights = normalizer(logits, mask=element_mask, training=training)
-    dropped = dropout(weights, training=training) if dropout is not None else weights
-    output = ops.matmul(ops.cast(dropped, v.dtype), v)  # (B, H, R, bs, Dv)
-    return output, weights
+    # (B, H, R, bs, Dv) and (B, H, R, bs, W * bs) or None
+    return engine.weighted_sum(
+        normalizer, logits, v, element_mask, dropout, training, return_weights
+    )
 
 
 def _scatter_weights(weights, layout, batch, heads):
@@ -517,11 +516,10 @@ def block_sparse_attention(
     q = _to_blocks(query, nq, block_size)  # (B, H, nq, bs, D)
     k = _to_blocks(key, nk, block_size)  # (B, H, nk, bs, D)
     v = _to_blocks(value, nk, block_size)  # (B, H, nk, bs, Dv)
-    whole = len(layout.groups) == 1 and layout.order is None
     outputs, weights = [], []
     for group in layout.groups:
         out, w = _group_attention(
-            q, k, v, layout, group, whole=whole, score=score, score_mods=score_mods,
+            q, k, v, layout, group, score=score, score_mods=score_mods,
             pattern=pattern, normalizer=normalizer, positions=positions, mask=mask,
             dropout=dropout, training=training, return_weights=return_weights,
         )  # fmt: skip
@@ -532,8 +530,7 @@ def block_sparse_attention(
         output = ops.take(output, layout.order, axis=2)  # rows back in order
     heads, dv = value.shape[1], value.shape[-1]
     output = ops.reshape(output, (-1, heads, nq * block_size, dv))  # (B, H, nq * bs, Dv)
-    if nq * block_size != tq:
-        output = _narrow(output, 0, tq)
+    output = _narrow(output, 0, tq)  # (B, H, Tq, Dv)
     if not return_weights:
         return output, None
     return output, _scatter_weights(weights, layout, ops.shape(query)[0], heads)

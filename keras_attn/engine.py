@@ -125,19 +125,22 @@ def pattern_mask(pattern, positions):
     return pattern.mask(positions)
 
 
-def weighted_sum(normalizer, logits, value, mask=None, dropout=None, training=None):
+def weighted_sum(
+    normalizer, logits, value, mask=None, dropout=None, training=None, return_weights=True
+):
     """``normalizer(logits, mask) @ value``: the attention output and the weights.
 
-    For plain softmax without active dropout on TensorFlow and JAX, this is
-    `softmax_weighted_sum`, whose gradient skips several passes over the logits,
-    and the weights are not formed for the caller (None is returned for them).
+    When the weights are not asked for, plain softmax without active dropout on
+    TensorFlow and JAX runs as `softmax_weighted_sum`, whose gradient skips several
+    passes over the logits, and no weights are formed (None is returned for them).
 
     Returns:
-        ``(output, weights or None)``.
+        ``(output, weights)``; the weights are None only when not asked for.
     """
     dropout_active = dropout is not None and bool(training) and dropout.rate > 0
     if (
-        type(normalizer) is normalizers.Softmax
+        not return_weights
+        and type(normalizer) is normalizers.Softmax
         and not dropout_active
         and keras.backend.backend() in ("tensorflow", "jax")
     ):
@@ -234,12 +237,7 @@ def dense_attention(
     for mod in score_mods:
         logits = mod(logits, positions=positions)
     mask = combine_masks(pattern_mask(pattern, positions), mask)
-    if not return_weights:
-        return weighted_sum(normalizer, logits, value, mask, dropout, training)
-    weights = normalizer(logits, mask=mask, training=training)
-    dropped = dropout(weights, training=training) if dropout is not None else weights
-    output = ops.matmul(ops.cast(dropped, value.dtype), value)  # (B, H, Tq, Dv)
-    return output, weights
+    return weighted_sum(normalizer, logits, value, mask, dropout, training, return_weights)
 
 
 def fused_attention(query, key, value, *, scale, causal, mask=None, flash_attention=None):

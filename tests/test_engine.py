@@ -335,8 +335,10 @@ def test_weighted_sum_uses_the_normalizer_when_it_is_not_plain_softmax():
     np.testing.assert_allclose(
         ops.convert_to_numpy(output), ops.convert_to_numpy(weights) @ value, atol=1e-6
     )
-    _, none = engine.weighted_sum(normalizers.Softmax(), logits, value)
+    _, none = engine.weighted_sum(normalizers.Softmax(), logits, value, return_weights=False)
     assert none is None or keras.backend.backend() not in ("tensorflow", "jax")
+    _, weights = engine.weighted_sum(normalizers.Softmax(), logits, value)
+    np.testing.assert_allclose(ops.convert_to_numpy(weights).sum(-1), 1.0, atol=1e-6)
 
 
 # -- causal on a CPU: block-sparse instead of the fused kernel ---------------------------
