@@ -16,6 +16,7 @@ from keras_attn import patterns
 from keras_attn import score_mods
 from keras_attn import scores
 from keras_attn.positions import make_positions
+from tests.autodiff import value_and_grads
 
 RNG = np.random.default_rng(7)
 
@@ -248,25 +249,6 @@ def test_fused_path_inside_a_compiled_function():
 # -- softmax_weighted_sum: the hand-written gradient -------------------------------------
 
 
-def _value_and_grads(fn, *args):
-    """``fn(*args)`` (a scalar) and its gradients for every argument, by autodiff."""
-    backend = keras.backend.backend()
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        args = [tf.constant(a) for a in args]
-        with tf.GradientTape() as tape:
-            tape.watch(args)
-            y = fn(*args)
-        return float(y), [g.numpy() for g in tape.gradient(y, args)]
-    if backend == "jax":
-        import jax
-
-        y, grads = jax.value_and_grad(fn, argnums=tuple(range(len(args))))(*args)
-        return float(y), [np.asarray(g) for g in grads]
-    pytest.skip(f"no gradient helper for backend {backend}")
-
-
 @given(
     tq=st.integers(1, 9),
     tk=st.integers(1, 9),
@@ -303,8 +285,8 @@ def test_softmax_weighted_sum_equals_softmax_then_matmul(tq, tk, dv, mask_kind, 
     def fast(logits, value):
         return ops.sum(engine.softmax_weighted_sum(logits, value, mask) * cot)
 
-    want_y, want_grads = _value_and_grads(reference, logits, value)
-    got_y, got_grads = _value_and_grads(fast, logits, value)
+    want_y, want_grads = value_and_grads(reference, logits, value)
+    got_y, got_grads = value_and_grads(fast, logits, value)
     np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
     for name, g, w in zip(["d_logits", "d_value"], got_grads, want_grads, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-5, err_msg=name)
