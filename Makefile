@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml $(PLUGINS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e ".[tensorflow,jax,examples,viz,tests]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
+	command -v chromedriver >/dev/null || { command -v apt-get >/dev/null && $$([ "$$(id -u)" = 0 ] || echo sudo -n) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver'; } || echo "warning: could not install chromium and chromedriver; the browser tests of keras_attn.viz will be skipped"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -122,12 +122,17 @@ class AttentionViewer:
         """``(Tq, Tk)``: the numbers of queries and keys shown."""
         return self._spec["queryLength"], self._spec["keyLength"]
 
-    def fragment(self):
-        """The viewer as an HTML fragment (a ``div``), with a fresh id each call."""
+    def fragment(self, root_id=None):
+        """The viewer as an HTML fragment (a ``div``).
+
+        Args:
+            root_id: The id of its root element; by default a fresh one each call, so
+                that the same viewer can be shown twice in one notebook.
+        """
         data = json.dumps(self._spec, separators=(",", ":"))
         # A token such as "</script>" must not end the data block.
         data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
-        root_id = f"ka-viewer-{uuid.uuid4().hex[:12]}"
+        root_id = root_id or f"ka-viewer-{uuid.uuid4().hex[:12]}"
         hint = "hover a patch" if self._spec["image"] else "hover a token"
         return page.TEMPLATE.format(
             root_id=root_id,
@@ -139,8 +144,9 @@ class AttentionViewer:
 
     @property
     def html(self):
-        """The whole page, one self-contained HTML document."""
-        return page.DOCUMENT.format(title=html.escape(self.title), fragment=self.fragment())
+        """The whole page, one self-contained HTML document (the same text each time)."""
+        fragment = self.fragment(root_id="ka-viewer")
+        return page.DOCUMENT.format(title=html.escape(self.title), fragment=fragment)
 
     def save(self, path):
         """Write the page to `path` (UTF-8) and return `path`."""
@@ -155,10 +161,8 @@ class AttentionViewer:
     def __repr__(self):
         heads = [layer["heads"] for layer in self._spec["layers"]]
         kind = "image" if self._spec["image"] else "text"
-        return (
-            f"<AttentionViewer {kind}: {self.num_layers} layers, heads {heads}, "
-            f"(Tq, Tk)={self.shape}>"
-        )
+        layers = f"{self.num_layers} layer" + ("s" if self.num_layers != 1 else "")
+        return f"<AttentionViewer {kind}: {layers}, heads {heads}, (Tq, Tk)={self.shape}>"
 
 
 def _base64_float32(weights):
