@@ -18,7 +18,9 @@ import keras_attn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from examples import bert  # noqa: E402
 from examples import datasets  # noqa: E402
-from examples import text as text_lib  # noqa: E402
+from examples.bert import __main__ as bert_cli  # noqa: E402
+from examples.bert import data as bert_data  # noqa: E402
+from examples.common import text as text_lib  # noqa: E402
 from examples.datasets import pydoc_order  # noqa: E402
 
 TINY = dict(num_layers=2, num_heads=2, hidden_dim=16)
@@ -147,8 +149,8 @@ def test_bad_model_arguments_fail_early(kwargs, match):
     seed=st.integers(0, 2**16),
 )
 def test_mask_tokens_follows_bert_recipe(tokenizer, rows, length, seed):
-    ids = bert.mlm_windows(np.arange(rows * (length - 1)) % 50 + 5, length, tokenizer.cls_id)
-    out = bert.mask_tokens(ids, np.random.default_rng(seed), tokenizer)
+    ids = bert_data.mlm_windows(np.arange(rows * (length - 1)) % 50 + 5, length, tokenizer.cls_id)
+    out = bert_data.mask_tokens(ids, np.random.default_rng(seed), tokenizer)
     p = int(np.ceil(0.15 * length))
     assert out["mask_positions"].shape == out["labels"].shape == (rows, p)
     for row in range(rows):
@@ -163,8 +165,8 @@ def test_mask_tokens_follows_bert_recipe(tokenizer, rows, length, seed):
 
 
 def test_mask_tokens_replacement_rates(tokenizer):
-    ids = bert.mlm_windows(np.arange(400 * 99) % 80 + 5, 100, tokenizer.cls_id)
-    out = bert.mask_tokens(ids, np.random.default_rng(0), tokenizer)
+    ids = bert_data.mlm_windows(np.arange(400 * 99) % 80 + 5, 100, tokenizer.cls_id)
+    out = bert_data.mask_tokens(ids, np.random.default_rng(0), tokenizer)
     rows = np.arange(len(ids))[:, None]
     at_positions = out["token_ids"][rows, out["mask_positions"]]
     masked = np.mean(at_positions == tokenizer.mask_id)
@@ -174,7 +176,7 @@ def test_mask_tokens_replacement_rates(tokenizer):
 
 
 def test_encode_classification_cuts_and_pads(tokenizer):
-    ids, cut = bert.encode_classification(tokenizer, ["abc", "x" * 20], 8)
+    ids, cut = bert_data.encode_classification(tokenizer, ["abc", "x" * 20], 8)
     assert cut == 1
     np.testing.assert_array_equal(ids[0], [tokenizer.cls_id, *tokenizer.encode("abc"), 0, 0, 0, 0])
     np.testing.assert_array_equal(ids[1, 1:], tokenizer.encode("x" * 7))
@@ -200,12 +202,12 @@ def test_pydoc_order_is_balanced_and_reorders_only_words(data_dir):
 def _pydoc_windows(data_dir, tokenizer, length, count):
     ds = datasets.load("pydoc_text", "train", data_dir=data_dir)
     ids = tokenizer.encode("\n\n".join(text_lib.read_texts(ds)))
-    return bert.mlm_windows(ids, length, tokenizer.cls_id)[:count]
+    return bert_data.mlm_windows(ids, length, tokenizer.cls_id)[:count]
 
 
 def test_short_pretraining_reduces_masked_token_loss_on_pydoc_text(data_dir, tokenizer):
     windows = _pydoc_windows(data_dir, tokenizer, 32, 256)
-    x, y, w = bert.mlm_arrays(windows, tokenizer, seed=0)
+    x, y, w = bert_data.mlm_arrays(windows, tokenizer, seed=0)
     model = bert.compile_bert(
         bert.build_bert(tokenizer.vocab_size, 32, dropout=0.0, **TINY), learning_rate=3e-3
     )
@@ -218,8 +220,8 @@ def test_short_pretraining_reduces_masked_token_loss_on_pydoc_text(data_dir, tok
 def test_short_finetuning_reduces_loss_on_pydoc_order(data_dir, tokenizer):
     ds = datasets.load("pydoc_order", "train[:64]", data_dir=data_dir)
     rows = list(ds.as_numpy_iterator())
-    ids, _ = bert.encode_classification(tokenizer, [r["text"].decode() for r in rows], 64)
-    x, y = bert._cls_inputs(ids), np.array([r["label"] for r in rows])
+    ids, _ = bert_data.encode_classification(tokenizer, [r["text"].decode() for r in rows], 64)
+    x, y = bert_data.cls_inputs(ids), np.array([r["label"] for r in rows])
     model = bert.compile_bert(
         bert.build_bert(tokenizer.vocab_size, 64, num_classes=2, dropout=0.0, **TINY), 3e-3
     )
@@ -235,7 +237,7 @@ def test_short_finetuning_reduces_loss_on_pydoc_order(data_dir, tokenizer):
 def test_pretrain_then_finetune_from_the_command_line(data_dir, tmp_path):
     pre, fine = tmp_path / "pre", tmp_path / "fine"
     common = ["--data-dir", data_dir, "--epochs", "1", "--steps", "2", *TINY_FLAGS]
-    metrics = bert.main(
+    metrics = bert_cli.main(
         [
             "pretrain",
             *common,
@@ -258,7 +260,7 @@ def test_pretrain_then_finetune_from_the_command_line(data_dir, tmp_path):
     encoder = loaded.get_layer("bert_encoder")
     assert isinstance(encoder.get_layer("block_0_attention"), keras_attn.HardAttention)
 
-    metrics = bert.main(
+    metrics = bert_cli.main(
         ["finetune", *common, "--output", str(fine), "--pretrained", str(pre), "--batch-size", "8"]
     )
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["num_classes"] == 2
@@ -270,12 +272,12 @@ def test_pretrain_then_finetune_from_the_command_line(data_dir, tmp_path):
 def test_tfds_catalog_datasets_by_name(tmp_path, name, split):
     """The catalog datasets go through tfds.load; mock_data stands in for the download."""
     with tfds.testing.mock_data(num_examples=6, data_dir=str(tmp_path / "mock")):
-        args = bert.make_parser().parse_args(
+        args = bert_cli.make_parser().parse_args(
             ["finetune", "--dataset", name, "--data-dir", str(tmp_path / "mock")]
         )
-        texts, labels = bert.load_examples(args, "test", bert.CLASSIFY_DATASETS)
+        texts, labels = bert_data.load_examples(args, "test", bert_data.CLASSIFY_DATASETS)
         assert len(texts) == len(labels) == 6 and all(isinstance(t, str) for t in texts)
-        metrics = bert.main(
+        metrics = bert_cli.main(
             [
                 "finetune",
                 "--dataset",
@@ -298,7 +300,7 @@ def test_tfds_catalog_datasets_by_name(tmp_path, name, split):
 
 def _fails(argv, capsys, match):
     with pytest.raises(SystemExit) as exc:
-        bert.main(argv)
+        bert_cli.main(argv)
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
 

@@ -15,6 +15,7 @@ import keras_attn
 # examples/ is a folder of the repository, not an installed package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from examples import gpt  # noqa: E402
+from examples.gpt import __main__ as gpt_cli  # noqa: E402
 
 VOCAB = 23
 
@@ -208,7 +209,7 @@ def data_dir(tmp_path_factory):
 
 
 def run_main(argv):
-    return gpt.main(argv)
+    return gpt_cli.main(argv)
 
 
 def test_train_reduces_loss_on_the_embedded_text_and_writes_a_finished_run(tmp_path, data_dir):
@@ -238,12 +239,15 @@ def test_train_reduces_loss_on_the_embedded_text_and_writes_a_finished_run(tmp_p
 def test_resume_continues_from_the_last_checkpoint(tmp_path, data_dir):
     out = tmp_path / "run"
     argv = ["train", "--output", str(out), "--data-dir", data_dir, "--steps", "5", *TINY]
-    run_main(argv + ["--epochs", "1"])
+    first = run_main(argv + ["--epochs", "1"])
     resumed = run_main(argv + ["--epochs", "2", "--resume"])
     with open(out / "run.json") as f:
         info = json.load(f)
     assert info["resumed_epoch"] == 1 and info["status"] == "finished"
-    assert len(resumed["loss_per_epoch"]) == 1
+    # Every epoch the model has trained: the first run's, then the resumed one's.
+    assert len(resumed["loss_per_epoch"]) == 2
+    assert resumed["loss_per_epoch"][0] == pytest.approx(first["loss_per_epoch"][0])
+    assert resumed["loss_per_epoch"][1] == pytest.approx(resumed["loss"])
     assert sorted(os.listdir(out / "checkpoints")) == ["epoch-0001.keras", "epoch-0002.keras"]
 
 

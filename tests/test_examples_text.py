@@ -1,4 +1,4 @@
-"""The text pipeline of the examples (examples/text.py)."""
+"""The text pipeline of the examples (examples/common/text.py)."""
 
 import pathlib
 import sys
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 # examples/ is a folder of the repository, not an installed package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from examples import text  # noqa: E402
+from examples.common import text  # noqa: E402
 
 CORPUS = ["The quick brown fox.", "Jumps over the lazy dog!\n"]
 

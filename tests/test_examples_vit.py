@@ -17,6 +17,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from examples import datasets  # noqa: E402
 from examples import vit  # noqa: E402
 from examples.datasets import digits  # noqa: E402
+from examples.vit import __main__ as vit_cli  # noqa: E402
+from examples.vit import data as vit_data  # noqa: E402
 
 TINY = dict(patch_size=2, num_layers=2, num_heads=2, hidden_dim=16)
 TINY_FLAGS = ["--num-layers", "1", "--num-heads", "2", "--hidden-dim", "16", "--verbose", "0"]
@@ -129,8 +131,8 @@ def test_sklearn_digits_is_scikit_learns_digits_split_once(data_dir):
 
 
 def test_short_training_reduces_loss_on_embedded_digits(data_dir):
-    args = vit.make_parser().parse_args(["train", "--data-dir", data_dir])
-    x, y = vit.load_images(args, "train")
+    args = vit_cli.make_parser().parse_args(["train", "--data-dir", data_dir])
+    x, y = vit_data.load_images(args, "train")
     x, y = x[:256].astype("float32"), y[:256]
     model = vit.compile_vit(vit.build_vit((8, 8, 1), 10, dropout=0.0, **TINY), 3e-3, 40)
     before = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
@@ -145,7 +147,7 @@ def test_short_training_reduces_loss_on_embedded_digits(data_dir):
 
 def test_train_with_hard_attention_from_the_command_line(data_dir, tmp_path):
     out = tmp_path / "run"
-    metrics = vit.main(
+    metrics = vit_cli.main(
         [
             "train",
             "--data-dir",
@@ -170,7 +172,7 @@ def test_train_with_hard_attention_from_the_command_line(data_dir, tmp_path):
     assert isinstance(model.get_layer("block_0_attention"), keras_attn.HardAttention)
 
     # --resume continues from the last checkpoint to the new --epochs.
-    metrics = vit.main(
+    metrics = vit_cli.main(
         [
             "train",
             "--data-dir",
@@ -194,10 +196,12 @@ def test_tfds_catalog_datasets_by_name(tmp_path, name, shape):
     """mnist and cifar10 go through tfds.load; mock_data stands in for the download."""
     mock_dir = str(tmp_path / "mock")
     with tfds.testing.mock_data(num_examples=4, data_dir=mock_dir):
-        args = vit.make_parser().parse_args(["train", "--dataset", name, "--data-dir", mock_dir])
-        images, labels = vit.load_images(args, "test")
+        args = vit_cli.make_parser().parse_args(
+            ["train", "--dataset", name, "--data-dir", mock_dir]
+        )
+        images, labels = vit_data.load_images(args, "test")
         assert images.shape == (4, *shape) and labels.shape == (4,)
-        metrics = vit.main(
+        metrics = vit_cli.main(
             [
                 "train",
                 "--dataset",
@@ -218,7 +222,7 @@ def test_tfds_catalog_datasets_by_name(tmp_path, name, shape):
 
 def _fails(argv, capsys, match):
     with pytest.raises(SystemExit) as exc:
-        vit.main(argv)
+        vit_cli.main(argv)
     assert exc.value.code == 2
     assert match in capsys.readouterr().err
 
@@ -244,7 +248,7 @@ def test_patch_size_that_does_not_tile_the_image_is_a_clear_error(data_dir, tmp_
 
 def test_compare_trains_both_models_from_the_same_weights(data_dir, tmp_path):
     out = tmp_path / "compare"
-    result = vit.main(
+    result = vit_cli.main(
         [
             "compare",
             "--data-dir",

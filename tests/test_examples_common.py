@@ -1,4 +1,5 @@
-"""The shared training conventions of the examples (examples/training.py)."""
+"""What the examples share (examples/common): command line, attention, run folder, devices,
+heatmaps."""
 
 import argparse
 import json
@@ -18,13 +19,17 @@ import keras_attn
 # examples/ is a folder of the repository, not an installed package.
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from examples import training  # noqa: E402
+from examples.common import attention as attention_lib  # noqa: E402
+from examples.common import cli  # noqa: E402
+from examples.common import devices  # noqa: E402
+from examples.common import heatmaps  # noqa: E402
+from examples.common import run as run_lib  # noqa: E402
 
 # -- command line --------------------------------------------------------------------
 
 
 def parse(argv, commands=None):
-    parser, _ = training.make_parser(
+    parser, _ = cli.make_parser(
         "prog", "test", commands or {"train": "train"}, ("pydoc_text", "other")
     )
     return parser.parse_args(argv)
@@ -35,7 +40,7 @@ def test_attention_flags_take_names_and_json_specs():
         ["train", "--pattern", '{"name": "local", "config": {"window": 64, "causal": true}}']
         + ["--normalizer", "hard", "--score-mod", "softcap", "--score-mod", "relative_position"]
     )
-    assert training.attention_from_args(args) == {
+    assert cli.attention_from_args(args) == {
         "layer": "attention",
         "score": "scaled_dot",
         "pattern": {"name": "local", "config": {"window": 64, "causal": True}},
@@ -48,10 +53,10 @@ def test_attention_flags_take_names_and_json_specs():
 @pytest.mark.parametrize("text", ['{"name": ', '{"config": {}}', "[1]"])
 def test_bad_json_specs_are_rejected(text):
     if text.startswith("["):
-        assert training.parse_component(text) == "[1]"  # a name; the registry rejects it later
+        assert cli.parse_component(text) == "[1]"  # a name; the registry rejects it later
         return
     with pytest.raises(argparse.ArgumentTypeError):
-        training.parse_component(text)
+        cli.parse_component(text)
 
 
 def test_resume_and_overwrite_exclude_each_other(capsys):
@@ -64,21 +69,21 @@ def test_resume_and_overwrite_exclude_each_other(capsys):
 
 
 def test_attention_layer_builds_presets_with_their_config():
-    layer = training.attention_layer(
+    layer = attention_lib.attention_layer(
         {"layer": {"name": "local", "config": {"window": 3, "causal": True}}}, 2, 8
     )
     assert type(layer) is keras_attn.LocalAttention and layer.window == 3 and layer.causal
-    hard = training.attention_layer({"layer": "hard", "normalizer": "softmax"}, 2, 8)
+    hard = attention_lib.attention_layer({"layer": "hard", "normalizer": "softmax"}, 2, 8)
     assert keras_attn.plugins.registry_name(hard.normalizer) == "hard"  # the preset wins
-    reference = training.attention_layer({"layer": "keras"}, 2, 8)
+    reference = attention_lib.attention_layer({"layer": "keras"}, 2, 8)
     assert type(reference) is keras.layers.MultiHeadAttention
 
 
 def test_check_attention_names_unknown_components_early():
     with pytest.raises(keras_attn.UnknownComponentError, match="no_such_score"):
-        training.check_attention({"score": "no_such_score"})
+        attention_lib.check_attention({"score": "no_such_score"})
     with pytest.raises(keras_attn.UnknownComponentError, match="no_such_layer"):
-        training.check_attention({"layer": "no_such_layer"})
+        attention_lib.check_attention({"layer": "no_such_layer"})
 
 
 class Halved(keras_attn.Normalizer):
@@ -99,8 +104,8 @@ def test_a_plugin_component_is_usable_from_the_flags():
     keras_attn.plugins.register(plugin, name="test_examples_plugin")
     try:
         args = parse(["train", "--normalizer", "test_halved_softmax"])
-        attention = training.check_attention(training.attention_from_args(args))
-        layer = training.attention_layer(attention, 1, 4)
+        attention = attention_lib.check_attention(cli.attention_from_args(args))
+        layer = attention_lib.attention_layer(attention, 1, 4)
         x = np.random.default_rng(0).normal(size=(1, 3, 4)).astype("float32")
         _, weights = layer(x, x, return_attention_scores=True)
         np.testing.assert_allclose(keras.ops.convert_to_numpy(weights).sum(-1), 0.5, rtol=1e-5)
@@ -122,7 +127,7 @@ def read_json(path):
 
 def test_a_run_is_renamed_into_place_only_when_it_finishes(tmp_path):
     out = tmp_path / "run"
-    with training.Run(run_args(out), "test") as run:
+    with run_lib.Run(run_args(out), "test") as run:
         assert run.path == str(out) + ".partial"
         assert read_json(os.path.join(run.path, "run.json"))["status"] == "running"
         assert not out.exists()
@@ -135,7 +140,7 @@ def test_a_run_is_renamed_into_place_only_when_it_finishes(tmp_path):
 def test_a_failed_run_stays_partial_and_says_why(tmp_path):
     out = tmp_path / "run"
     with pytest.raises(RuntimeError, match="boom"):
-        with training.Run(run_args(out), "test"):
+        with run_lib.Run(run_args(out), "test"):
             raise RuntimeError("boom")
     assert not out.exists()
     info = read_json(str(out) + ".partial/run.json")
@@ -144,17 +149,13 @@ def test_a_failed_run_stays_partial_and_says_why(tmp_path):
 
 def test_a_finished_run_is_kept_unless_resumed_or_overwritten(tmp_path):
     out = tmp_path / "run"
-    with training.Run(run_args(out), "test") as run:
+    with run_lib.Run(run_args(out), "test") as run:
         run.save_metrics({"loss": 1.0})
-    with pytest.raises(training.RunError, match="--resume .* or --overwrite"):
-        training.Run(run_args(out), "test").check()
-    with training.Run(
-        argparse.Namespace(output=str(out), resume=True, overwrite=False), "t"
-    ) as run:
+    with pytest.raises(run_lib.RunError, match="--resume .* or --overwrite"):
+        run_lib.Run(run_args(out), "test").check()
+    with run_lib.Run(argparse.Namespace(output=str(out), resume=True, overwrite=False), "t") as run:
         assert read_json(os.path.join(run.path, "metrics.json")) == {"loss": 1.0}  # copied
-    with training.Run(
-        argparse.Namespace(output=str(out), resume=False, overwrite=True), "t"
-    ) as run:
+    with run_lib.Run(argparse.Namespace(output=str(out), resume=False, overwrite=True), "t") as run:
         assert not os.path.exists(os.path.join(run.path, "metrics.json"))  # a fresh folder
         run.save_metrics({"loss": 0.5})
     assert read_json(out / "metrics.json") == {"loss": 0.5}
@@ -163,19 +164,19 @@ def test_a_finished_run_is_kept_unless_resumed_or_overwritten(tmp_path):
 
 def test_resume_without_a_run_is_an_error(tmp_path):
     args = argparse.Namespace(output=str(tmp_path / "none"), resume=True, overwrite=False)
-    with pytest.raises(training.RunError, match="no run to resume"):
-        training.Run(args, "test").check()
+    with pytest.raises(run_lib.RunError, match="no run to resume"):
+        run_lib.Run(args, "test").check()
 
 
 def test_latest_checkpoint_and_restore(tmp_path):
     out = tmp_path / "run"
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
-    with training.Run(run_args(out), "test") as run:
+    with run_lib.Run(run_args(out), "test") as run:
         assert run.latest_checkpoint() == (None, 0)
         for epoch in (1, 2, 10):
             model.save(os.path.join(run.checkpoint_dir, f"epoch-{epoch:04d}.keras"))
         assert run.latest_checkpoint()[1] == 10
-    resumed = training.Run(argparse.Namespace(output=str(out), resume=True, overwrite=False), "t")
+    resumed = run_lib.Run(argparse.Namespace(output=str(out), resume=True, overwrite=False), "t")
     with resumed:
         restored, epoch = resumed.restore()
     assert epoch == 10
@@ -189,35 +190,36 @@ def test_latest_checkpoint_and_restore(tmp_path):
 
 
 def test_distribute_tpu_without_a_tpu_is_a_clear_error(backend):
-    with pytest.raises(training.RunError, match="tpu"):
-        training.distribution("tpu")
+    with pytest.raises(run_lib.RunError, match="tpu"):
+        devices.distribution("tpu")
 
 
 def test_distribute_choices_are_checked_per_backend(backend):
     wrong = "data_parallel" if backend == "tensorflow" else "mirrored"
-    with pytest.raises(training.RunError, match="Received: distribute="):
-        training.distribution(wrong)
-    assert training.distribution("none").num_replicas == 1
+    with pytest.raises(run_lib.RunError, match="Received: distribute="):
+        devices.distribution(wrong)
+    assert devices.distribution("none").num_replicas == 1
 
 
 def test_mixed_precision_sets_the_policy():
-    assert training.configure_precision("mixed_bfloat16") == "mixed_bfloat16"
+    assert devices.configure_precision("mixed_bfloat16") == "mixed_bfloat16"
     assert keras.config.dtype_policy().name == "mixed_bfloat16"
-    assert training.configure_precision(None) == "float32"
-    with pytest.raises(training.RunError):
-        training.configure_precision("float8")
+    assert devices.configure_precision(None) == "float32"
+    with pytest.raises(run_lib.RunError):
+        devices.configure_precision("float8")
 
 
 DISTRIBUTED_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import keras, numpy as np
-    from examples import gpt, training
+    from examples import gpt
+    from examples.common import devices
 
-    training.split_cpu(2)
+    devices.split_cpu(2)
 
     def losses(name):
-        dist = training.distribution(name)
+        dist = devices.distribution(name)
         keras.utils.set_random_seed(0)
         with dist.scope():
             model = gpt.build_gpt(20, 16, num_layers=1, num_heads=2, hidden_dim=16)
@@ -262,16 +264,16 @@ def test_two_devices_give_the_loss_of_one(backend):
 # -- attention pictures --------------------------------------------------------------
 
 
-def test_attention_maps_of_a_functional_model(tmp_path):
+def test_attention_weights_of_a_functional_model(tmp_path):
     inputs = keras.Input((5, 8))
     x = keras.layers.Dense(8, name="proj")(inputs)
     layer = keras_attn.Attention(num_heads=2, name="attn")
     outputs = layer(x, x, use_causal_mask=True)
     model = keras.Model(inputs, outputs)
     data = np.random.default_rng(0).normal(size=(3, 5, 8)).astype("float32")
-    maps = training.attention_maps(model, data)
-    assert list(maps) == ["attn"]
-    weights = maps["attn"]
+    weights_by_layer = heatmaps.attention_weights(model, data)
+    assert list(weights_by_layer) == ["attn"]
+    weights = weights_by_layer["attn"]
     assert weights.shape == (3, 2, 5, 5)
     np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
     assert np.all(np.triu(np.ones((5, 5)), 1)[None, None] * weights == 0)  # causal kept
@@ -279,7 +281,7 @@ def test_attention_maps_of_a_functional_model(tmp_path):
     projected = model.get_layer("proj")(data)
     _, expected = layer(projected, projected, use_causal_mask=True, return_attention_scores=True)
     np.testing.assert_allclose(weights, keras.ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-6)
-    paths = training.save_attention_heatmaps(model, data, str(tmp_path), examples=2)
+    paths = heatmaps.save_attention_heatmaps(model, data, str(tmp_path), examples=2)
     assert sorted(os.path.basename(p) for p in paths) == ["attn-example0.png", "attn-example1.png"]
     for path in paths:
         with open(path, "rb") as f:
