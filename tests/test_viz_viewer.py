@@ -158,9 +158,11 @@ class Page:
 
     def rest(self):
         from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.support.wait import WebDriverWait
 
         control = self.all("select.ka-layer")[0]
         ActionChains(self.browser).move_to_element(control).perform()
+        WebDriverWait(self.browser, 5).until(lambda _: self.root.get_attribute("data-focus") == "")
 
     def choose(self, what, value):
         from selenium.webdriver.support.select import Select

@@ -54,7 +54,7 @@ SCRIPT = r"""
   var layers = spec.layers.map(function (l) {
     return { name: l.name, heads: l.heads, weights: decode(l.data) };
   });
-  var state = { layer: 0, head: 0, focus: null };
+  var state = { layer: 0, head: 0, focus: null }, restTimer = null;
   var layerSelect = root.querySelector("select.ka-layer");
   var headSelect = root.querySelector("select.ka-head");
   var stage = root.querySelector(".ka-stage");
@@ -108,10 +108,14 @@ SCRIPT = r"""
     node.setAttribute("data-side", side);
     node.setAttribute("data-index", index);
     node.addEventListener("mouseenter", function () {
+      clearTimeout(restTimer);
       state.focus = { side: side === "key" ? "key" : "query", index: index };
       draw();
     });
-    node.addEventListener("mouseleave", function () { state.focus = null; draw(); });
+    node.addEventListener("mouseleave", function () {
+      // Moving on to the next token should not draw the (busier) resting view between.
+      restTimer = setTimeout(function () { state.focus = null; draw(); }, 50);
+    });
   }
   function token(parent, side, index, label) {
     var node = element("div", "ka-token", parent);
