@@ -9,7 +9,7 @@ import pytest
 from keras_attn import viz
 from keras_attn.viz import heatmaps
 
-plt = pytest.importorskip("matplotlib.pyplot")
+pytest.importorskip("matplotlib")
 
 
 def _weights(*shape, seed=0):
@@ -19,17 +19,12 @@ def _weights(*shape, seed=0):
 
 @pytest.fixture
 def figure_of():
-    figures = []
-
     def draw(*args, **kwargs):
         figure = viz.attention_figure(*args, **kwargs)
-        figures.append(figure)
         figure.canvas.draw()
         return figure
 
-    yield draw
-    for figure in figures:
-        plt.close(figure)
+    return draw
 
 
 def _panels(figure):
@@ -52,6 +47,16 @@ def test_plot_attention_without_matplotlib_names_the_viz_extra(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an absent package looks like
     with pytest.raises(ImportError, match=r"keras-attn\[viz\]"):
         viz.plot_attention(np.ones((2, 2)), str(tmp_path / "w.png"))
+
+
+def test_drawing_leaves_pyplot_and_its_backend_alone(tmp_path):
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    backend, open_figures = matplotlib.get_backend(), plt.get_fignums()
+    viz.plot_attention(_weights(2, 4, 4), str(tmp_path / "w.png"))
+    viz.attention_figure(_weights(2, 4, 4))
+    assert matplotlib.get_backend() == backend and plt.get_fignums() == open_figures
 
 
 def test_grid_has_a_row_per_layer_and_a_panel_per_head_titled_by_its_index(figure_of):

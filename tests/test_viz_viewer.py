@@ -51,6 +51,15 @@ def test_weights_travel_exactly_as_float32():
     assert spec["queryTokens"] == TOKENS and spec["keyTokens"] == TOKENS
 
 
+def test_backend_tensors_are_taken_as_they_come():
+    import keras
+
+    weights = _weights(1, 2, 6, 6)
+    spec = _spec(viz.attention_viewer(keras.ops.convert_to_tensor(weights, "float32")))
+    data = np.frombuffer(base64.b64decode(spec["layers"][0]["data"]), "<f4")
+    np.testing.assert_array_equal(data.reshape(2, 6, 6), weights[0].astype("float32"))
+
+
 def test_jupyter_shows_the_fragment_with_a_fresh_root_each_time():
     viewer = viz.attention_viewer(_weights(2, 6, 6), TOKENS)
     first, second = viewer._repr_html_(), viewer._repr_html_()

@@ -19,17 +19,18 @@ MAX_LABEL_CHARS = 12
 MIN_LABEL_POINTS = 4.5  # below this a label is not readable: show fewer labels instead
 
 
-def _pyplot():
+def _new_figure(**kwargs):
+    """A figure of its own, drawn with Agg: no pyplot state, the user's backend untouched."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
             "keras_attn.viz.plot_attention needs matplotlib: pip install 'keras-attn[viz]'"
         ) from e
-    return plt
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def plot_attention(
@@ -66,7 +67,6 @@ def plot_attention(
     Returns:
         `path`.
     """
-    plt = _pyplot()
     figure = attention_figure(
         weights,
         tokens,
@@ -78,7 +78,6 @@ def plot_attention(
         max_labels=max_labels,
     )
     figure.savefig(path, dpi=dpi)
-    plt.close(figure)
     return path
 
 
@@ -101,9 +100,9 @@ def attention_figure(
 
     Returns:
         A `matplotlib.figure.Figure` with one panel per (layer, head) drawn and
-        one shared colour bar. The caller closes it (``plt.close(figure)``).
+        one shared colour bar. It is not registered with pyplot: Jupyter shows it
+        as a cell's value, ``figure.savefig(path)`` writes it.
     """
-    plt = _pyplot()
     layers = attention_layers(weights, layer_names, example)
     _, query_length, key_length = layers[0][1].shape
     query_labels = token_labels(tokens, query_length)
@@ -119,13 +118,11 @@ def attention_figure(
 
     width = _panel_side(key_length, columns, MAX_FIGURE_INCHES[0])
     height = _panel_side(query_length, len(rows), MAX_FIGURE_INCHES[1])
-    figure, axes = plt.subplots(
-        len(rows),
-        columns,
+    figure = _new_figure(
         figsize=(columns * width + 1.6, len(rows) * height + (1.2 if title else 0.8)),
-        squeeze=False,
         layout="constrained",
     )
+    axes = figure.subplots(len(rows), columns, squeeze=False)
     vmax = max(float(w[chosen].max()) for _, chosen, w in rows) or 1.0
     image = None
     for r, (name, chosen, w) in enumerate(rows):
