@@ -55,11 +55,11 @@ def main(argv=None):
     os.environ["KERAS_BACKEND"] = args.backend
     import keras
 
-    from keras_attn import block_sparse
+    from keras_attn import block_layout
     from keras_attn import patterns
 
     bs = args.block_size
-    (group,) = block_sparse.block_layout(
+    (group,) = block_layout.block_layout(
         patterns.Local(args.window), args.length, args.length, bs
     ).groups
     rows, width = group.cols.shape

@@ -140,24 +140,24 @@ def _core_step(spec):
     """Forward+backward of the block-sparse kernel alone on (1, 8, T, 64) heads."""
     import keras
 
+    from keras_attn import block_layout
     from keras_attn import block_sparse
     from keras_attn import normalizers
     from keras_attn import patterns
     from keras_attn import scores
+    from keras_attn.components import Components
     from keras_attn.positions import make_positions
 
     t, block_size = spec["length"], spec.get("block_size", 128)
     shape = (1, HEADS, t, KEY_DIM)
     q, k, v = (keras.random.normal(shape, seed=i) for i in range(3))
-    score, normalizer = scores.ScaledDot(), normalizers.Softmax()
     pattern = patterns.Local(WINDOW)
+    components = Components(scores.ScaledDot(), (), pattern, normalizers.Softmax())
     positions = make_positions(t, t, HEADS)
+    layout = block_layout.block_layout(pattern, t, t, block_size)
 
     def attend(q, k, v):
-        out, _ = block_sparse.block_sparse_attention(
-            q, k, v, block_size=block_size, score=score, score_mods=(),
-            pattern=pattern, normalizer=normalizer, positions=positions,
-        )  # fmt: skip
+        out, _ = block_sparse.block_sparse_attention(q, k, v, layout, components, positions)
         return out
 
     if keras.backend.backend() == "jax":
@@ -182,7 +182,6 @@ def _core_step(spec):
         def step():
             return [g.numpy() for g in grad(q, k, v)]
 
-    layout = block_sparse.block_layout(pattern, t, t, block_size)
     # Pairs computed per head, the padding of partial blocks included.
     spec["computed_pairs"] = layout.computed_blocks * block_size**2
     return step

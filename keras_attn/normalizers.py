@@ -10,59 +10,22 @@ and the weights are returned in the logits' dtype.
 import keras
 from keras import ops
 
+from keras_attn.components import NEG_INF
+from keras_attn.components import Normalizer
+from keras_attn.components import builtin
 from keras_attn.hookspecs import hookimpl
 
-# Finite stand-in for -inf, safe in float32 (the normalizers compute in float32).
-NEG_INF = -1e9
 
-
-class Normalizer(keras.layers.Layer):
-    """Base class of normalizers. Subclasses set ``name`` and implement ``normalize``.
-
-    ``normalize(logits, mask, training)`` receives float32 logits with masked-out
-    entries already set to a large negative number and returns float32 weights;
-    the base class casts, and zeroes the masked-out pairs (so fully masked rows
-    are zeros) afterwards. Override ``call`` instead to take over all of it.
-    """
-
-    name = None
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        # `mask` is the attention mask, not a Keras sequence mask: accept it without
-        # attaching it to the output weights.
-        self.supports_masking = True
-
-    def compute_mask(self, inputs, previous_mask=None):
-        return None
-
-    def call(self, logits, mask=None, training=None):
-        x = ops.cast(logits, "float32")
-        if mask is not None:
-            mask = ops.cast(mask, "bool")
-            x = ops.where(mask, x, NEG_INF)
-        weights = self.normalize(x, mask, training)
-        if mask is not None:
-            weights = ops.where(mask, weights, 0.0)
-        return ops.cast(weights, logits.dtype)
-
-    def normalize(self, logits, mask, training):
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement normalize(logits, mask, training)."
-        )
-
-    def get_config(self):
-        # Defined here so that subclasses without arguments serialize as they are.
-        return super().get_config()
-
-    def compute_output_shape(self, logits_shape, mask_shape=None):
-        return logits_shape
-
-
+@builtin("normalizer")
 class Softmax(Normalizer):
     """Soft attention: ``softmax`` over the allowed keys."""
 
     name = "softmax"
+
+    @property
+    def is_softmax(self):
+        cls = type(self)
+        return cls.call is Normalizer.call and cls.normalize is Softmax.normalize
 
     def normalize(self, logits, mask, training):
         return ops.softmax(logits, axis=-1)
@@ -73,6 +36,7 @@ def _one_hot_argmax(logits):
     return ops.one_hot(index, ops.shape(logits)[-1], dtype=logits.dtype)
 
 
+@builtin("normalizer")
 class Hard(Normalizer):
     """Hard attention: weight 1.0 on the best allowed key of each row.
 
@@ -116,6 +80,7 @@ class Hard(Normalizer):
         }
 
 
+@builtin("normalizer")
 class TopK(Normalizer):
     """Softmax over the `k` largest allowed logits of each row; the rest get zero.
 
@@ -143,6 +108,7 @@ class TopK(Normalizer):
         return {**super().get_config(), "k": self.k}
 
 
+@builtin("normalizer")
 class Sparsemax(Normalizer):
     """Sparsemax (Martins & Astudillo, 2016): Euclidean projection onto the simplex.
 

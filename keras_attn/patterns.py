@@ -11,150 +11,55 @@ can work out ahead of time which blocks of the score matrix are empty.
 import numpy as np
 from keras import ops
 
+from keras_attn import plugins
+from keras_attn import validation
+from keras_attn.block_layout import block_bounds
+from keras_attn.block_layout import distance_bounds
+from keras_attn.block_layout import holds_multiple
+from keras_attn.block_layout import num_blocks
+from keras_attn.components import Pattern
+from keras_attn.components import builtin
 from keras_attn.hookspecs import hookimpl
-
-
-class Pattern:
-    """Base class of patterns. Subclasses set ``name`` and implement ``mask``.
-
-    Constructor arguments must be plain Python values returned by ``get_config``.
-    """
-
-    name = None
-
-    def mask(self, positions):
-        """Bool tensor broadcastable to the logits: True where key j is visible to query i.
-
-        Args:
-            positions: `keras_attn.positions.Positions` with integer tensors
-                ``query``, ``key`` and ``head`` holding absolute positions.
-        """
-        raise NotImplementedError(f"{type(self).__name__} must implement mask(positions).")
-
-    def get_config(self):
-        return {}
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(**config)
-
-    def block_mask(self, query_length, key_length, block_size, query_offset=0):
-        """Which ``block_size`` x ``block_size`` blocks hold at least one allowed pair.
-
-        Works for any pattern by evaluating ``mask`` one row of blocks at a time
-        (memory ``block_size * key_length``); patterns with a closed form may
-        override it. Returns a numpy bool array ``(ceil(Tq / bs), ceil(Tk / bs))``.
-        """
-        return _block_mask_by_rows(self, query_length, key_length, block_size, query_offset)
-
-    @property
-    def causal(self):
-        """True if the pattern never lets a query see a later key."""
-        return False
-
-    def __or__(self, other):
-        return Union([self, _check_pattern(other, "|")])
-
-    def __and__(self, other):
-        return Intersection([self, _check_pattern(other, "&")])
-
-    def __eq__(self, other):
-        return type(self) is type(other) and self.get_config() == other.get_config()
-
-    def __hash__(self):
-        return hash((type(self).__name__, repr(self.get_config())))
-
-    def __repr__(self):
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
-        return f"{type(self).__name__}({args})"
-
-
-def _check_pattern(other, op):
-    if not isinstance(other, Pattern):
-        raise TypeError(
-            f"Patterns combine with `{op}` only with other patterns. "
-            f"Received: {other!r} (of type {type(other).__name__})"
-        )
-    return other
-
-
-def _block_mask_by_rows(pattern, query_length, key_length, block_size, query_offset):
-    from keras_attn.positions import Positions
-
-    n_q = -(-query_length // block_size)
-    n_k = -(-key_length // block_size)
-    out = np.zeros((n_q, n_k), dtype=bool)
-    key = np.arange(key_length, dtype="int32").reshape(1, 1, 1, key_length)
-    head = np.zeros((1, 1, 1, 1), dtype="int32")
-    pad = n_k * block_size - key_length
-    for row in range(n_q):
-        start = row * block_size
-        stop = min(start + block_size, query_length)
-        query = (np.arange(start, stop, dtype="int32") + query_offset).reshape(1, 1, -1, 1)
-        m = ops.convert_to_numpy(pattern.mask(Positions(query, key, head)))
-        m = np.broadcast_to(m, m.shape[:-2] + (stop - start, key_length))
-        m = m.reshape(-1, stop - start, key_length).any(axis=(0, 1))
-        out[row] = np.pad(m, (0, pad)).reshape(n_k, block_size).any(axis=1)
-    return out
-
-
-def _block_bounds(query_length, key_length, block_size, query_offset):
-    """First and last absolute position of each query block ``(nq, 1)`` and key block ``(1, nk)``."""
-    offset = int(query_offset)
-    q_first = np.arange(0, query_length, block_size)
-    q_last = np.minimum(q_first + block_size, query_length) - 1
-    k_first = np.arange(0, key_length, block_size)
-    k_last = np.minimum(k_first + block_size, key_length) - 1
-    return (q_first[:, None] + offset, q_last[:, None] + offset, k_first[None, :], k_last[None, :])
-
-
-def _distance_bounds(query_length, key_length, block_size, query_offset):
-    """Smallest and largest ``query - key`` of each block ``(nq, nk)``.
-
-    Query and key positions of a block are two intervals, so every distance between
-    the two bounds occurs in the block.
-    """
-    qa, qb, ka, kb = _block_bounds(query_length, key_length, block_size, query_offset)
-    return qa - kb, qb - ka
-
-
-def _holds_multiple(low, high, step):
-    """Whether the integer interval ``[low, high]`` holds a multiple of `step`."""
-    return (low <= high) & (-(-low // step) * step <= high)
-
-
-def _positive_int(value, arg):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"`{arg}` must be a positive integer. Received: {arg}={value!r}")
-    return int(value)
 
 
 def _distance(positions):
     return positions.query - positions.key  # (..., Tq, Tk), > 0 for past keys
 
 
+@builtin("pattern")
 class Full(Pattern):
     """Every query sees every key (global attention)."""
 
     name = "full"
 
+    @property
+    def kernel_form(self):
+        return "full" if type(self).mask is Full.mask else None
+
     def mask(self, positions):
         return ops.equal(positions.query * 0, positions.key * 0)
 
     def block_mask(self, query_length, key_length, block_size, query_offset=0):
-        return np.ones((-(-query_length // block_size), -(-key_length // block_size)), bool)
+        return np.ones(
+            (num_blocks(query_length, block_size), num_blocks(key_length, block_size)), bool
+        )
 
 
+@builtin("pattern")
 class Causal(Pattern):
     """Query i sees keys j <= i."""
 
     name = "causal"
 
+    @property
+    def kernel_form(self):
+        return "causal" if type(self).mask is Causal.mask else None
+
     def mask(self, positions):
         return _distance(positions) >= 0
 
     def block_mask(self, query_length, key_length, block_size, query_offset=0):
-        _, high = _distance_bounds(query_length, key_length, block_size, query_offset)
+        _, high = distance_bounds(query_length, key_length, block_size, query_offset)
         return high >= 0
 
     @property
@@ -166,9 +71,7 @@ class _Banded(Pattern):
     """A pattern with an optional `causal` flag that drops later keys."""
 
     def __init__(self, causal=False):
-        if not isinstance(causal, bool):
-            raise ValueError(f"`causal` must be a bool. Received: causal={causal!r}")
-        self._causal = causal
+        self._causal = validation.boolean(causal, "causal")
 
     @property
     def causal(self):
@@ -178,6 +81,7 @@ class _Banded(Pattern):
         return ops.logical_and(mask, _distance(positions) >= 0) if self._causal else mask
 
 
+@builtin("pattern")
 class Local(_Banded):
     """Sliding window: query i sees keys j with ``|i - j| < window``.
 
@@ -192,14 +96,14 @@ class Local(_Banded):
 
     def __init__(self, window, causal=False):
         super().__init__(causal)
-        self.window = _positive_int(window, "window")
+        self.window = validation.positive_int(window, "window")
 
     def mask(self, positions):
         d = _distance(positions)
         return self._with_causal(ops.abs(d) < self.window, positions)
 
     def block_mask(self, query_length, key_length, block_size, query_offset=0):
-        low, high = _distance_bounds(query_length, key_length, block_size, query_offset)
+        low, high = distance_bounds(query_length, key_length, block_size, query_offset)
         low = np.maximum(low, 0 if self.causal else 1 - self.window)
         return low <= np.minimum(high, self.window - 1)
 
@@ -207,6 +111,7 @@ class Local(_Banded):
         return {"window": self.window, "causal": self.causal}
 
 
+@builtin("pattern")
 class Dilated(_Banded):
     """Dilated sliding window: keys every `dilation` positions, `window` on each side.
 
@@ -218,8 +123,8 @@ class Dilated(_Banded):
 
     def __init__(self, window, dilation=2, causal=False):
         super().__init__(causal)
-        self.window = _positive_int(window, "window")
-        self.dilation = _positive_int(dilation, "dilation")
+        self.window = validation.positive_int(window, "window")
+        self.dilation = validation.positive_int(dilation, "dilation")
 
     def mask(self, positions):
         d = _distance(positions)
@@ -229,15 +134,16 @@ class Dilated(_Banded):
         return self._with_causal(m, positions)
 
     def block_mask(self, query_length, key_length, block_size, query_offset=0):
-        low, high = _distance_bounds(query_length, key_length, block_size, query_offset)
+        low, high = distance_bounds(query_length, key_length, block_size, query_offset)
         reach = self.window * self.dilation - 1
         low = np.maximum(low, 0 if self.causal else -reach)
-        return _holds_multiple(low, np.minimum(high, reach), self.dilation)
+        return holds_multiple(low, np.minimum(high, reach), self.dilation)
 
     def get_config(self):
         return {"window": self.window, "dilation": self.dilation, "causal": self.causal}
 
 
+@builtin("pattern")
 class Strided(_Banded):
     """Strided pattern (Sparse Transformer): query i sees j when ``(i - j) % stride == 0``.
 
@@ -249,21 +155,22 @@ class Strided(_Banded):
 
     def __init__(self, stride, causal=False):
         super().__init__(causal)
-        self.stride = _positive_int(stride, "stride")
+        self.stride = validation.positive_int(stride, "stride")
 
     def mask(self, positions):
         return self._with_causal(ops.equal(_distance(positions) % self.stride, 0), positions)
 
     def block_mask(self, query_length, key_length, block_size, query_offset=0):
-        low, high = _distance_bounds(query_length, key_length, block_size, query_offset)
+        low, high = distance_bounds(query_length, key_length, block_size, query_offset)
         if self.causal:
             low = np.maximum(low, 0)
-        return _holds_multiple(low, high, self.stride)
+        return holds_multiple(low, high, self.stride)
 
     def get_config(self):
         return {"stride": self.stride, "causal": self.causal}
 
 
+@builtin("pattern")
 class BlockLocal(_Banded):
     """Non-overlapping blocks: query i sees j when ``i // block_size == j // block_size``."""
 
@@ -271,14 +178,14 @@ class BlockLocal(_Banded):
 
     def __init__(self, block_size, causal=False):
         super().__init__(causal)
-        self.block_size = _positive_int(block_size, "block_size")
+        self.block_size = validation.positive_int(block_size, "block_size")
 
     def mask(self, positions):
         m = ops.equal(positions.query // self.block_size, positions.key // self.block_size)
         return self._with_causal(m, positions)
 
     def block_mask(self, query_length, key_length, block_size, query_offset=0):
-        qa, qb, ka, kb = _block_bounds(query_length, key_length, block_size, query_offset)
+        qa, qb, ka, kb = block_bounds(query_length, key_length, block_size, query_offset)
         b = self.block_size
         # The query and key blocks share a group g; causal also needs some key <= query,
         # which (within a shared group) is the case exactly when ka <= qb.
@@ -289,6 +196,7 @@ class BlockLocal(_Banded):
         return {"block_size": self.block_size, "causal": self.causal}
 
 
+@builtin("pattern")
 class GlobalTokens(Pattern):
     """Global tokens see every key and are seen by every query.
 
@@ -314,7 +222,7 @@ class GlobalTokens(Pattern):
             self.indices = sorted(int(i) for i in indices)
             self.num_tokens = None
         else:
-            self.num_tokens = _positive_int(num_tokens, "num_tokens")
+            self.num_tokens = validation.positive_int(num_tokens, "num_tokens")
             self.indices = None
 
     def _is_global(self, position):
@@ -330,7 +238,7 @@ class GlobalTokens(Pattern):
         return ops.logical_or(self._is_global(positions.query), self._is_global(positions.key))
 
     def block_mask(self, query_length, key_length, block_size, query_offset=0):
-        qa, qb, ka, kb = _block_bounds(query_length, key_length, block_size, query_offset)
+        qa, qb, ka, kb = block_bounds(query_length, key_length, block_size, query_offset)
         if self.indices is None:
             return (qa < self.num_tokens) | (ka < self.num_tokens)
         indices = np.asarray(self.indices)
@@ -349,8 +257,6 @@ class _Combined(Pattern):
     """A union or intersection of patterns."""
 
     def __init__(self, patterns):
-        from keras_attn import plugins
-
         flat = []
         for p in patterns:
             p = plugins.resolve("pattern", p)
@@ -363,14 +269,13 @@ class _Combined(Pattern):
         self.patterns = flat
 
     def get_config(self):
-        from keras_attn import plugins
-
         return {"patterns": [plugins.serialize(p) for p in self.patterns]}
 
     def __repr__(self):
         return "(" + f" {self.symbol} ".join(repr(p) for p in self.patterns) + ")"
 
 
+@builtin("pattern")
 class Union(_Combined):
     """Pairs allowed by any of the patterns (``p1 | p2``)."""
 
@@ -395,6 +300,7 @@ class Union(_Combined):
         return all(p.causal for p in self.patterns)
 
 
+@builtin("pattern")
 class Intersection(_Combined):
     """Pairs allowed by all of the patterns (``p1 & p2``)."""
 

@@ -6,9 +6,13 @@ pattern, normalizer). The registries are filled through the hooks of
 plugin), then by every plugin declared under the ``keras_attn`` entry-point group,
 then by plugins registered in-process with ``register``.
 
-The built-ins are registered when keras_attn is imported, so that Keras finds their
-classes when it loads a ``.keras`` file. Entry-point plugins are imported lazily, on
-the first lookup (`get`, `resolve`, `entries`, building a layer, ...). Setting
+The registries are built lazily, on the first lookup (`get`, `resolve`, `entries`,
+building a layer, ...), as pytest and llm load their plugins: importing keras_attn
+registers nothing. The built-in modules are imported by name at that moment, so no
+module imports the registry at import time only to be imported by it. Keras finds
+the built-in classes in a ``.keras`` file without the registry (they are
+Keras-serializable by `keras_attn.components.builtin`); a plugin's components are
+found through the layers that name them, whose constructors look them up. Setting
 ``KERAS_ATTN_DISABLE_PLUGIN_AUTOLOAD=1`` skips the entry points.
 """
 
@@ -23,6 +27,10 @@ import keras
 import pluggy
 
 from keras_attn import hookspecs
+from keras_attn.components import Normalizer
+from keras_attn.components import Pattern
+from keras_attn.components import Score
+from keras_attn.components import ScoreMod
 from keras_attn.errors import ComponentKindError
 from keras_attn.errors import DuplicateComponentError
 from keras_attn.errors import PluginError
@@ -34,13 +42,13 @@ logger = logging.getLogger("keras_attn")
 ENTRY_POINT_GROUP = "keras_attn"
 DISABLE_AUTOLOAD_ENV = "KERAS_ATTN_DISABLE_PLUGIN_AUTOLOAD"
 
-# kind -> (hook name, "module:attribute" of the base class every component subclasses)
+# kind -> (hook name, the class every component of that kind subclasses)
 KINDS = {
-    "layer": ("register_layers", "keras:layers.Layer"),
-    "score": ("register_scores", "keras_attn.scores:Score"),
-    "score_mod": ("register_score_mods", "keras_attn.score_mods:ScoreMod"),
-    "pattern": ("register_patterns", "keras_attn.patterns:Pattern"),
-    "normalizer": ("register_normalizers", "keras_attn.normalizers:Normalizer"),
+    "layer": ("register_layers", keras.layers.Layer),
+    "score": ("register_scores", Score),
+    "score_mod": ("register_score_mods", ScoreMod),
+    "pattern": ("register_patterns", Pattern),
+    "normalizer": ("register_normalizers", Normalizer),
 }
 
 # keras_attn's own plugins, registered through the same hooks as third parties.
@@ -71,11 +79,16 @@ class Entry:
 def base_class(kind):
     """The class every component of `kind` subclasses."""
     _check_kind(kind)
-    module_name, attribute = KINDS[kind][1].split(":")
-    obj = importlib.import_module(module_name)
-    for part in attribute.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return KINDS[kind][1]
+
+
+def public_name(cls):
+    """How a base class is written in messages: ``keras_attn.Score``, ``keras.layers.Layer``."""
+    if cls is keras.layers.Layer:
+        return "keras.layers.Layer"
+    if cls.__module__ == "keras_attn.components":
+        return f"keras_attn.{cls.__name__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def kind_of(obj):
@@ -194,7 +207,7 @@ def _registry_name(cls, kind, hook_name, where):
         actual = kind_of(cls)
         what = f"a {actual}" if actual else "not a keras_attn component"
         raise ComponentKindError(
-            f"{hook_name}: expected a subclass of {base.__module__}.{base.__name__} "
+            f"{hook_name}: expected a subclass of {public_name(base)} "
             f"(a {kind}). Received: {cls.__module__}.{cls.__qualname__}, which is "
             f"{what}, from {where}."
         )
@@ -471,10 +484,3 @@ def registry_name(component):
             if isinstance(value, str) and value:
                 return value
     return None
-
-
-# The built-ins are registered at import, not on first lookup: Keras looks their
-# classes up by registered name when it loads a `.keras` file, before anything of
-# keras_attn has been called. (keras_attn's component modules import this one, but
-# only use it at call time, so the circular import is safe.)
-_registry = _builtin_registry()

@@ -10,29 +10,12 @@ import math
 import keras
 from keras import ops
 
+from keras_attn.components import ScoreMod
+from keras_attn.components import builtin
 from keras_attn.hookspecs import hookimpl
 
 
-class ScoreMod(keras.layers.Layer):
-    """Base class of score modifiers. Subclasses set ``name`` and implement ``call``.
-
-    A score_mod that needs the layer's number of heads declares a ``num_heads``
-    attribute; if it is ``None`` when the attention layer builds, the layer sets it.
-    """
-
-    name = None
-
-    def call(self, logits, positions=None):
-        raise NotImplementedError(f"{type(self).__name__} must implement call(logits, positions).")
-
-    def get_config(self):
-        # Defined here so that subclasses without arguments serialize as they are.
-        return super().get_config()
-
-    def compute_output_shape(self, logits_shape, positions=None):
-        return logits_shape
-
-
+@builtin("score_mod")
 class Softcap(ScoreMod):
     """Soft-caps logits to ``(-cap, cap)``: ``cap * tanh(logits / cap)`` (Gemma 2).
 
@@ -84,6 +67,7 @@ def relative_position_bucket(relative, num_buckets, max_distance, bidirectional)
     return bucket + ops.where(is_small, distance, log_bucket)
 
 
+@builtin("score_mod")
 class RelativePosition(ScoreMod):
     """Learned, bucketed relative-position bias, one scalar per (bucket, head) (T5).
 

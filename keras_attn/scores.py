@@ -10,29 +10,9 @@ import math
 import keras
 from keras import ops
 
+from keras_attn.components import Score
+from keras_attn.components import builtin
 from keras_attn.hookspecs import hookimpl
-
-
-class Score(keras.layers.Layer):
-    """Base class of scores. Subclasses set ``name`` and implement ``call``.
-
-    ``call(query, key)`` receives ``query`` of shape ``(..., Tq, D)`` and ``key`` of
-    shape ``(..., Tk, D)`` with the same leading dims, and returns logits of shape
-    ``(..., Tq, Tk)``. A score may own weights, created in ``build(query_shape)``.
-    """
-
-    name = None
-
-    def call(self, query, key):
-        raise NotImplementedError(f"{type(self).__name__} must implement call(query, key).")
-
-    def get_config(self):
-        # Defined here so that subclasses without arguments serialize as they are.
-        return super().get_config()
-
-    def compute_output_shape(self, query_shape, key_shape=None):
-        key_shape = query_shape if key_shape is None else key_shape
-        return (*query_shape[:-1], key_shape[-2])
 
 
 def _dot(query, key):
@@ -41,6 +21,7 @@ def _dot(query, key):
     return ops.einsum("...qd,...kd->...qk", query, key)  # (..., Tq, Tk)
 
 
+@builtin("score")
 class Dot(Score):
     """Unscaled dot product ``q · k`` (Luong "dot")."""
 
@@ -50,6 +31,7 @@ class Dot(Score):
         return _dot(query, key)
 
 
+@builtin("score")
 class ScaledDot(Score):
     """Scaled dot product ``q · k / sqrt(D)`` (Vaswani et al.), the default score.
 
@@ -68,6 +50,9 @@ class ScaledDot(Score):
     def scale_for(self, depth):
         return self.scale if self.scale is not None else 1.0 / math.sqrt(depth)
 
+    def fused_scale(self, depth):
+        return self.scale_for(depth) if type(self).call is ScaledDot.call else None
+
     def call(self, query, key):
         scale = self.scale_for(query.shape[-1])
         # Scale the (smaller) query before the matmul, as Keras's MultiHeadAttention does.
@@ -77,6 +62,7 @@ class ScaledDot(Score):
         return {**super().get_config(), "scale": self.scale}
 
 
+@builtin("score")
 class General(Score):
     """Luong's bilinear ("general") score ``q W kᵀ`` with a learned ``W`` (D, D)."""
 
@@ -102,6 +88,7 @@ class General(Score):
         }
 
 
+@builtin("score")
 class Additive(Score):
     """Bahdanau's additive score ``vᵀ tanh(W_q q + W_k k)``.
 
@@ -148,6 +135,7 @@ class Additive(Score):
         }
 
 
+@builtin("score")
 class Cosine(Score):
     """Cosine similarity times a temperature ``scale``: ``scale * cos(q, k)``.
 

@@ -27,9 +27,9 @@ Normalizers are also checked for zero weight on masked pairs, all-zero (never Na
 rows where no key is allowed, and float16/bfloat16 logits; patterns for a truthful
 ``causal`` flag, absolute positions and an exact ``block_mask``.
 
-Installing keras_attn also installs this module as a pytest plugin, with two
-fixtures: ``keras_attn_check`` (the checks) and ``keras_attn_tmp_plugin`` (register
-component classes for the duration of one test).
+Installing keras_attn also installs a pytest plugin (`keras_attn.pytest_plugin`) with
+two fixtures: ``keras_attn_check`` (the checks) and ``keras_attn_tmp_plugin``
+(register component classes for the duration of one test).
 """
 
 import contextlib
@@ -83,7 +83,7 @@ def _instance(component, kind):
         base = plugins.base_class(kind)
         _fail(
             what,
-            f"expected a subclass of {base.__module__}.{base.__name__}; it is "
+            f"expected a subclass of {plugins.public_name(base)}; it is "
             f"{'a ' + actual if actual else 'not a keras_attn component'}.",
         )
     name = plugins.registry_name(cls)
@@ -702,14 +702,6 @@ def registered(*items, name=None, **by_kind):
             plugins.unregister(plugin)
 
 
-# -- pytest plugin ----------------------------------------------------------------------------
-
-try:
-    import pytest
-except ImportError:  # pragma: no cover - the checks work without pytest
-    pytest = None
-
-
 class Checker:
     """The checks as one object: ``check(component)`` or ``check.normalizer(...)``."""
 
@@ -721,25 +713,3 @@ class Checker:
 
     def __call__(self, component, **kwargs):
         return check_component(component, **kwargs)
-
-
-if pytest is not None:
-
-    @pytest.fixture
-    def keras_attn_check():
-        """The keras_attn interface checks: ``keras_attn_check(MyNormalizer)``."""
-        return Checker()
-
-    @pytest.fixture
-    def keras_attn_tmp_plugin():
-        """Register components for this test: ``keras_attn_tmp_plugin(MyScore, ...)``.
-
-        Takes component classes (or a plugin object with hookimpls) and an optional
-        ``name=``; everything registered is unregistered when the test ends.
-        """
-        with contextlib.ExitStack() as stack:
-
-            def register(*items, name=None, **by_kind):
-                return stack.enter_context(registered(*items, name=name, **by_kind))
-
-            yield register

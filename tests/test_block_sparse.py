@@ -9,11 +9,14 @@ from hypothesis import strategies as st
 from keras import ops
 
 import keras_attn
+from keras_attn import block_layout
 from keras_attn import block_sparse
-from keras_attn import engine
+from keras_attn import dispatch
+from keras_attn import kernels
 from keras_attn import normalizers
 from keras_attn import patterns as P
 from keras_attn import scores
+from keras_attn.components import Components
 from keras_attn.positions import make_positions
 
 ATOL = 2e-5
@@ -114,7 +117,7 @@ def _compare(sparse, dense, query, value, atol=ATOL, **call_kwargs):
     ]
     for name, g, w in zip(names, got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=atol, rtol=1e-4, err_msg=name)
-    # Without the scores, softmax runs `engine.softmax_weighted_sum` and its
+    # Without the scores, softmax runs `kernels.softmax_weighted_sum` and its
     # hand-written gradient; the reference is the dense path's autodiff through the
     # normalizer (scores asked for, and left out of the loss).
     cot = (cot[0], np.zeros_like(cot[1]))
@@ -174,7 +177,7 @@ def test_closed_form_block_masks_equal_the_generic_one(
 @given(pattern=any_pattern(), length=st.integers(1, 200), block_size=st.sampled_from([4, 16]))
 @settings(max_examples=30)
 def test_layout_covers_every_kept_block_once(pattern, length, block_size):
-    layout = block_sparse.block_layout(pattern, length, length, block_size)
+    layout = block_layout.block_layout(pattern, length, length, block_size)
     rows = np.concatenate([g.rows for g in layout.groups])
     assert sorted(rows.tolist()) == list(range(layout.num_query_blocks))
     for g in layout.groups:
@@ -185,7 +188,7 @@ def test_layout_covers_every_kept_block_once(pattern, length, block_size):
 
 def test_global_rows_get_their_own_group():
     pattern = P.Local(256) | P.GlobalTokens(1)
-    layout = block_sparse.block_layout(pattern, 65536, 65536, 128)
+    layout = block_layout.block_layout(pattern, 65536, 65536, 128)
     widths = sorted(g.cols.shape[1] for g in layout.groups)
     assert widths == [6, 512]  # 2 blocks each side + own + the global column; one dense row
     assert layout.computed_blocks == 511 * 6 + 512
@@ -195,10 +198,10 @@ def test_global_rows_get_their_own_group():
 def test_local_and_global_rows_take_the_band_form():
     # Local windows lie on a few diagonals of blocks; global columns are kept by every
     # row: both are cut from the key blocks with slices, without a gather.
-    (band,) = block_sparse.block_layout(P.Local(256), 8192, 8192, 128).groups
+    (band,) = block_layout.block_layout(P.Local(256), 8192, 8192, 128).groups
     assert band.offsets.tolist() == [-2, -1, 0, 1, 2] and band.shared.tolist() == []
     assert not band.valid[0, :2].any() and band.valid[1:-1].sum() == 62 * 5 - 2
-    dense_row, rows = block_sparse.block_layout(
+    dense_row, rows = block_layout.block_layout(
         P.Local(256) | P.GlobalTokens(1), 8192, 8192, 128
     ).groups
     assert dense_row.rows.tolist() == [0] and dense_row.shared.tolist() == list(range(64))
@@ -210,19 +213,19 @@ def test_local_and_global_rows_take_the_band_form():
 def test_band_form_per_run_of_rows_and_a_gather_otherwise():
     # Global rows 0 and 2 cut the other rows into runs [1] and [3..31]: all in band form.
     pattern = P.Local(4) | P.GlobalTokens(indices=[0, 300])
-    groups = block_sparse.block_layout(pattern, 4096, 4096, 128).groups
+    groups = block_layout.block_layout(pattern, 4096, 4096, 128).groups
     assert [g.rows.tolist() for g in groups] == [[0], [1], [2], list(range(3, 32))]
     assert all(g.offsets is not None for g in groups)
     assert groups[3].shared.tolist() == [0, 2] and groups[3].offsets.tolist() == [-1, 0, 1]
     # Blocks of 200 tokens do not line up with blocks of 128: no few diagonals.
-    groups = block_sparse.block_layout(P.BlockLocal(200), 4096, 4096, 128).groups
+    groups = block_layout.block_layout(P.BlockLocal(200), 4096, 4096, 128).groups
     assert any(g.offsets is None for g in groups)
 
 
 def test_layout_is_cached_per_pattern_and_shape():
-    a = block_sparse.block_layout(P.Local(8), 100, 100, 16)
-    assert block_sparse.block_layout(P.Local(8), 100, 100, 16) is a
-    assert block_sparse.block_layout(P.Local(9), 100, 100, 16) is not a
+    a = block_layout.block_layout(P.Local(8), 100, 100, 16)
+    assert block_layout.block_layout(P.Local(8), 100, 100, 16) is a
+    assert block_layout.block_layout(P.Local(9), 100, 100, 16) is not a
 
 
 # -- exactness against the dense path -------------------------------------------------
@@ -319,13 +322,13 @@ def test_numpy_reference():
     rng = np.random.default_rng(0)
     b, h, t, d, window = 2, 2, 45, 4, 6
     q, k, v = (rng.normal(size=(b, h, t, d)).astype("float32") for _ in range(3))
-    kwargs = dict(
-        block_size=8, score=scores.ScaledDot(), score_mods=(),
-        pattern=P.Local(window, causal=True), normalizer=normalizers.Softmax(),
-        positions=make_positions(t, t, h), return_weights=True,
-    )  # fmt: skip
+    pattern = P.Local(window, causal=True)
+    components = Components(scores.ScaledDot(), (), pattern, normalizers.Softmax())
+    layout = block_layout.block_layout(pattern, t, t, 8)
     out, weights = _compiled(
-        lambda q, k, v: block_sparse.block_sparse_attention(q, k, v, **kwargs)
+        lambda q, k, v: block_sparse.block_sparse_attention(
+            q, k, v, layout, components, make_positions(t, t, h), return_weights=True
+        )
     )(q, k, v)
     logits = q @ np.swapaxes(k, -1, -2) / np.sqrt(d)
     i, j = np.arange(t)[:, None], np.arange(t)[None]
@@ -344,17 +347,18 @@ def test_query_offset_for_cached_decoding():
     q = rng.normal(size=(b, h, tq, d)).astype("float32")
     k, v = (rng.normal(size=(b, h, tk, d)).astype("float32") for _ in range(2))
     pattern = P.Local(5, causal=True) | P.GlobalTokens(2)
-    kwargs = dict(
-        score=scores.ScaledDot(), score_mods=(), pattern=pattern, normalizer=normalizers.Softmax(),
-        positions=make_positions(tq, tk, h, query_offset=offset),
-        mask=np.arange(tk)[None, None, None] < offset + tq,
-    )  # fmt: skip
+    components = Components(scores.ScaledDot(), (), pattern, normalizers.Softmax())
+    positions = make_positions(tq, tk, h, query_offset=offset)
+    mask = np.arange(tk)[None, None, None] < offset + tq
+    layout = block_layout.block_layout(pattern, tq, tk, 8, query_offset=offset)
     got, got_w = _compiled(
         lambda q, k, v: block_sparse.block_sparse_attention(
-            q, k, v, block_size=8, return_weights=True, query_offset=offset, **kwargs
+            q, k, v, layout, components, positions, mask, return_weights=True
         )
     )(q, k, v)
-    want, want_w = _compiled(lambda q, k, v: engine.dense_attention(q, k, v, **kwargs))(q, k, v)
+    want, want_w = _compiled(
+        lambda q, k, v: kernels.dense_attention(q, k, v, components, positions, mask)
+    )(q, k, v)
     np.testing.assert_allclose(ops.convert_to_numpy(got_w), ops.convert_to_numpy(want_w), atol=1e-6)
     np.testing.assert_allclose(ops.convert_to_numpy(got), ops.convert_to_numpy(want), atol=1e-5)
 
@@ -450,16 +454,18 @@ def test_auto_takes_block_sparse_when_it_pays_off():
 
 def test_pays_off():
     local = P.Local(256)
-    assert block_sparse.pays_off(local, 8192, 8192)
-    assert not block_sparse.pays_off(local, 512, 512)  # most blocks are kept
-    assert not block_sparse.pays_off(local, None, 8192)
-    assert not block_sparse.pays_off(local, 8192, 8192, mode=False)
-    assert not block_sparse.pays_off(P.Full(), 8192, 8192)
-    assert block_sparse.pays_off(P.Full(), 64, 64, mode=True)
+    assert dispatch.block_sparse_pays_off(local, 8192, 8192)
+    assert not dispatch.block_sparse_pays_off(local, 512, 512)  # most blocks are kept
+    assert not dispatch.block_sparse_pays_off(local, None, 8192)
+    assert not dispatch.block_sparse_pays_off(local, 8192, 8192, mode=False)
+    assert not dispatch.block_sparse_pays_off(P.Full(), 8192, 8192)
+    assert dispatch.block_sparse_pays_off(P.Full(), 64, 64, mode=True)
     with pytest.raises(ValueError, match="query_offset"):
-        block_sparse.pays_off(local, 8192, 8192, mode=True, query_offset=ops.convert_to_tensor(3))
+        dispatch.block_sparse_pays_off(
+            local, 8192, 8192, mode=True, query_offset=ops.convert_to_tensor(3)
+        )
     with pytest.raises(ValueError, match="key_length=None"):
-        block_sparse.pays_off(local, 8, None, mode=True)
+        dispatch.block_sparse_pays_off(local, 8, None, mode=True)
 
 
 def test_block_mask_of_wrong_shape_is_reported():
@@ -468,4 +474,4 @@ def test_block_mask_of_wrong_shape_is_reported():
             return np.ones((1, 1), bool)
 
     with pytest.raises(ValueError, match=r"Broken.block_mask must return .* shape \(4, 4\)"):
-        block_sparse.block_layout(Broken(3), 30, 30, 8)
+        block_layout.block_layout(Broken(3), 30, 30, 8)

@@ -159,12 +159,12 @@ def test_the_same_name_in_two_kinds_is_fine(registered):
         (
             "register_scores",
             Flat,
-            "keras_attn.scores.Score (a score). Received: {}.Flat, which is a normalizer",
+            "keras_attn.Score (a score). Received: {}.Flat, which is a normalizer",
         ),
         (
             "register_normalizers",
             Twice,
-            "keras_attn.normalizers.Normalizer (a normalizer). "
+            "keras_attn.Normalizer (a normalizer). "
             "Received: {}.Twice, which is a score",
         ),
         ("register_score_mods", keras_attn.patterns.Causal, "which is a pattern"),

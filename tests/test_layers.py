@@ -665,7 +665,7 @@ def test_subclass_overriding_compute_attention_receives_masks():
 def decode_step_by_step(layer, x, prefill, **call_kwargs):
     """Run `x` through `layer` with a KV cache: `prefill` tokens, then one at a time."""
     batch, length = x.shape[:2]
-    cache = ops.zeros((batch, 2, length, layer.num_heads, layer._key_dim))
+    cache = ops.zeros(layer.cache_shape(batch, length))
     outputs = []
     start = 0
     for stop in [prefill, *range(prefill + 1, length + 1)]:

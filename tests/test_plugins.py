@@ -743,7 +743,7 @@ def test_plugin_registering_a_component_of_the_wrong_kind(dists):
     with pytest.raises(ComponentKindError) as info:
         plugins.names("normalizer")
     message = str(info.value)
-    assert "register_scores" in message and "keras_attn.scores.Score" in message
+    assert "register_scores" in message and "keras_attn.Score" in message
     assert "ep_wrong_kind.Doubled, which is a normalizer" in message
     assert "plugin 'wrong'" in message and "keras-attn-wrong 1.2.3" in message
 

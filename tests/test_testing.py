@@ -187,7 +187,7 @@ class ForgetsWindow(keras_attn.Attention):
         (testing.check_score, NotJson, "not JSON-serializable"),
         (testing.check_score, MixesTheBatch, "leading dims"),
         (testing.check_score, NoName, "set the class attribute `name`"),
-        (testing.check_score, patterns.Causal, "expected a subclass of keras_attn.scores.Score"),
+        (testing.check_score, patterns.Causal, "expected a subclass of keras_attn.Score"),
         (testing.check_score_mod, RowIndexBias, "positions in that layout"),
         (testing.check_pattern, FirstHalf, "function of each"),
         (testing.check_pattern, ClaimsCausal, "`causal` is True"),
@@ -493,7 +493,7 @@ def test_installed_plugin_registering_the_wrong_kind(tmp_path):
     )
     done = run_python("import keras_attn; keras_attn.plugins.names('score')", tmp_path / "site")
     assert (
-        "ComponentKindError: register_scores: expected a subclass of keras_attn.scores.Score "
+        "ComponentKindError: register_scores: expected a subclass of keras_attn.Score "
         "(a score). Received: keras_attn_diagonal.Diagonal, which is a pattern, from plugin "
         "'keras_attn_diagonal' (package keras-attn-diagonal 0.3.0)"
     ) in done.stderr, done.stderr

@@ -10,6 +10,10 @@ import numpy as np
 from keras import ops
 
 import keras_attn
+from keras_attn.block_layout import block_bounds
+from keras_attn.block_layout import num_blocks
+from keras_attn.validation import boolean
+from keras_attn.validation import integer
 
 # Random blocks come from a small integer hash. Every intermediate stays below 2**31,
 # so int32 tensors (TensorFlow, JAX) and numpy int64 arrays give the same numbers.
@@ -28,18 +32,6 @@ def random_block(query_block, draw, seed, num_candidates):
     return h % num_candidates
 
 
-def _int(value, arg, minimum):
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"`{arg}` must be an integer >= {minimum}. Received: {arg}={value!r}")
-    return int(value)
-
-
-def _bool(value, arg):
-    if not isinstance(value, bool):
-        raise ValueError(f"`{arg}` must be a bool. Received: {arg}={value!r}")
-    return value
-
-
 def _mark_intervals(out_row, starts, stops):
     """Set ``out_row[start : stop + 1]`` for every (start, stop) pair, vectorized."""
     diff = np.zeros(len(out_row) + 1, dtype=np.int64)
@@ -49,11 +41,9 @@ def _mark_intervals(out_row, starts, stops):
 
 
 def _rows_of_blocks(query_length, block_size, query_offset):
-    """First and last absolute query position of each row of blocks."""
-    rows = np.arange(-(-query_length // block_size))
-    first = query_offset + rows * block_size
-    last = query_offset + np.minimum((rows + 1) * block_size, query_length) - 1
-    return first, last
+    """First and last absolute query position of each row of blocks, ``(nq,)`` each."""
+    first, last, _, _ = block_bounds(query_length, 0, block_size, query_offset)
+    return first[:, 0], last[:, 0]
 
 
 class Longformer(keras_attn.Pattern):
@@ -79,20 +69,20 @@ class Longformer(keras_attn.Pattern):
     name = "longformer"
 
     def __init__(self, window=256, num_global=1, global_indices=None, causal=False):
-        self.window = _int(window, "window", 1)
+        self.window = integer(window, "window", 1)
         if global_indices is not None:
             if not isinstance(global_indices, (list, tuple)) or not global_indices:
                 raise ValueError(
                     "`global_indices` must be a non-empty list of non-negative integers. "
                     f"Received: global_indices={global_indices!r}"
                 )
-            global_indices = sorted({_int(i, "global_indices", 0) for i in global_indices})
+            global_indices = sorted({integer(i, "global_indices", 0) for i in global_indices})
             num_global = None
         else:
-            num_global = _int(num_global, "num_global", 0)
+            num_global = integer(num_global, "num_global", 0)
         self.num_global = num_global
         self.global_indices = global_indices
-        self._causal = _bool(causal, "causal")
+        self._causal = boolean(causal, "causal")
 
     @property
     def causal(self):
@@ -126,7 +116,7 @@ class Longformer(keras_attn.Pattern):
     def block_mask(self, query_length, key_length, block_size, query_offset=0):
         """Closed form: the band's blocks, plus the rows and columns of global tokens."""
         first, last = _rows_of_blocks(query_length, block_size, query_offset)
-        n_k = -(-key_length // block_size)
+        n_k = num_blocks(key_length, block_size)
         col_first = np.arange(n_k) * block_size
         col_last = np.minimum(col_first + block_size, key_length) - 1
         low = first - self.window + 1
@@ -197,17 +187,17 @@ class BigBird(keras_attn.Pattern):
         seed=0,
         causal=False,
     ):
-        self.block_size = _int(block_size, "block_size", 1)
-        self.num_window_blocks = _int(num_window_blocks, "num_window_blocks", 1)
+        self.block_size = integer(block_size, "block_size", 1)
+        self.num_window_blocks = integer(num_window_blocks, "num_window_blocks", 1)
         if self.num_window_blocks % 2 == 0:
             raise ValueError(
                 "`num_window_blocks` must be odd (the query's block and as many on each "
                 f"side). Received: num_window_blocks={num_window_blocks}"
             )
-        self.num_global_blocks = _int(num_global_blocks, "num_global_blocks", 0)
-        self.num_random_blocks = _int(num_random_blocks, "num_random_blocks", 0)
-        self.seed = _int(seed, "seed", 0)
-        self._causal = _bool(causal, "causal")
+        self.num_global_blocks = integer(num_global_blocks, "num_global_blocks", 0)
+        self.num_random_blocks = integer(num_random_blocks, "num_random_blocks", 0)
+        self.seed = integer(seed, "seed", 0)
+        self._causal = boolean(causal, "causal")
 
     @property
     def causal(self):
@@ -258,14 +248,14 @@ class BigBird(keras_attn.Pattern):
         """Closed form, from the pattern's own blocks (which need not be `block_size`)."""
         bs = self.block_size
         first, last = _rows_of_blocks(query_length, block_size, query_offset)
-        n_k = -(-key_length // block_size)
+        n_k = num_blocks(key_length, block_size)
         out = np.zeros((len(first), n_k), dtype=bool)
         for row, (start, stop) in enumerate(zip(first, last, strict=True)):
             for a in range(start // bs, stop // bs + 1):
                 limit = key_length - 1
                 if self._causal:  # the latest query of block a in this row
                     limit = min(limit, stop, (a + 1) * bs - 1)
-                b = np.nonzero(self._key_blocks(a, -(-key_length // bs)))[0]
+                b = np.nonzero(self._key_blocks(a, num_blocks(key_length, bs)))[0]
                 b = b[b * bs <= limit]
                 _mark_intervals(
                     out[row],

@@ -1,51 +1,35 @@
-"""The attention layers: one engine (`Attention`) and its named presets."""
+"""`Attention`: the engine layer every keras_attn layer is a preset of.
+
+The layer projects its inputs into heads, gathers the masks (`keras_attn.masks`),
+writes the key/value cache (`keras_attn.kv_cache`), and hands the heads and one
+`keras_attn.components.Components` to `keras_attn.dispatch`, which plans the path
+once and runs it. It decides nothing about paths itself.
+"""
 
 import logging
 
 import keras
-from keras import ops
 
-from keras_attn import engine
+from keras_attn import dispatch
+from keras_attn import kv_cache
+from keras_attn import masks
 from keras_attn import patterns as patterns_module
 from keras_attn import plugins
-from keras_attn.hookspecs import hookimpl
-from keras_attn.positions import make_positions
-
-try:  # Keras keeps masks on tensors; this is how its own layers read them.
-    from keras.src.backend import get_keras_mask
-    from keras.src.backend import set_keras_mask
-except ImportError:  # pragma: no cover
-
-    def get_keras_mask(x):
-        return getattr(x, "_keras_mask", None)
-
-    def set_keras_mask(x, mask):
-        pass
-
+from keras_attn import validation
+from keras_attn.components import Components
+from keras_attn.components import builtin
 
 logger = logging.getLogger("keras_attn")
 
 
-class _Components:
-    """Holds the resolved components until `build` attaches them.
+class _Unattached:
+    """Holds a value Keras must not track as a sublayer (until `build` attaches it)."""
 
-    Keras tracks a sublayer when it is assigned to an attribute. The components are
-    attached in `build`, after the projections, so that every layer's weight list
-    starts with the query/key/value/output kernels of `keras.layers.MultiHeadAttention`.
-    """
-
-    def __init__(self, score, score_mods, pattern, normalizer):
-        self.score = score
-        self.score_mods = score_mods
-        self.pattern = pattern
-        self.normalizer = normalizer
+    def __init__(self, value):
+        self.value = value
 
 
-def _positive_int_or_none(value, arg):
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-        raise ValueError(f"`{arg}` must be a positive integer. Received: {arg}={value!r}")
-
-
+@builtin("layer")
 class Attention(keras.layers.Layer):
     """Attention assembled from a score, score_mods, a pattern and a normalizer.
 
@@ -140,11 +124,9 @@ class Attention(keras.layers.Layer):
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         self.supports_masking = True
-        _positive_int_or_none(num_heads, "num_heads")
-        if num_heads is None:
-            raise ValueError("`num_heads` must be a positive integer. Received: num_heads=None")
-        _positive_int_or_none(key_dim, "key_dim")
-        _positive_int_or_none(value_dim, "value_dim")
+        validation.positive_int(num_heads, "num_heads")
+        validation.positive_int(key_dim, "key_dim", allow_none=True)
+        validation.positive_int(value_dim, "value_dim", allow_none=True)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
         if block_sparse not in ("auto", True, False):
@@ -152,7 +134,7 @@ class Attention(keras.layers.Layer):
                 "`block_sparse` must be 'auto', True or False. "
                 f"Received: block_sparse={block_sparse!r}"
             )
-        _positive_int_or_none(block_size, "block_size")
+        validation.positive_int(block_size, "block_size", allow_none=True)
         if isinstance(output_shape, (list, tuple)):
             if len(output_shape) != 1:
                 raise ValueError(
@@ -160,7 +142,7 @@ class Attention(keras.layers.Layer):
                     f"Received: output_shape={output_shape}"
                 )
             output_shape = output_shape[0]
-        _positive_int_or_none(output_shape, "output_shape")
+        validation.positive_int(output_shape, "output_shape", allow_none=True)
         if isinstance(score_mods, (str, dict)) or plugins.kind_of(score_mods) is not None:
             score_mods = [score_mods]
         self.num_heads = num_heads
@@ -180,31 +162,79 @@ class Attention(keras.layers.Layer):
         self.bias_constraint = keras.constraints.get(bias_constraint)
         self.seed = seed
         layer_defaults = {"dtype": self.dtype_policy}
-        self._components = _Components(
-            score=plugins.resolve("score", score, **layer_defaults),
-            score_mods=[plugins.resolve("score_mod", m, **layer_defaults) for m in score_mods],
-            pattern=plugins.resolve("pattern", pattern),
-            normalizer=plugins.resolve("normalizer", normalizer, **layer_defaults),
+        # Attached as sublayers in `build`, after the projections, so that every
+        # layer's weight list starts with the query/key/value/output kernels of
+        # `keras.layers.MultiHeadAttention`; until then Keras must not track them.
+        self._components = _Unattached(
+            Components(
+                score=plugins.resolve("score", score, **layer_defaults),
+                score_mods=tuple(
+                    plugins.resolve("score_mod", m, **layer_defaults) for m in score_mods
+                ),
+                pattern=plugins.resolve("pattern", pattern),
+                normalizer=plugins.resolve("normalizer", normalizer, **layer_defaults),
+            )
         )
         self.last_path = None
 
     # -- components ---------------------------------------------------------------
 
     @property
+    def components(self):
+        """The layer's `keras_attn.components.Components` (its own pattern, no dropout)."""
+        return self._components.value
+
+    @property
     def score(self):
-        return self._components.score
+        return self.components.score
 
     @property
     def score_mods(self):
-        return list(self._components.score_mods)
+        return list(self.components.score_mods)
 
     @property
     def pattern(self):
-        return self._components.pattern
+        return self.components.pattern
 
     @property
     def normalizer(self):
-        return self._components.normalizer
+        return self.components.normalizer
+
+    # Read-only handles, as on keras.layers.MultiHeadAttention (set by `build`).
+
+    @property
+    def query_dense(self):
+        return self._query_dense
+
+    @property
+    def key_dense(self):
+        return self._key_dense
+
+    @property
+    def value_dense(self):
+        return self._value_dense
+
+    @property
+    def output_dense(self):
+        return self._output_dense
+
+    @property
+    def head_dim(self):
+        """Size of each query/key head: `key_dim`, or resolved from the input by `build`."""
+        return self._key_dim if self.built else self.key_dim
+
+    def cache_shape(self, batch_size, max_length):
+        """Shape of the key/value cache this layer takes: ``(B, 2, S, H, D)``.
+
+        Raises:
+            ValueError: if the layer is not built (its head size is not known yet).
+        """
+        if not self.built:
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r} must be built before its cache shape "
+                "is known (the head size may come from the input)."
+            )
+        return kv_cache.cache_shape(batch_size, max_length, self.num_heads, self._key_dim)
 
     # -- build ----------------------------------------------------------------------
 
@@ -294,7 +324,7 @@ class Attention(keras.layers.Layer):
 
     def _check_score_mods(self):
         # Checked before anything is built, so a failed build leaves no weights behind.
-        for i, mod in enumerate(self._components.score_mods):
+        for i, mod in enumerate(self.components.score_mods):
             heads = getattr(mod, "num_heads", None)
             if heads is not None and heads != self.num_heads:
                 raise ValueError(
@@ -307,7 +337,7 @@ class Attention(keras.layers.Layer):
         """Hook for presets that add projections between key and value (a gate)."""
 
     def _build_components(self, query_shape, key_shape):
-        c = self._components
+        c = self.components
         self._score = c.score
         self._score_mods = list(c.score_mods)
         self._normalizer = c.normalizer
@@ -329,44 +359,9 @@ class Attention(keras.layers.Layer):
         pattern = self.pattern
         if not use_causal_mask or pattern.causal:
             return pattern
-        if type(pattern) is patterns_module.Full:
+        if pattern.kernel_form == "full":
             return patterns_module.Causal()
         return pattern & patterns_module.Causal()
-
-    def _check_attention_mask(self, attention_mask, query, key, cache):
-        if attention_mask is None:
-            return
-        shape = tuple(attention_mask.shape)
-        key_length = key.shape[1] if cache is None else cache.shape[2]
-        expected = (query.shape[1], key_length)
-        if len(shape) not in (2, 3) or any(
-            a is not None and b is not None and a != b
-            for a, b in zip(shape[-2:], expected, strict=True)
-        ):
-            raise ValueError(
-                "`attention_mask` must have shape (B, Tq, Tk) or (Tq, Tk), here "
-                f"Tq={expected[0]} and Tk={expected[1]}. "
-                f"Received: attention_mask.shape={shape}"
-            )
-
-    def _data_mask(self, query_mask, value_mask, key_mask, attention_mask):
-        """Padding and explicit masks as one bool ``(B, 1, Tq, Tk)`` tensor, or None."""
-        masks = []
-        if query_mask is not None:
-            masks.append(ops.cast(query_mask, "bool")[:, :, None])  # (B, Tq, 1)
-        if value_mask is not None:
-            masks.append(ops.cast(value_mask, "bool")[:, None, :])  # (B, 1, Tk)
-        if key_mask is not None:
-            masks.append(ops.cast(key_mask, "bool")[:, None, :])  # (B, 1, Tk)
-        if attention_mask is not None:
-            # Its shape was checked by `_check_attention_mask`.
-            masks.append(ops.cast(attention_mask, "bool"))
-        mask = engine.combine_masks(*masks)
-        if mask is None:
-            return None
-        if len(mask.shape) == 2:
-            mask = mask[None]
-        return mask[:, None, :, :]  # (B, 1, Tq, Tk)
 
     def call(
         self,
@@ -387,19 +382,20 @@ class Attention(keras.layers.Layer):
             value = query
         if key is None:
             key = value
-        self._check_attention_mask(attention_mask, query, key, cache)
+        key_length = key.shape[1] if cache is None else cache.shape[2]
+        masks.check_attention_mask(attention_mask, query.shape[1], key_length)
         # Masks not passed explicitly come from the inputs' Keras masks.
         if query_mask is None:
-            query_mask = get_keras_mask(query)
+            query_mask = masks.get_keras_mask(query)
         if value_mask is None:
-            value_mask = get_keras_mask(value)
+            value_mask = masks.get_keras_mask(value)
         if key_mask is None and key is not value:
-            key_mask = get_keras_mask(key)
-        mask = self._data_mask(query_mask, value_mask, key_mask, attention_mask)
+            key_mask = masks.get_keras_mask(key)
+        mask = masks.data_mask(query_mask, value_mask, key_mask, attention_mask)
         # The masks are in `mask` now. Take them off the inputs, as Keras's
         # MultiHeadAttention does, so that the projections do not warn about them.
         for tensor in (query, value, key):
-            set_keras_mask(tensor, None)
+            masks.set_keras_mask(tensor, None)
 
         q = self._query_dense(query)  # (B, Tq, H, D)
         k = self._key_dense(key)  # (B, Tk, H, D)
@@ -410,7 +406,7 @@ class Attention(keras.layers.Layer):
         if cache is not None:
             k, v, cache, cache_mask = self._update_cache(k, v, cache, cache_update_index)
             query_offset = cache_update_index
-            mask = engine.combine_masks(mask, cache_mask)
+            mask = masks.combine_masks(mask, cache_mask)
         pattern = self._effective_pattern(use_causal_mask)
 
         output, scores = self._compute_attention(
@@ -427,7 +423,7 @@ class Attention(keras.layers.Layer):
             output = output * gate
         output = self._output_dense(output)  # (B, Tq, E)
         if query_mask is not None:
-            set_keras_mask(output, query_mask)
+            masks.set_keras_mask(output, query_mask)
         result = (output,)
         if return_attention_scores:
             result += (scores,)
@@ -441,26 +437,8 @@ class Attention(keras.layers.Layer):
     def _update_cache(self, k, v, cache, cache_update_index):
         if cache_update_index is None:
             raise ValueError("`cache_update_index` is required when `cache` is given.")
-        if self._value_dim != self._key_dim:
-            raise ValueError(
-                "A key/value cache needs key_dim == value_dim. Received: "
-                f"key_dim={self._key_dim}, value_dim={self._value_dim}"
-            )
-        if len(cache.shape) != 5 or cache.shape[1] != 2:
-            raise ValueError(
-                f"`cache` must have shape (B, 2, S, {self.num_heads}, {self._key_dim}). "
-                f"Received: cache.shape={cache.shape}"
-            )
-        index = ops.cast(cache_update_index, "int32")
-        # One update of the whole cache (not a stack of two new halves), which XLA
-        # can do in place inside a decoding loop.
-        new = ops.stack([k, v], axis=1)  # (B, 2, Tq, H, D)
-        cache = ops.slice_update(cache, [0, 0, index, 0, 0], ops.cast(new, cache.dtype))
-        key_cache, value_cache = cache[:, 0], cache[:, 1]  # (B, S, H, D)
-        # Cache slots past the last written position hold no key yet.
-        filled = index + ops.shape(k)[1]
-        cache_mask = ops.arange(ops.shape(cache)[2])[None, None, None, :] < filled  # (1, 1, 1, S)
-        return key_cache, value_cache, cache, cache_mask
+        kv_cache.check_cache(cache, self.num_heads, self._key_dim, self._value_dim)
+        return kv_cache.update(cache, k, v, cache_update_index)
 
     def _compute_attention(
         self,
@@ -470,7 +448,6 @@ class Attention(keras.layers.Layer):
         attention_mask=None,
         training=None,
         return_attention_scores=False,
-        positions=None,
         pattern=None,
         query_offset=0,
     ):
@@ -481,8 +458,6 @@ class Attention(keras.layers.Layer):
             attention_mask: Bool ``(B, 1, Tq, Tk)`` combining the padding masks, the
                 explicit `attention_mask` and cache validity, or None. The pattern
                 is applied separately.
-            positions: `keras_attn.positions.Positions` for the logits, or None to
-                make them from the lengths and `query_offset` where a path reads them.
             pattern: The pattern for this call (the layer's, plus causal if asked).
             query_offset: Absolute position of the first query (the cache index).
 
@@ -490,81 +465,27 @@ class Attention(keras.layers.Layer):
             ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None)``.
         """
         pattern = self.pattern if pattern is None else pattern
-        dropout_active = bool(self.dropout) and bool(training)
-        # keras.ops.dot_product_attention needs one head size for keys and values (the
-        # JAX backend checks it), so value_dim != key_dim rules out the fused path.
-        unfusable_dims = value.shape[-1] != query.shape[-1]
-        path = engine.choose_path(
-            self.score,
-            self.score_mods,
-            pattern,
-            self.normalizer,
+        components = self.components.replace(
+            pattern=pattern, dropout=self._dropout_layer if self.dropout else None
+        )
+        plan = dispatch.plan(
+            components,
             query_length=query.shape[1],
             key_length=key.shape[1],
-            return_scores=return_attention_scores or unfusable_dims,
-            dropout_active=dropout_active,
+            head_dim=query.shape[-1],
+            value_dim=value.shape[-1],
+            return_weights=return_attention_scores,
+            training=training,
             block_sparse=self.block_sparse,
             block_size=self.block_size,
             query_offset=query_offset,
             flash_attention=self.flash_attention,
         )
-        self._record_path(path)
-
-        def get_positions():
-            # Made only where read, so that the fused path's graph is Keras's own.
-            if positions is not None:
-                return positions
-            return make_positions(
-                ops.shape(query)[1], ops.shape(key)[1], self.num_heads, query_offset=query_offset
-            )
-
-        if path == "fused":
-            causal = type(pattern) is patterns_module.Causal
-            if causal and not (isinstance(query_offset, int) and query_offset == 0):
-                # Absolute positions differ from the kernel's 0-based causal mask.
-                attention_mask = engine.combine_masks(attention_mask, pattern.mask(get_positions()))
-                causal = False
-            output = engine.fused_attention(
-                query,
-                key,
-                value,
-                scale=self.score.scale_for(query.shape[-1]),
-                causal=causal,
-                mask=attention_mask,
-                flash_attention=self.flash_attention,
-            )
-            return output, None
-        q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, Tq, D)
-        k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, Tk, D)
-        v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, Tk, Dv)
-        kwargs = dict(
-            score=self.score,
-            score_mods=self.score_mods,
-            pattern=pattern,
-            normalizer=self.normalizer,
-            positions=get_positions(),
-            mask=attention_mask,
-            dropout=self._dropout_layer if self.dropout else None,
-            training=training,
-        )
-        if path == "block_sparse":
-            from keras_attn import block_sparse
-
-            output, weights = block_sparse.block_sparse_attention(
-                q,
-                k,
-                v,
-                block_size=self.block_size,
-                return_weights=return_attention_scores,
-                query_offset=query_offset,
-                **kwargs,
-            )
-        else:
-            output, weights = engine.dense_attention(
-                q, k, v, return_weights=return_attention_scores, **kwargs
-            )
-        output = ops.transpose(output, (0, 2, 1, 3))  # (B, Tq, H, Dv)
-        return output, weights if return_attention_scores else None
+        self._record_path(plan.path)
+        return dispatch.attend(
+            plan, query, key, value, attention_mask, training=training,
+            return_weights=return_attention_scores,
+        )  # fmt: skip
 
     def _record_path(self, path):
         if path != self.last_path:
@@ -639,265 +560,3 @@ class Attention(keras.layers.Layer):
             }
         )
         return config
-
-
-def _preset_config(config, fixed):
-    """Drop the constructor arguments a preset sets itself from a config."""
-    return {k: v for k, v in config.items() if k not in fixed}
-
-
-class SoftAttention(Attention):
-    """Soft attention: `Attention` with the ``softmax`` normalizer.
-
-    Args:
-        **kwargs: As `Attention`, except `normalizer`.
-    """
-
-    name = "soft"
-
-    def __init__(self, num_heads=1, **kwargs):
-        kwargs.setdefault("normalizer", "softmax")
-        super().__init__(num_heads=num_heads, **kwargs)
-
-
-class HardAttention(Attention):
-    """Hard attention: each query takes the value of its single best allowed key.
-
-    The forward pass puts weight 1.0 on the argmax; gradients flow through the
-    softmax (straight-through), so the layer trains.
-
-    Args:
-        gumbel: Sample the key with Gumbel noise while training.
-        temperature: Temperature of the straight-through softmax.
-        **kwargs: As `Attention`, except `normalizer`.
-    """
-
-    name = "hard"
-
-    def __init__(self, num_heads=1, gumbel=False, temperature=1.0, **kwargs):
-        kwargs.pop("normalizer", None)
-        self.gumbel = gumbel
-        self.temperature = temperature
-        normalizer = {
-            "name": "hard",
-            "config": {"gumbel": gumbel, "temperature": temperature, "seed": kwargs.get("seed")},
-        }
-        super().__init__(num_heads=num_heads, normalizer=normalizer, **kwargs)
-
-    def get_config(self):
-        config = _preset_config(super().get_config(), {"normalizer"})
-        return {**config, "gumbel": self.gumbel, "temperature": self.temperature}
-
-
-class GlobalAttention(Attention):
-    """Global attention: every query attends to every key (the ``full`` pattern).
-
-    Args:
-        **kwargs: As `Attention`, except `pattern`.
-    """
-
-    name = "global"
-
-    def __init__(self, num_heads=1, **kwargs):
-        kwargs.pop("pattern", None)
-        super().__init__(num_heads=num_heads, pattern="full", **kwargs)
-
-    def get_config(self):
-        return _preset_config(super().get_config(), {"pattern"})
-
-
-class LocalAttention(Attention):
-    """Local (sliding window) attention: query i attends to keys with ``|i - j| < window``.
-
-    Runs on the block-sparse path for long inputs, so cost grows with
-    ``T * window`` rather than ``T**2``.
-
-    Args:
-        window: Positive integer, the window's half-width plus one (as
-            `keras.layers.MultiHeadAttention(sliding_window=...)`).
-        causal: Attend only to keys ``i - window < j <= i``.
-        **kwargs: As `Attention`, except `pattern`.
-    """
-
-    name = "local"
-
-    def __init__(self, window=None, causal=False, num_heads=1, **kwargs):
-        kwargs.pop("pattern", None)
-        if window is None:
-            raise ValueError(
-                "LocalAttention needs `window`, a positive integer. Received: window=None"
-            )
-        pattern = patterns_module.Local(window, causal=causal)
-        self.window = window
-        self.causal = causal
-        super().__init__(num_heads=num_heads, pattern=pattern, **kwargs)
-
-    def get_config(self):
-        config = _preset_config(super().get_config(), {"pattern"})
-        return {**config, "window": self.window, "causal": self.causal}
-
-
-class SelfAttention(Attention):
-    """Self-attention: queries, keys and values all come from `inputs`.
-
-    Call arguments:
-        inputs: ``(B, T, dim)``.
-        mask: Bool ``(B, T)`` padding mask (taken from the Keras mask if unset).
-        Other arguments as `Attention.call`.
-    """
-
-    name = "self"
-
-    def build(self, inputs_shape):
-        super().build(inputs_shape, inputs_shape, inputs_shape)
-
-    def call(self, inputs, mask=None, **kwargs):
-        if mask is not None:
-            kwargs.setdefault("query_mask", mask)
-            kwargs.setdefault("value_mask", mask)
-        return super().call(inputs, inputs, inputs, **kwargs)
-
-    def compute_output_shape(self, inputs_shape, *args, **kwargs):
-        return super().compute_output_shape(inputs_shape)
-
-    def compute_output_spec(self, inputs, mask=None, **kwargs):
-        return super().compute_output_spec(inputs, **kwargs)
-
-
-class CrossAttention(Attention):
-    """Cross-attention: queries from `query`, keys and values from `context`.
-
-    Call arguments:
-        query: ``(B, Tq, dim)``.
-        context: ``(B, Tk, dim_c)``.
-        context_mask: Bool ``(B, Tk)`` (taken from the Keras mask if unset).
-        Other arguments as `Attention.call`.
-    """
-
-    name = "cross"
-
-    def build(self, query_shape, context_shape=None):
-        if context_shape is None:
-            raise ValueError("CrossAttention needs a `context` input. Received: context=None")
-        super().build(query_shape, context_shape, context_shape)
-
-    def call(self, query, context=None, context_mask=None, **kwargs):
-        if context is None:
-            raise ValueError(
-                "CrossAttention needs a `context` tensor (B, Tk, dim). Received: context=None"
-            )
-        if context_mask is not None:
-            kwargs.setdefault("value_mask", context_mask)
-        return super().call(query, context, context, **kwargs)
-
-    def compute_output_shape(self, query_shape, context_shape=None, *args, **kwargs):
-        return super().compute_output_shape(query_shape)
-
-    def compute_output_spec(self, query, context=None, context_mask=None, **kwargs):
-        return super().compute_output_spec(query, context, **kwargs)
-
-
-class MultiHeadAttention(Attention):
-    """Drop-in replacement for `keras.layers.MultiHeadAttention`.
-
-    Same constructor and call arguments, same weights in the same order and shapes:
-    ``ours.set_weights(theirs.get_weights())`` gives the same outputs and scores.
-    It also accepts every `Attention` argument (score, pattern, normalizer, ...).
-    Differences: inputs must be rank 3 (`attention_axes` must be None or the
-    sequence axis), and a query row that may attend to no key gets zero weights
-    where Keras spreads them uniformly.
-
-    Args:
-        num_heads: Number of attention heads.
-        key_dim: Size of each head for query and key.
-        value_dim: Size of each head for value. Defaults to `key_dim`.
-        sliding_window: If set, query i attends to keys with ``|i - j| < sliding_window``.
-        use_gate: Gate the attention output with a sigmoid projection of the query.
-        attention_axes: None (or ``1``/``(1,)``): attention over the sequence axis.
-        **kwargs: As `keras.layers.MultiHeadAttention` and `Attention`.
-    """
-
-    name = "multi_head"
-
-    def __init__(
-        self,
-        num_heads,
-        key_dim,
-        value_dim=None,
-        dropout=0.0,
-        use_bias=True,
-        output_shape=None,
-        attention_axes=None,
-        sliding_window=None,
-        use_gate=False,
-        **kwargs,
-    ):
-        if attention_axes not in (None, 1, -2, (1,), [1], (-2,), [-2]):
-            raise ValueError(
-                "keras_attn.MultiHeadAttention attends over the sequence axis of "
-                "(B, T, dim) inputs only. Expected attention_axes=None or 1. "
-                f"Received: attention_axes={attention_axes}"
-            )
-        if key_dim is None:
-            raise ValueError(
-                "`key_dim` is required, as in keras.layers.MultiHeadAttention. Received: key_dim=None"
-            )
-        if sliding_window is not None:
-            _positive_int_or_none(sliding_window, "sliding_window")
-            if "pattern" in kwargs:
-                raise ValueError("Pass either `sliding_window` or `pattern`, not both.")
-            kwargs["pattern"] = patterns_module.Local(sliding_window)
-        self.attention_axes = None if attention_axes is None else (1,)
-        self.sliding_window = sliding_window
-        self.use_gate = use_gate
-        super().__init__(
-            num_heads=num_heads,
-            key_dim=key_dim,
-            value_dim=value_dim,
-            dropout=dropout,
-            use_bias=use_bias,
-            output_shape=output_shape,
-            **kwargs,
-        )
-
-    def _build_extra_projections(self, query_shape):
-        # Keras builds the gate between key and value; keep its weight order.
-        if self.use_gate:
-            self._gate_dense = keras.layers.EinsumDense(
-                "abc,cde->abde",
-                output_shape=(None, self.num_heads, self._value_dim or self._key_dim),
-                bias_axes="de" if self.use_bias else None,
-                activation="sigmoid",
-                name="gate",
-                **self._dense_kwargs(),
-            )
-            self._gate_dense.build(query_shape)
-
-    def _gate(self, query):
-        return self._gate_dense(query) if self.use_gate else None
-
-    def get_config(self):
-        config = super().get_config()
-        if self.sliding_window is not None:
-            config.pop("pattern")
-        return {
-            **config,
-            "attention_axes": self.attention_axes,
-            "sliding_window": self.sliding_window,
-            "use_gate": self.use_gate,
-        }
-
-
-@hookimpl
-def register_layers(register):
-    for cls in (
-        Attention,
-        SoftAttention,
-        HardAttention,
-        GlobalAttention,
-        LocalAttention,
-        SelfAttention,
-        CrossAttention,
-        MultiHeadAttention,
-    ):
-        register(cls)

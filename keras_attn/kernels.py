@@ -1,87 +1,30 @@
-"""The attention engine: one computation, several ways to run it.
+"""The two whole-matrix kernels: dense (the exact masked reference) and fused.
 
-- ``fused``: `keras.ops.dot_product_attention` (flash kernels on GPU/TPU where the
-  backend has them), when the components allow it.
-- ``block_sparse``: only the score blocks a sparse pattern can reach
-  (`keras_attn.block_sparse`).
-- ``dense``: the exact masked reference; everything else.
+- `dense_attention`: scores, score_mods, pattern and data masks, normalizer, then the
+  weighted sum of values, on the whole ``(B, H, Tq, Tk)`` matrix. Every other path
+  must agree with it.
+- `fused_attention`: `keras.ops.dot_product_attention`, which runs flash kernels on
+  GPU/TPU where the backend has them, for the attentions it can compute exactly.
 
-All three agree. `choose_path` picks one; the layer records the choice in
-``layer.last_path`` and logs it at debug level.
+`weighted_sum` (normalizer, dropout, matmul) is shared with `keras_attn.block_sparse`.
 """
 
 import functools
-import logging
 
 import keras
 from keras import ops
 
-from keras_attn import normalizers
-from keras_attn import patterns
-from keras_attn import scores
+from keras_attn.components import NEG_INF
+from keras_attn.masks import combine_masks
+from keras_attn.masks import pattern_mask
 
-logger = logging.getLogger("keras_attn")
-
-PATHS = ("fused", "block_sparse", "dense")
-
-
-def is_fusable(score, score_mods, pattern, normalizer, return_scores, dropout_active):
-    """Whether `keras.ops.dot_product_attention` computes exactly this attention."""
-    return (
-        type(score) is scores.ScaledDot
-        and type(normalizer) is normalizers.Softmax
-        and type(pattern) in (patterns.Full, patterns.Causal)
-        and not score_mods
-        and not return_scores
-        and not dropout_active
-    )
-
-
-def choose_path(
-    score,
-    score_mods,
-    pattern,
-    normalizer,
-    *,
-    query_length,
-    key_length,
-    return_scores=False,
-    dropout_active=False,
-    block_sparse="auto",
-    block_size=128,
-    query_offset=0,
-    flash_attention=None,
-):
-    """The path that runs this attention: one of `PATHS`.
-
-    ``block_sparse=True`` insists on the block-sparse path, even where the fused one
-    would do; ``False`` never takes it. With ``"auto"``, a fusable sparse pattern
-    (causal) still takes the block-sparse path on a CPU, where the fused kernel
-    computes the whole score matrix, once it skips enough blocks
-    (`block_sparse.MAX_FRACTION_OVER_FUSED`), unless ``flash_attention`` is True.
-    """
-    from keras_attn import block_sparse as block_sparse_module
-
-    fusable = is_fusable(score, score_mods, pattern, normalizer, return_scores, dropout_active)
-    if fusable and block_sparse is not True:
-        cpu_fused = (
-            block_sparse == "auto" and flash_attention is not True and fused_kernel_is_dense()
-        )
-        if cpu_fused and block_sparse_module.pays_off(
-            pattern,
-            query_length,
-            key_length,
-            block_size=block_size,
-            query_offset=query_offset,
-            max_fraction=block_sparse_module.MAX_FRACTION_OVER_FUSED,
-        ):
-            return "block_sparse"
-        return "fused"
-    if block_sparse_module.pays_off(
-        pattern, query_length, key_length, block_sparse, block_size, query_offset
-    ):
-        return "block_sparse"
-    return "dense"
+__all__ = [
+    "dense_attention",
+    "fused_attention",
+    "fused_kernel_is_dense",
+    "softmax_weighted_sum",
+    "weighted_sum",
+]
 
 
 @functools.cache
@@ -107,28 +50,11 @@ def fused_kernel_is_dense():
     return False
 
 
-def combine_masks(*masks):
-    """Logical and of the masks that are not None (None if all are)."""
-    out = None
-    for m in masks:
-        if m is None:
-            continue
-        m = ops.cast(m, "bool")
-        out = m if out is None else ops.logical_and(out, m)
-    return out
-
-
-def pattern_mask(pattern, positions):
-    """The pattern's mask, or None when it allows every pair."""
-    if type(pattern) is patterns.Full:
-        return None
-    return pattern.mask(positions)
-
-
-def weighted_sum(
-    normalizer, logits, value, mask=None, dropout=None, training=None, return_weights=True
-):
+def weighted_sum(components, logits, value, mask=None, training=None, return_weights=True):
     """``normalizer(logits, mask) @ value``: the attention output and the weights.
+
+    The normalizer and the dropout come from `components`
+    (a `keras_attn.components.Components`).
 
     When the weights are not asked for, plain softmax without active dropout on
     TensorFlow and JAX runs as `softmax_weighted_sum`, whose gradient skips several
@@ -137,11 +63,11 @@ def weighted_sum(
     Returns:
         ``(output, weights)``; the weights are None only when not asked for.
     """
-    dropout_active = dropout is not None and bool(training) and dropout.rate > 0
+    normalizer, dropout = components.normalizer, components.dropout
     if (
         not return_weights
-        and type(normalizer) is normalizers.Softmax
-        and not dropout_active
+        and normalizer.is_softmax
+        and not components.dropout_active(training)
         and keras.backend.backend() in ("tensorflow", "jax")
     ):
         return softmax_weighted_sum(logits, value, mask), None
@@ -177,7 +103,7 @@ def softmax_weighted_sum(logits, value, mask=None):
     def attend(logits, value):
         x = ops.cast(logits, "float32")
         if mask is not None:
-            x = ops.where(mask, x, normalizers.NEG_INF)
+            x = ops.where(mask, x, NEG_INF)
         weights = ops.softmax(x, axis=-1)
         cast_weights = ops.cast(weights, value.dtype)
         output = ops.matmul(cast_weights, value)
@@ -204,19 +130,7 @@ def softmax_weighted_sum(logits, value, mask=None):
 
 
 def dense_attention(
-    query,
-    key,
-    value,
-    *,
-    score,
-    score_mods,
-    pattern,
-    normalizer,
-    positions,
-    mask=None,
-    dropout=None,
-    training=None,
-    return_weights=True,
+    query, key, value, components, positions, mask=None, training=None, return_weights=True
 ):
     """The exact masked reference computation.
 
@@ -224,20 +138,21 @@ def dense_attention(
         query: ``(B, H, Tq, D)``.
         key: ``(B, H, Tk, D)``.
         value: ``(B, H, Tk, Dv)``.
+        components: The `keras_attn.components.Components` to run.
+        positions: `keras_attn.positions.Positions` of the logits.
         mask: Bool data mask broadcastable to ``(B, H, Tq, Tk)`` (padding and
             explicit masks), or None. The pattern's mask is added here.
-        dropout: A dropout layer applied to the weights, or None.
         return_weights: Whether the caller needs the weights.
 
     Returns:
         ``(output (B, H, Tq, Dv), weights (B, H, Tq, Tk) or None)``; the weights
         are None only when not asked for.
     """
-    logits = score(query, key)  # (B, H, Tq, Tk)
-    for mod in score_mods:
+    logits = components.score(query, key)  # (B, H, Tq, Tk)
+    for mod in components.score_mods:
         logits = mod(logits, positions=positions)
-    mask = combine_masks(pattern_mask(pattern, positions), mask)
-    return weighted_sum(normalizer, logits, value, mask, dropout, training, return_weights)
+    mask = combine_masks(pattern_mask(components.pattern, positions), mask)
+    return weighted_sum(components, logits, value, mask, training, return_weights)
 
 
 def fused_attention(query, key, value, *, scale, causal, mask=None, flash_attention=None):

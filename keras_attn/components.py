@@ -1,0 +1,266 @@
+"""The component interfaces: the base classes every score, score_mod, pattern and
+normalizer subclasses, built-in or plugin.
+
+Shapes: components see tensors with arbitrary leading dims ``(..., Tq, Tk)``, because
+the engine calls them on whole ``(B, H, Tq, Tk)`` score matrices and on blocks of a
+sparse layout alike. A subclass sets the class attribute ``name`` (its registry
+name) and is registered through a `keras_attn.hookspecs` hook.
+
+This module imports nothing else of keras_attn's components, so the registry
+(`keras_attn.plugins`) can import the base classes directly.
+"""
+
+import dataclasses
+
+import keras
+from keras import ops
+
+from keras_attn import block_layout
+
+__all__ = ["NEG_INF", "Components", "Normalizer", "Pattern", "Score", "ScoreMod", "builtin"]
+
+
+def builtin(kind):
+    """Class decorator: make a built-in class Keras-serializable under its registry name.
+
+    Keras finds built-in layers by name when it loads a ``.keras`` file, before the
+    registry is built (which happens lazily, on the first lookup). The name is the
+    one `keras_attn.plugins` would give it: ``keras_attn.<kind>>name``.
+    """
+
+    def decorate(cls):
+        name = cls.__dict__.get("registry_name", cls.__dict__.get("name"))
+        return keras.saving.register_keras_serializable(package=f"keras_attn.{kind}", name=name)(
+            cls
+        )
+
+    return decorate
+
+
+class Score(keras.layers.Layer):
+    """Base class of scores. Subclasses set ``name`` and implement ``call``.
+
+    ``call(query, key)`` receives ``query`` of shape ``(..., Tq, D)`` and ``key`` of
+    shape ``(..., Tk, D)`` with the same leading dims, and returns logits of shape
+    ``(..., Tq, Tk)``. A score may own weights, created in ``build(query_shape)``.
+    """
+
+    name = None
+
+    def call(self, query, key):
+        raise NotImplementedError(f"{type(self).__name__} must implement call(query, key).")
+
+    def fused_scale(self, depth):
+        """The factor `s` if this score is exactly ``s * (query · key)``, else None.
+
+        A score that returns a number lets the engine run the backend's fused kernels
+        (`keras.ops.dot_product_attention`, cuDNN, FlexAttention), which compute the
+        product themselves. Only ``scaled_dot`` (not a subclass that overrides
+        ``call``) says so among the built-ins.
+        """
+        return None
+
+    def get_config(self):
+        # Defined here so that subclasses without arguments serialize as they are.
+        return super().get_config()
+
+    def compute_output_shape(self, query_shape, key_shape=None):
+        key_shape = query_shape if key_shape is None else key_shape
+        return (*query_shape[:-1], key_shape[-2])
+
+
+class ScoreMod(keras.layers.Layer):
+    """Base class of score modifiers. Subclasses set ``name`` and implement ``call``.
+
+    A score_mod that needs the layer's number of heads declares a ``num_heads``
+    attribute; if it is ``None`` when the attention layer builds, the layer sets it.
+    """
+
+    name = None
+
+    def call(self, logits, positions=None):
+        raise NotImplementedError(f"{type(self).__name__} must implement call(logits, positions).")
+
+    def get_config(self):
+        # Defined here so that subclasses without arguments serialize as they are.
+        return super().get_config()
+
+    def compute_output_shape(self, logits_shape, positions=None):
+        return logits_shape
+
+
+class Pattern:
+    """Base class of patterns. Subclasses set ``name`` and implement ``mask``.
+
+    Constructor arguments must be plain Python values returned by ``get_config``.
+    """
+
+    name = None
+
+    def mask(self, positions):
+        """Bool tensor broadcastable to the logits: True where key j is visible to query i.
+
+        Args:
+            positions: `keras_attn.positions.Positions` with integer tensors
+                ``query``, ``key`` and ``head`` holding absolute positions.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement mask(positions).")
+
+    def get_config(self):
+        return {}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        """Which ``block_size`` x ``block_size`` blocks hold at least one allowed pair.
+
+        Works for any pattern by evaluating ``mask`` one row of blocks at a time
+        (memory ``block_size * key_length``); patterns with a closed form may
+        override it. Returns a numpy bool array ``(ceil(Tq / bs), ceil(Tk / bs))``.
+        """
+        return block_layout.block_mask_from_mask(
+            self, query_length, key_length, block_size, query_offset
+        )
+
+    @property
+    def causal(self):
+        """True if the pattern never lets a query see a later key."""
+        return False
+
+    @property
+    def kernel_form(self):
+        """``"full"`` or ``"causal"`` if a kernel's own masking computes this pattern, else None.
+
+        The fused kernels take no mask but "all pairs" or "keys up to the query", so
+        only patterns that are exactly one of them say so (``full``, ``causal``).
+        """
+        return None
+
+    def __or__(self, other):
+        from keras_attn.patterns import Union  # the built-in combinators subclass Pattern
+
+        return Union([self, _check_pattern(other, "|")])
+
+    def __and__(self, other):
+        from keras_attn.patterns import Intersection
+
+        return Intersection([self, _check_pattern(other, "&")])
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __hash__(self):
+        return hash((type(self).__name__, repr(self.get_config())))
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _check_pattern(other, op):
+    if not isinstance(other, Pattern):
+        raise TypeError(
+            f"Patterns combine with `{op}` only with other patterns. "
+            f"Received: {other!r} (of type {type(other).__name__})"
+        )
+    return other
+
+
+# Finite stand-in for -inf, safe in float32 (the normalizers compute in float32).
+NEG_INF = -1e9
+
+
+class Normalizer(keras.layers.Layer):
+    """Base class of normalizers. Subclasses set ``name`` and implement ``normalize``.
+
+    ``normalize(logits, mask, training)`` receives float32 logits with masked-out
+    entries already set to a large negative number and returns float32 weights;
+    the base class casts, and zeroes the masked-out pairs (so fully masked rows
+    are zeros) afterwards. Override ``call`` instead to take over all of it.
+    """
+
+    name = None
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        # `mask` is the attention mask, not a Keras sequence mask: accept it without
+        # attaching it to the output weights.
+        self.supports_masking = True
+
+    def compute_mask(self, inputs, previous_mask=None):
+        return None
+
+    def call(self, logits, mask=None, training=None):
+        x = ops.cast(logits, "float32")
+        if mask is not None:
+            mask = ops.cast(mask, "bool")
+            x = ops.where(mask, x, NEG_INF)
+        weights = self.normalize(x, mask, training)
+        if mask is not None:
+            weights = ops.where(mask, weights, 0.0)
+        return ops.cast(weights, logits.dtype)
+
+    @property
+    def is_softmax(self):
+        """True if this normalizer is exactly softmax over the allowed keys.
+
+        Fused kernels and the hand-written softmax gradient then compute it; only the
+        built-in ``softmax`` (not a subclass that overrides it) says so.
+        """
+        return False
+
+    def normalize(self, logits, mask, training):
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement normalize(logits, mask, training)."
+        )
+
+    def get_config(self):
+        # Defined here so that subclasses without arguments serialize as they are.
+        return super().get_config()
+
+    def compute_output_shape(self, logits_shape, mask_shape=None):
+        return logits_shape
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Components:
+    """The components of one attention computation, handed to the engine as one object.
+
+    Attributes:
+        score: The `Score`.
+        score_mods: Tuple of `ScoreMod`, applied in order.
+        pattern: The `Pattern` of this call (the layer's, plus causal if asked).
+        normalizer: The `Normalizer`.
+        dropout: A `keras.layers.Dropout` applied to the weights, or None.
+    """
+
+    score: Score
+    score_mods: tuple
+    pattern: Pattern
+    normalizer: Normalizer
+    dropout: object = None
+
+    def replace(self, **changes):
+        """A copy with some attributes changed (e.g. the pattern of one call)."""
+        return dataclasses.replace(self, **changes)
+
+    def fused_scale(self, depth, return_weights=False, dropout_active=False):
+        """The scale for a fused kernel if one computes exactly this attention, else None.
+
+        A fused kernel computes ``softmax(scale * q · kᵀ)`` over all pairs or the
+        causal ones, without returning the weights or dropping them out.
+        """
+        if (
+            self.score_mods
+            or return_weights
+            or dropout_active
+            or not self.normalizer.is_softmax
+            or self.pattern.kernel_form is None
+        ):
+            return None
+        return self.score.fused_scale(depth)
+
+    def dropout_active(self, training):
+        return self.dropout is not None and bool(training) and self.dropout.rate > 0

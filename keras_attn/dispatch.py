@@ -1,0 +1,269 @@
+"""Decide once, run once: the path an attention takes, and running it.
+
+`plan` looks at the components, the lengths and the call's options and decides how
+the attention runs (and, for the block-sparse path, which blocks it computes);
+`attend` runs that plan. Layers call these two and nothing else of the engine, and
+the kernels below never decide anything (as FlexAttention builds its ``BlockMask``
+once and hands it to the kernel). The paths, all exact and all agreeing:
+
+- ``fused``: `keras.ops.dot_product_attention` (`keras_attn.kernels.fused_attention`;
+  flash kernels on GPU/TPU where the backend has them) when a fused kernel computes
+  exactly these components (`Components.fused_scale`);
+- ``block_sparse``: only the score blocks the pattern can reach
+  (`keras_attn.block_sparse`, on a `keras_attn.block_layout.BlockLayout`);
+- ``dense``: the exact masked reference (`keras_attn.kernels.dense_attention`).
+"""
+
+import logging
+from typing import NamedTuple
+
+import numpy as np
+from keras import ops
+
+from keras_attn import block_layout as block_layout_module
+from keras_attn import kernels
+from keras_attn.block_sparse import block_sparse_attention
+from keras_attn.masks import combine_masks
+from keras_attn.positions import make_positions
+
+logger = logging.getLogger("keras_attn")
+
+__all__ = ["PATHS", "Plan", "attend", "block_sparse_pays_off", "plan"]
+
+PATHS = ("fused", "block_sparse", "dense")
+
+# The auto mode takes the block-sparse path when it computes at most this fraction of
+# the blocks of the dense score matrix...
+MAX_COMPUTED_FRACTION = 0.5
+# ...and the score matrix has at least this many blocks (gathers cost more than they
+# save on small inputs).
+MIN_BLOCKS = 16
+# Where the fused kernel would run but computes every score (on a CPU), the auto mode
+# takes the block-sparse path when it computes at most this fraction of the blocks:
+# a causal pattern computes 0.625-0.67 of them from 8 x 8 blocks on (T >= 1024 with
+# blocks of 128), and was then faster than the fused kernel on both TensorFlow and JAX.
+MAX_FRACTION_OVER_FUSED = 0.7
+
+
+class Plan(NamedTuple):
+    """How one attention call runs, decided by `plan` and carried out by `attend`.
+
+    Attributes:
+        path: One of `PATHS`.
+        components: The `keras_attn.components.Components` of the call.
+        query_offset: Absolute position of the first query (int or scalar tensor).
+        layout: The `keras_attn.block_layout.BlockLayout` (block-sparse path), or None.
+        scale: The fused kernel's scale (fused path), or None.
+        flash_attention: Passed to the fused kernel.
+    """
+
+    path: str
+    components: object
+    query_offset: object = 0
+    layout: object = None
+    scale: object = None
+    flash_attention: object = None
+
+
+def _static_int(value):
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def block_sparse_pays_off(
+    pattern,
+    query_length,
+    key_length,
+    mode="auto",
+    block_size=128,
+    query_offset=0,
+    max_fraction=MAX_COMPUTED_FRACTION,
+):
+    """Whether the block-sparse path should run this pattern at these lengths.
+
+    Args:
+        mode: ``"auto"``: when it computes at most `max_fraction` of the blocks, the
+            score matrix has at least `MIN_BLOCKS` blocks and the lengths and query
+            offset are known Python ints. ``True``: always (raises if the lengths or
+            offset are not static). ``False``: never.
+
+    Raises:
+        ValueError: ``mode=True`` with lengths or an offset known only at run time.
+    """
+    if mode is False:
+        return False
+    static = _static_int(query_length) and _static_int(key_length) and _static_int(query_offset)
+    if mode is True:
+        if not static:
+            raise ValueError(
+                "block_sparse=True needs query and key lengths and a query offset known "
+                "when the function is traced (Python ints), because the blocks to "
+                f"compute are worked out ahead of time. Received: query_length={query_length}, "
+                f"key_length={key_length}, query_offset={query_offset!r}"
+            )
+        return True
+    if not static or pattern.kernel_form == "full":
+        return False
+    nq = block_layout_module.num_blocks(query_length, block_size)
+    nk = block_layout_module.num_blocks(key_length, block_size)
+    if nq * nk < MIN_BLOCKS:
+        return False
+    layout = block_layout_module.block_layout(
+        pattern, query_length, key_length, block_size, query_offset
+    )
+    return layout.computed_fraction <= max_fraction
+
+
+def choose_path(
+    components,
+    *,
+    query_length,
+    key_length,
+    head_dim,
+    value_dim=None,
+    return_weights=False,
+    training=None,
+    block_sparse="auto",
+    block_size=128,
+    query_offset=0,
+    flash_attention=None,
+):
+    """The path that runs this attention: one of `PATHS` (see `plan`)."""
+    return plan(
+        components,
+        query_length=query_length,
+        key_length=key_length,
+        head_dim=head_dim,
+        value_dim=value_dim,
+        return_weights=return_weights,
+        training=training,
+        block_sparse=block_sparse,
+        block_size=block_size,
+        query_offset=query_offset,
+        flash_attention=flash_attention,
+    ).path
+
+
+def plan(
+    components,
+    *,
+    query_length,
+    key_length,
+    head_dim,
+    value_dim=None,
+    return_weights=False,
+    training=None,
+    block_sparse="auto",
+    block_size=128,
+    query_offset=0,
+    flash_attention=None,
+):
+    """Decide how this attention runs.
+
+    ``block_sparse=True`` insists on the block-sparse path, even where the fused one
+    would do; ``False`` never takes it. With ``"auto"``, a fusable sparse pattern
+    (causal) still takes the block-sparse path on a CPU, where the fused kernel
+    computes the whole score matrix, once it skips enough blocks
+    (`MAX_FRACTION_OVER_FUSED`), unless ``flash_attention`` is True.
+
+    Args:
+        components: `keras_attn.components.Components`, with the call's pattern.
+        query_length, key_length: Tq and Tk (Python ints, or None/tensors when
+            known only at run time, which rules out the block-sparse path).
+        head_dim: D of queries and keys; value_dim: Dv (defaults to D).
+        return_weights: Whether the caller needs the weights.
+        training: Whether dropout is active.
+        block_sparse, block_size, flash_attention: The layer's settings.
+        query_offset: Absolute position of the first query (the cache index).
+
+    Returns:
+        A `Plan`.
+    """
+    value_dim = head_dim if value_dim is None else value_dim
+    # keras.ops.dot_product_attention needs one head size for keys and values (the
+    # JAX backend checks it), so value_dim != head_dim rules out the fused path.
+    scale = components.fused_scale(
+        head_dim,
+        return_weights=return_weights or value_dim != head_dim,
+        dropout_active=components.dropout_active(training),
+    )
+    pattern = components.pattern
+
+    def sparse(**kwargs):
+        return block_sparse_pays_off(
+            pattern, query_length, key_length, block_size=block_size,
+            query_offset=query_offset, **kwargs,
+        )  # fmt: skip
+
+    def block_sparse_plan():
+        layout = block_layout_module.block_layout(
+            pattern, query_length, key_length, block_size, query_offset
+        )
+        return Plan("block_sparse", components, query_offset, layout=layout)
+
+    if scale is not None and block_sparse is not True:
+        cpu_fused = (
+            block_sparse == "auto"
+            and flash_attention is not True
+            and kernels.fused_kernel_is_dense()
+        )
+        if cpu_fused and sparse(mode="auto", max_fraction=MAX_FRACTION_OVER_FUSED):
+            return block_sparse_plan()
+        return Plan("fused", components, query_offset, scale=scale, flash_attention=flash_attention)
+    if sparse(mode=block_sparse):
+        return block_sparse_plan()
+    return Plan("dense", components, query_offset)
+
+
+def attend(plan, query, key, value, mask=None, positions=None, training=None,
+           return_weights=False):  # fmt: skip
+    """Run a `Plan` on projected heads.
+
+    Args:
+        plan: What `plan` decided for these inputs.
+        query: ``(B, Tq, H, D)``; key ``(B, Tk, H, D)``; value ``(B, Tk, H, Dv)``.
+        mask: Bool data mask broadcastable to ``(B, H, Tq, Tk)`` (padding, explicit
+            masks, cache validity), or None. The pattern is applied here.
+        positions: `keras_attn.positions.Positions` of the logits, or None to make
+            them from the lengths and the plan's query offset where a path reads them.
+        training: Whether dropout (and training-only noise) is active.
+        return_weights: Whether to return the weights.
+
+    Returns:
+        ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None)``.
+    """
+    offset = plan.query_offset
+
+    def get_positions():
+        # Made only where read, so that the fused path's graph is Keras's own.
+        if positions is not None:
+            return positions
+        return make_positions(
+            ops.shape(query)[1], ops.shape(key)[1], query.shape[2], query_offset=offset
+        )
+
+    if plan.path == "fused":
+        pattern = plan.components.pattern
+        causal = pattern.kernel_form == "causal"
+        if causal and not (isinstance(offset, int) and offset == 0):
+            # Absolute positions differ from the kernel's 0-based causal mask.
+            mask = combine_masks(mask, pattern.mask(get_positions()))
+            causal = False
+        output = kernels.fused_attention(
+            query, key, value, scale=plan.scale, causal=causal, mask=mask,
+            flash_attention=plan.flash_attention,
+        )  # fmt: skip
+        return output, None
+    q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, Tq, D)
+    k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, Tk, D)
+    v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, Tk, Dv)
+    if plan.path == "block_sparse":
+        output, weights = block_sparse_attention(
+            q, k, v, plan.layout, plan.components, get_positions(), mask, training,
+            return_weights,
+        )  # fmt: skip
+    else:
+        output, weights = kernels.dense_attention(
+            q, k, v, plan.components, get_positions(), mask, training, return_weights
+        )
+    output = ops.transpose(output, (0, 2, 1, 3))  # (B, Tq, H, Dv)
+    return output, weights if return_weights else None

@@ -1,0 +1,171 @@
+"""The named presets of `Attention`: soft, hard, global, local, self and cross attention.
+
+Each fixes one component or the call's inputs and is otherwise `Attention`, so every
+combination works (e.g. hard + local + cross + 4 heads).
+"""
+
+from keras_attn import patterns as patterns_module
+from keras_attn.components import builtin
+from keras_attn.layers.attention import Attention
+
+
+def _preset_config(config, fixed):
+    """Drop the constructor arguments a preset sets itself from a config."""
+    return {k: v for k, v in config.items() if k not in fixed}
+
+
+@builtin("layer")
+class SoftAttention(Attention):
+    """Soft attention: `Attention` with the ``softmax`` normalizer.
+
+    Args:
+        **kwargs: As `Attention`, except `normalizer`.
+    """
+
+    name = "soft"
+
+    def __init__(self, num_heads=1, **kwargs):
+        kwargs.setdefault("normalizer", "softmax")
+        super().__init__(num_heads=num_heads, **kwargs)
+
+
+@builtin("layer")
+class HardAttention(Attention):
+    """Hard attention: each query takes the value of its single best allowed key.
+
+    The forward pass puts weight 1.0 on the argmax; gradients flow through the
+    softmax (straight-through), so the layer trains.
+
+    Args:
+        gumbel: Sample the key with Gumbel noise while training.
+        temperature: Temperature of the straight-through softmax.
+        **kwargs: As `Attention`, except `normalizer`.
+    """
+
+    name = "hard"
+
+    def __init__(self, num_heads=1, gumbel=False, temperature=1.0, **kwargs):
+        kwargs.pop("normalizer", None)
+        self.gumbel = gumbel
+        self.temperature = temperature
+        normalizer = {
+            "name": "hard",
+            "config": {"gumbel": gumbel, "temperature": temperature, "seed": kwargs.get("seed")},
+        }
+        super().__init__(num_heads=num_heads, normalizer=normalizer, **kwargs)
+
+    def get_config(self):
+        config = _preset_config(super().get_config(), {"normalizer"})
+        return {**config, "gumbel": self.gumbel, "temperature": self.temperature}
+
+
+@builtin("layer")
+class GlobalAttention(Attention):
+    """Global attention: every query attends to every key (the ``full`` pattern).
+
+    Args:
+        **kwargs: As `Attention`, except `pattern`.
+    """
+
+    name = "global"
+
+    def __init__(self, num_heads=1, **kwargs):
+        kwargs.pop("pattern", None)
+        super().__init__(num_heads=num_heads, pattern="full", **kwargs)
+
+    def get_config(self):
+        return _preset_config(super().get_config(), {"pattern"})
+
+
+@builtin("layer")
+class LocalAttention(Attention):
+    """Local (sliding window) attention: query i attends to keys with ``|i - j| < window``.
+
+    Runs on the block-sparse path for long inputs, so cost grows with
+    ``T * window`` rather than ``T**2``.
+
+    Args:
+        window: Positive integer, the window's half-width plus one (as
+            `keras.layers.MultiHeadAttention(sliding_window=...)`).
+        causal: Attend only to keys ``i - window < j <= i``.
+        **kwargs: As `Attention`, except `pattern`.
+    """
+
+    name = "local"
+
+    def __init__(self, window=None, causal=False, num_heads=1, **kwargs):
+        kwargs.pop("pattern", None)
+        if window is None:
+            raise ValueError(
+                "LocalAttention needs `window`, a positive integer. Received: window=None"
+            )
+        pattern = patterns_module.Local(window, causal=causal)
+        self.window = window
+        self.causal = causal
+        super().__init__(num_heads=num_heads, pattern=pattern, **kwargs)
+
+    def get_config(self):
+        config = _preset_config(super().get_config(), {"pattern"})
+        return {**config, "window": self.window, "causal": self.causal}
+
+
+@builtin("layer")
+class SelfAttention(Attention):
+    """Self-attention: queries, keys and values all come from `inputs`.
+
+    Call arguments:
+        inputs: ``(B, T, dim)``.
+        mask: Bool ``(B, T)`` padding mask (taken from the Keras mask if unset).
+        Other arguments as `Attention.call`.
+    """
+
+    name = "self"
+
+    def build(self, inputs_shape):
+        super().build(inputs_shape, inputs_shape, inputs_shape)
+
+    def call(self, inputs, mask=None, **kwargs):
+        if mask is not None:
+            kwargs.setdefault("query_mask", mask)
+            kwargs.setdefault("value_mask", mask)
+        return super().call(inputs, inputs, inputs, **kwargs)
+
+    def compute_output_shape(self, inputs_shape, *args, **kwargs):
+        return super().compute_output_shape(inputs_shape)
+
+    def compute_output_spec(self, inputs, mask=None, **kwargs):
+        return super().compute_output_spec(inputs, **kwargs)
+
+
+@builtin("layer")
+class CrossAttention(Attention):
+    """Cross-attention: queries from `query`, keys and values from `context`.
+
+    Call arguments:
+        query: ``(B, Tq, dim)``.
+        context: ``(B, Tk, dim_c)``.
+        context_mask: Bool ``(B, Tk)`` (taken from the Keras mask if unset).
+        Other arguments as `Attention.call`.
+    """
+
+    name = "cross"
+
+    def build(self, query_shape, context_shape=None):
+        if context_shape is None:
+            raise ValueError("CrossAttention needs a `context` input. Received: context=None")
+        super().build(query_shape, context_shape, context_shape)
+
+    def call(self, query, context=None, context_mask=None, **kwargs):
+        if context is None:
+            raise ValueError(
+                "CrossAttention needs a `context` tensor (B, Tk, dim). Received: context=None"
+            )
+        if context_mask is not None:
+            kwargs.setdefault("value_mask", context_mask)
+        return super().call(query, context, context, **kwargs)
+
+    def compute_output_shape(self, query_shape, context_shape=None, *args, **kwargs):
+        return super().compute_output_shape(query_shape)
+
+    def compute_output_spec(self, query, context=None, context_mask=None, **kwargs):
+        return super().compute_output_spec(query, context, **kwargs)

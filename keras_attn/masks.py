@@ -1,0 +1,98 @@
+"""Data masks: padding, explicit attention masks and Keras masks, as one bool tensor.
+
+Patterns (which pairs may interact, from positions alone) are not data masks: they
+live in `keras_attn.patterns` and the engine adds them itself. A data mask here is
+True where attention is allowed and broadcastable to the logits ``(B, H, Tq, Tk)``.
+"""
+
+from keras import ops
+
+try:  # Keras keeps masks on tensors; this is how its own layers read them.
+    from keras.src.backend import get_keras_mask
+    from keras.src.backend import set_keras_mask
+except ImportError:  # pragma: no cover
+
+    def get_keras_mask(x):
+        return getattr(x, "_keras_mask", None)
+
+    def set_keras_mask(x, mask):
+        pass
+
+
+__all__ = [
+    "check_attention_mask",
+    "combine_masks",
+    "data_mask",
+    "get_keras_mask",
+    "pattern_mask",
+    "set_keras_mask",
+]
+
+
+def combine_masks(*masks):
+    """Logical and of the masks that are not None (None if all are)."""
+    out = None
+    for m in masks:
+        if m is None:
+            continue
+        m = ops.cast(m, "bool")
+        out = m if out is None else ops.logical_and(out, m)
+    return out
+
+
+def pattern_mask(pattern, positions):
+    """The pattern's mask, or None when it allows every pair."""
+    if pattern.kernel_form == "full":
+        return None
+    return pattern.mask(positions)
+
+
+def check_attention_mask(attention_mask, query_length, key_length):
+    """Raise if `attention_mask` is not ``(B, Tq, Tk)`` or ``(Tq, Tk)`` for these lengths.
+
+    Raises:
+        ValueError: naming the shape received and the one expected.
+    """
+    if attention_mask is None:
+        return
+    shape = tuple(attention_mask.shape)
+    expected = (query_length, key_length)
+    if len(shape) not in (2, 3) or any(
+        a is not None and b is not None and a != b
+        for a, b in zip(shape[-2:], expected, strict=True)
+    ):
+        raise ValueError(
+            "`attention_mask` must have shape (B, Tq, Tk) or (Tq, Tk), here "
+            f"Tq={expected[0]} and Tk={expected[1]}. "
+            f"Received: attention_mask.shape={shape}"
+        )
+
+
+def data_mask(query_mask=None, value_mask=None, key_mask=None, attention_mask=None):
+    """Padding and explicit masks as one bool ``(B, 1, Tq, Tk)``-broadcastable tensor, or None.
+
+    Args:
+        query_mask: ``(B, Tq)``, True for real queries, or None.
+        value_mask: ``(B, Tk)``, True for real values, or None.
+        key_mask: ``(B, Tk)``, True for real keys, or None.
+        attention_mask: ``(B, Tq, Tk)`` or ``(Tq, Tk)`` (checked by
+            `check_attention_mask`), or None.
+
+    Returns:
+        A bool tensor of rank 4 with a head axis of 1, or None if no mask is given.
+    """
+    masks = []
+    if query_mask is not None:
+        masks.append(ops.cast(query_mask, "bool")[:, :, None])  # (B, Tq, 1)
+    if value_mask is not None:
+        masks.append(ops.cast(value_mask, "bool")[:, None, :])  # (B, 1, Tk)
+    if key_mask is not None:
+        masks.append(ops.cast(key_mask, "bool")[:, None, :])  # (B, 1, Tk)
+    if attention_mask is not None:
+        masks.append(ops.cast(attention_mask, "bool"))
+    mask = combine_masks(*masks)
+    if mask is None:
+        return None
+    if len(mask.shape) == 2:
+        mask = mask[None]
+    return mask[:, None, :, :]  # (B, 1, Tq, Tk)
