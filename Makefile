@@ -7,11 +7,14 @@ PLUGINS := $(wildcard plugins/*/pyproject.toml)
 PYTEST_ARGS ?= -n 2 -q
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-tensorflow test-jax lint bench clean
+.PHONY: demo test test-tensorflow test-jax test-torch lint bench clean
 
 $(STAMP): pyproject.toml $(PLUGINS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
+# torch pinned: this release has a CPU-only wheel on the CI machines; an unpinned torch
+# pulls the CUDA build (several GB) from the default index.
+	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e ".[tensorflow,jax,examples,viz,tests]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	command -v chromedriver >/dev/null || { command -v apt-get >/dev/null && $$([ "$$(id -u)" = 0 ] || echo sudo -n) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver'; } || echo "warning: could not install chromium and chromedriver; the browser tests of keras_attn.viz will be skipped"
 	touch $(STAMP)
@@ -19,13 +22,16 @@ $(STAMP): pyproject.toml $(PLUGINS)
 demo: $(STAMP)
 	KERAS_BACKEND=tensorflow $(BIN)/python -m examples.gpt demo
 
-test: lint test-tensorflow test-jax
+test: lint test-tensorflow test-jax test-torch
 
 test-tensorflow: $(STAMP)
 	KERAS_BACKEND=tensorflow $(BIN)/pytest $(PYTEST_ARGS) tests $(foreach p,$(PLUGINS),$(dir $(p))tests)
 
 test-jax: $(STAMP)
 	KERAS_BACKEND=jax $(BIN)/pytest $(PYTEST_ARGS) tests $(foreach p,$(PLUGINS),$(dir $(p))tests)
+
+test-torch: $(STAMP)
+	KERAS_BACKEND=torch $(BIN)/pytest $(PYTEST_ARGS) tests $(foreach p,$(PLUGINS),$(dir $(p))tests)
 
 lint: $(STAMP)
 	$(BIN)/ruff check keras_attn tests examples benchmarks plugins
