@@ -14,9 +14,9 @@ import argparse
 import os
 import time
 
-from benchmarks.run import HEADS
-from benchmarks.run import KEY_DIM
-from benchmarks.run import allowed_pairs
+from benchmarks.workload import HEADS
+from benchmarks.workload import KEY_DIM
+from benchmarks.workload import allowed_pairs
 
 
 def _compiled(fn):

@@ -2,10 +2,10 @@
 
 import os
 
-from benchmarks.run import HEADS
-from benchmarks.run import KEY_DIM
-from benchmarks.run import WINDOW
-from benchmarks.run import useful_flops
+from benchmarks.workload import HEADS
+from benchmarks.workload import KEY_DIM
+from benchmarks.workload import WINDOW
+from benchmarks.workload import useful_flops
 
 
 def _index(results):

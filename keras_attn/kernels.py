@@ -16,10 +16,11 @@ from keras import ops
 
 from keras_attn.components import NEG_INF
 from keras_attn.masks import combine_masks
-from keras_attn.masks import pattern_mask
+from keras_attn.masks import pattern_mask_or_none
 
 __all__ = [
     "dense_attention",
+    "drop_masked_positions",
     "fused_attention",
     "fused_kernel_is_dense",
     "softmax_weighted_sum",
@@ -72,8 +73,10 @@ def weighted_sum(components, logits, value, mask=None, training=None, return_wei
     ):
         return softmax_weighted_sum(logits, value, mask), None
     weights = normalizer(logits, mask=mask, training=training)
+    # The weights in the compute dtype (the logits may be float32 under float16).
+    weights = ops.cast(weights, value.dtype)
     dropped = dropout(weights, training=training) if dropout is not None else weights
-    return ops.matmul(ops.cast(dropped, value.dtype), value), weights
+    return ops.matmul(dropped, value), weights
 
 
 def softmax_weighted_sum(logits, value, mask=None):
@@ -129,6 +132,39 @@ def softmax_weighted_sum(logits, value, mask=None):
     return attend(logits, value)
 
 
+def drop_masked_positions(query, key, value, mask):
+    """Zero the queries no key is allowed for and the keys and values no query may see.
+
+    A masked position must have no influence at all, and ``0 * nan`` is nan: a NaN or
+    inf in the key or value of a padded position would otherwise reach every output
+    through the matmul with its zero weight, and every gradient through the score.
+    Selecting with ``where`` (not multiplying) cuts both. Keys masked for some queries
+    only are left as they are (they are real data).
+
+    Args:
+        query: ``(B, Tq, H, D)``; key ``(B, Tk, H, D)``; value ``(B, Tk, H, Dv)``.
+        mask: Bool data mask broadcastable to ``(B, H, Tq, Tk)``, or None.
+
+    Returns:
+        ``(query, key, value)``.
+    """
+    if mask is None:
+        return query, key, value
+    mask = ops.cast(mask, "bool")
+    while len(mask.shape) < 4:
+        mask = mask[None]
+    if mask.shape[-1] != 1:
+        seen = ops.any(mask, axis=-2)  # (B|1, H|1, Tk)
+        seen = ops.expand_dims(ops.transpose(seen, (0, 2, 1)), -1)  # (B|1, Tk, H|1, 1)
+        key = ops.where(seen, key, ops.zeros_like(key))
+        value = ops.where(seen, value, ops.zeros_like(value))
+    if mask.shape[-2] != 1:
+        sees = ops.any(mask, axis=-1)  # (B|1, H|1, Tq)
+        sees = ops.expand_dims(ops.transpose(sees, (0, 2, 1)), -1)  # (B|1, Tq, H|1, 1)
+        query = ops.where(sees, query, ops.zeros_like(query))
+    return query, key, value
+
+
 def dense_attention(
     query, key, value, components, positions, mask=None, training=None, return_weights=True
 ):
@@ -151,7 +187,7 @@ def dense_attention(
     logits = components.score(query, key)  # (B, H, Tq, Tk)
     for mod in components.score_mods:
         logits = mod(logits, positions=positions)
-    mask = combine_masks(pattern_mask(components.pattern, positions), mask)
+    mask = combine_masks(pattern_mask_or_none(components.pattern, positions), mask)
     return weighted_sum(components, logits, value, mask, training, return_weights)
 
 
@@ -166,10 +202,14 @@ def fused_attention(query, key, value, *, scale, causal, mask=None, flash_attent
     Returns:
         ``(B, Tq, H, Dv)``.
     """
+    dtype = query.dtype
+    if _fused_logits_overflow(dtype):
+        query, key, value = (ops.cast(x, "float32") for x in (query, key, value))
     if mask is None:
-        return ops.dot_product_attention(
+        output = ops.dot_product_attention(
             query, key, value, scale=scale, is_causal=causal, flash_attention=flash_attention
         )
+        return ops.cast(output, dtype)
     if causal:
         tq, tk = ops.shape(query)[1], ops.shape(key)[1]
         rows = ops.expand_dims(ops.arange(tq), -1)
@@ -184,4 +224,17 @@ def fused_attention(query, key, value, *, scale, causal, mask=None, flash_attent
     # before broadcasting it: a padding mask (B, 1, 1, Tk) gives a (B, 1, 1, 1) test.
     any_key = ops.any(mask, axis=-1, keepdims=True)  # (B|1, H|1, Tq|1, 1)
     any_key = ops.transpose(any_key, (0, 2, 1, 3))  # (B|1, Tq|1, H|1, 1)
-    return ops.where(any_key, output, ops.zeros_like(output))
+    return ops.cast(ops.where(any_key, output, ops.zeros_like(output)), dtype)
+
+
+def _fused_logits_overflow(dtype):
+    """Whether the fused kernel would form float16 logits (which overflow at 65504).
+
+    JAX's kernels (XLA and cuDNN) form them in float32 themselves, as do PyTorch's
+    GPU kernels; TensorFlow's (and PyTorch's CPU one) form them in the inputs' dtype,
+    so there the kernel runs on float32 inputs.
+    """
+    if keras.backend.standardize_dtype(dtype) != "float16":
+        return False
+    backend = keras.backend.backend()
+    return not (backend == "jax" or (backend == "torch" and not fused_kernel_is_dense()))

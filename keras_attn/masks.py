@@ -24,7 +24,7 @@ __all__ = [
     "combine_masks",
     "data_mask",
     "get_keras_mask",
-    "pattern_mask",
+    "pattern_mask_or_none",
     "set_keras_mask",
 ]
 
@@ -40,7 +40,7 @@ def combine_masks(*masks):
     return out
 
 
-def pattern_mask(pattern, positions):
+def pattern_mask_or_none(pattern, positions):
     """The pattern's mask, or None when it allows every pair."""
     if pattern.kernel_form == "full":
         return None

@@ -7,6 +7,7 @@ from keras import ops
 from benchmarks import matmul_shapes
 from benchmarks import report
 from benchmarks import run
+from benchmarks import workload
 from keras_attn import patterns
 from keras_attn.positions import make_positions
 
@@ -19,18 +20,21 @@ def _pattern_pairs(pattern, length):
 @pytest.mark.parametrize("length", [1, 7, 300, 600])
 def test_allowed_pairs_count_what_the_patterns_allow(length):
     # The FLOP rates divide these counts by time: they must be the patterns' own.
-    assert run.allowed_pairs("dense", length) == _pattern_pairs(patterns.Causal(), length)
-    local = patterns.Local(run.WINDOW)
-    assert run.allowed_pairs("local", length) == _pattern_pairs(local, length)
+    assert workload.allowed_pairs("dense", length) == _pattern_pairs(patterns.Causal(), length)
+    local = patterns.Local(workload.WINDOW)
+    assert workload.allowed_pairs("local", length) == _pattern_pairs(local, length)
     both = local | patterns.GlobalTokens(1)
-    assert run.allowed_pairs("local_global", length) == _pattern_pairs(both, length)
+    assert workload.allowed_pairs("local_global", length) == _pattern_pairs(both, length)
 
 
 def test_useful_flops():
-    pairs = run.allowed_pairs("local", 1024)
-    assert run.useful_flops("local", 1024, projections=False) == 3 * pairs * 8 * 4 * 64
+    pairs = workload.allowed_pairs("local", 1024)
+    assert workload.useful_flops("local", 1024, projections=False) == 3 * pairs * 8 * 4 * 64
     projections = 3 * 4 * 2 * 1024 * 512 * 512
-    assert run.useful_flops("local", 1024) == run.useful_flops("local", 1024, False) + projections
+    assert (
+        workload.useful_flops("local", 1024)
+        == workload.useful_flops("local", 1024, False) + projections
+    )
 
 
 def test_merge_rounds_takes_the_median_time_and_the_largest_peak():
@@ -77,7 +81,7 @@ def test_report_states_which_targets_are_met(tmp_path):
     assert "at least 6x faster: **met** (7.0x); at most 1/5 the peak memory: **met**" in text
     assert "time(65536) / time(8192) <= 9: **met** (8.5" in text
     # Useful work counted from the pattern itself, over 0.5 s, against 200 GFLOP/s.
-    rate = 3 * _pattern_pairs(patterns.Local(run.WINDOW), 8192) * 8 * 4 * 64 / 0.5 / 1e9
+    rate = 3 * _pattern_pairs(patterns.Local(workload.WINDOW), 8192) * 8 * 4 * 64 / 0.5 / 1e9
     assert f"(200.0 GFLOP/s): **missed** (kernel best {rate:.1f} GFLOP/s = 25%" in text
 
 
