@@ -78,6 +78,10 @@ class ScoreMod(keras.layers.Layer):
 
     name = None
 
+    @property
+    def input_dtype(self):
+        return _logits_input_dtype(self)
+
     def call(self, logits, positions=None):
         raise NotImplementedError(f"{type(self).__name__} must implement call(logits, positions).")
 
@@ -172,6 +176,17 @@ def _check_pattern(other, op):
 NEG_INF = -1e9
 
 
+def _logits_input_dtype(layer):
+    """The dtype Keras casts logits to when a score_mod or normalizer is called.
+
+    Under a float16 policy, float32: the scores form their logits in float32 because
+    float16 overflows at 65504, and Keras's input autocasting must not cast them back
+    down (it would turn a logit of 70000 into inf, and the softmax into NaN).
+    """
+    dtype = layer.compute_dtype
+    return "float32" if dtype == "float16" else dtype
+
+
 class Normalizer(keras.layers.Layer):
     """Base class of normalizers. Subclasses set ``name`` and implement ``normalize``.
 
@@ -191,6 +206,10 @@ class Normalizer(keras.layers.Layer):
 
     def compute_mask(self, inputs, previous_mask=None):
         return None
+
+    @property
+    def input_dtype(self):
+        return _logits_input_dtype(self)
 
     def call(self, logits, mask=None, training=None):
         x = ops.cast(logits, "float32")

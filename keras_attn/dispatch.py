@@ -69,6 +69,10 @@ def _static_int(value):
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
+def _is_empty(*lengths):
+    return any(_static_int(n) and n == 0 for n in lengths)
+
+
 def block_sparse_pays_off(
     pattern,
     query_length,
@@ -195,6 +199,9 @@ def plan(
         )  # fmt: skip
 
     def block_sparse_plan():
+        if _is_empty(query_length, key_length):
+            # No block to compute: `attend` returns zeros without a layout.
+            return Plan("block_sparse", components, query_offset)
         layout = block_layout_module.block_layout(
             pattern, query_length, key_length, block_size, query_offset
         )
@@ -232,6 +239,15 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
         ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None)``.
     """
     offset = plan.query_offset
+    tq, tk = query.shape[1], key.shape[1]
+    if _is_empty(tq, tk):
+        # No query, or no key to attend to: zeros on every path (as a row with no
+        # allowed key), without running a kernel on an empty axis.
+        batch, heads = ops.shape(query)[0], query.shape[2]
+        output = ops.zeros((batch, tq, heads, value.shape[-1]), dtype=value.dtype)
+        weights = ops.zeros((batch, heads, tq, tk), dtype=value.dtype)
+        return output, weights if return_weights else None
+    query, key, value = kernels.drop_masked_positions(query, key, value, mask)
 
     def get_positions():
         # Made only where read, so that the fused path's graph is Keras's own.

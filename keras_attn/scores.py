@@ -3,6 +3,12 @@
 A score maps ``query (..., Tq, D)`` and ``key (..., Tk, D)`` to logits
 ``(..., Tq, Tk)``. It computes the whole thing, scaling included: the engine adds
 nothing of its own.
+
+float16 tops out at 65504, which a product of large activations passes easily; under a
+float16 policy the dot-product scores form their logits in float32 (and keep them
+there: score_mods and normalizers take float32 logits under such a policy, see
+`keras_attn.components.ScoreMod.input_dtype`). bfloat16 has float32's range and is
+left as it is.
 """
 
 import math
@@ -16,6 +22,8 @@ from keras_attn.hookspecs import hookimpl
 
 
 def _dot(query, key):
+    if keras.backend.standardize_dtype(query.dtype) == "float16":
+        query, key = ops.cast(query, "float32"), ops.cast(key, "float32")
     # An einsum rather than matmul(query, swapaxes(key)): its gradient for the key
     # needs no transpose of the (..., Tk, D) result.
     return ops.einsum("...qd,...kd->...qk", query, key)  # (..., Tq, Tk)
@@ -162,6 +170,9 @@ class Cosine(Score):
                 name="log_scale",
                 shape=(),
                 initializer=keras.initializers.Constant(math.log(self.scale)),
+                # Read in float32 under mixed precision: the logits are float32 here,
+                # and its gradient sums over every (query, key) pair.
+                autocast=False,
             )
 
     def call(self, query, key):
@@ -170,7 +181,7 @@ class Cosine(Score):
             norm = ops.sqrt(ops.sum(ops.square(x32), axis=-1, keepdims=True))
             return x32 / (norm + self.epsilon)
 
-        scale = ops.exp(self.log_scale) if self.trainable_scale else self.scale
+        scale = ops.exp(ops.cast(self.log_scale, "float32")) if self.trainable_scale else self.scale
         logits = _dot(normalize(query), normalize(key)) * scale
         return ops.cast(logits, query.dtype)
 

@@ -14,6 +14,7 @@ from keras_attn import normalizers
 from keras_attn import patterns
 from keras_attn import score_mods
 from keras_attn.components import Components
+from tests.autodiff import value_and_grads
 
 RNG = np.random.default_rng(7)
 
@@ -227,3 +228,131 @@ def test_long_causal_self_attention_equals_the_fused_kernel():
     want = ops.convert_to_numpy(fused(x, x, use_causal_mask=True))
     assert (auto.last_path, fused.last_path) == ("block_sparse", "fused")
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# -- edge inputs: every path gives the same, right answer -------------------------------
+
+
+def every_plan(components, query_length, key_length, head_dim):
+    """A plan of each path for these components (scaled_dot + softmax + full or causal)."""
+    kwargs = dict(query_length=query_length, key_length=key_length, head_dim=head_dim)
+    plans = {
+        "fused": dispatch.plan(components, block_sparse=False, **kwargs),
+        "block_sparse": dispatch.plan(components, block_sparse=True, block_size=4, **kwargs),
+        "dense": dispatch.Plan("dense", components),
+    }
+    assert {name: p.path for name, p in plans.items()} == {name: name for name in plans}
+    return plans
+
+
+def softmax_components(pattern="causal", **layer_kwargs):
+    resolve = keras_attn.plugins.resolve
+    return Components(
+        score=resolve("score", "scaled_dot", **layer_kwargs),
+        score_mods=(),
+        pattern=resolve("pattern", pattern),
+        normalizer=resolve("normalizer", "softmax", **layer_kwargs),
+    )
+
+
+def heads_first(x):
+    return np.swapaxes(x, 1, 2)  # (B, T, H, D) <-> (B, H, T, D)
+
+
+def np_reference(q, k, v, mask, causal=True):
+    """float64 masked softmax attention of (B, T, H, D) heads; mask (B, 1, Tq, Tk)."""
+    q, k, v = (heads_first(x.astype("float64")) for x in (q, k, v))
+    tq, tk = q.shape[2], k.shape[2]
+    allowed = np.broadcast_to(mask, (q.shape[0], q.shape[1], tq, tk))
+    if causal:
+        allowed = allowed & (np.arange(tk)[None, :] <= np.arange(tq)[:, None])
+    v = np.where(allowed.any(2)[..., None], v, 0.0)  # a NaN at a masked key has no say
+    out, _ = np_softmax_attention(q, k, v, allowed, 1 / np.sqrt(q.shape[-1]))
+    return heads_first(out)
+
+
+@pytest.mark.parametrize("path", dispatch.PATHS)
+def test_float16_logits_beyond_65504_are_right_on_every_path(path):
+    # Under mixed_float16, q·k/√d here reaches ~10^5 (and ~10^8 for the padding key):
+    # float16 logits overflow to inf and the softmax to NaN, as in Keras's own layer.
+    keras.config.set_dtype_policy("mixed_float16")
+    rng = np.random.default_rng(1)
+    b, t, h, d = 2, 8, 2, 8
+    q = (rng.standard_normal((b, t, h, d)) * 300).astype("float16")
+    k = (q.astype("float32") + rng.standard_normal((b, t, h, d)) * 30).astype("float16")
+    k[:, -1] = 30000.0  # a masked padding key with a huge value
+    v = rng.standard_normal((b, t, h, d)).astype("float16")
+    mask = np.ones((b, 1, 1, t), bool)
+    mask[..., -1] = False
+    components = softmax_components("causal", dtype="mixed_float16")
+    plan = every_plan(components, t, t, d)[path]
+    output, _ = dispatch.attend(plan, q, k, v, mask=mask)
+    assert keras.backend.standardize_dtype(output.dtype) == "float16"
+    output = ops.convert_to_numpy(ops.cast(output, "float32"))
+    assert np.isfinite(output).all()
+    np.testing.assert_allclose(output, np_reference(q, k, v, mask), atol=1e-2)
+
+
+def attend_sum(plan, mask, weights_out):
+    def fn(q, k, v):
+        output, _ = dispatch.attend(plan, q, k, v, mask=mask)
+        return ops.sum(output * weights_out)
+
+    return fn
+
+
+@pytest.mark.parametrize("path", dispatch.PATHS)
+@pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_at_masked_positions_have_no_influence(path, poison):
+    # Padded keys (and padded queries) hold NaN or inf in query, key and value: the
+    # outputs and every gradient equal those of the clean inputs.
+    rng = np.random.default_rng(2)
+    b, t, h, d = 2, 8, 2, 4
+    q, k, v = (rng.standard_normal((b, t, h, d)).astype("float32") for _ in range(3))
+    mask = np.ones((b, 1, t, t), bool)
+    mask[0, ..., 6:] = False  # batch 0: the last two keys are padding
+    mask[1, :, 5:, :] = False  # batch 1: the last three queries are padding
+    dirty = [x.copy() for x in (q, k, v)]
+    for x in dirty[1:]:
+        x[0, 6:] = poison
+    dirty[0][1, 5:] = poison
+    weights_out = rng.standard_normal((b, t, h, d)).astype("float32")
+    plan = every_plan(softmax_components("causal"), t, t, d)[path]
+    fn = attend_sum(plan, mask, weights_out)
+    clean_value, clean_grads = value_and_grads(fn, q, k, v)
+    dirty_value, dirty_grads = value_and_grads(fn, *dirty)
+    assert np.isfinite(dirty_value)
+    np.testing.assert_allclose(dirty_value, clean_value, rtol=1e-5)
+    output, _ = dispatch.attend(plan, *dirty, mask=mask)
+    np.testing.assert_allclose(ops.convert_to_numpy(output), np_reference(q, k, v, mask), atol=1e-5)
+    for clean, grad in zip(clean_grads, dirty_grads, strict=True):
+        assert np.isfinite(grad).all()
+        np.testing.assert_allclose(grad, clean, atol=1e-5)
+    np.testing.assert_array_equal(dirty_grads[2][0, 6:], 0.0)  # no say: no gradient
+
+
+@pytest.mark.parametrize("path", dispatch.PATHS)
+@pytest.mark.parametrize("query_length, key_length", [(0, 6), (6, 0), (0, 0)])
+def test_empty_queries_or_keys_give_zeros_on_every_path(path, query_length, key_length):
+    b, h, d = 2, 2, 4
+    plan = every_plan(softmax_components("causal"), query_length, key_length, d)[path]
+    q = randn(b, query_length, h, d)
+    k, v = randn(b, key_length, h, d), randn(b, key_length, h, 3)
+    output, weights = dispatch.attend(plan, q, k, v, return_weights=True)
+    assert tuple(output.shape) == (b, query_length, h, 3)
+    assert tuple(weights.shape) == (b, h, query_length, key_length)
+    np.testing.assert_array_equal(ops.convert_to_numpy(output), 0.0)
+
+
+@pytest.mark.parametrize("block_sparse", ["auto", True, False])
+@pytest.mark.parametrize("query_length, key_length", [(0, 6), (6, 0)])
+def test_a_layer_on_empty_inputs_gives_the_same_on_every_setting(
+    block_sparse, query_length, key_length
+):
+    layer = keras_attn.Attention(
+        num_heads=2, key_dim=4, pattern="causal", block_sparse=block_sparse, block_size=4
+    )
+    output = layer(randn(2, query_length, 8), randn(2, key_length, 8))
+    assert tuple(output.shape) == (2, query_length, 8)
+    bias = ops.convert_to_numpy(layer.output_dense.bias)
+    np.testing.assert_allclose(ops.convert_to_numpy(output), np.broadcast_to(bias, output.shape))
