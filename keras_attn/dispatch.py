@@ -117,34 +117,9 @@ def block_sparse_pays_off(
     return layout.computed_fraction <= max_fraction
 
 
-def choose_path(
-    components,
-    *,
-    query_length,
-    key_length,
-    head_dim,
-    value_dim=None,
-    return_weights=False,
-    training=None,
-    block_sparse="auto",
-    block_size=128,
-    query_offset=0,
-    flash_attention=None,
-):
-    """The path that runs this attention: one of `PATHS` (see `plan`)."""
-    return plan(
-        components,
-        query_length=query_length,
-        key_length=key_length,
-        head_dim=head_dim,
-        value_dim=value_dim,
-        return_weights=return_weights,
-        training=training,
-        block_sparse=block_sparse,
-        block_size=block_size,
-        query_offset=query_offset,
-        flash_attention=flash_attention,
-    ).path
+def choose_path(components, **options):
+    """The path that runs this attention: one of `PATHS` (``plan(...).path``; same arguments)."""
+    return plan(components, **options).path
 
 
 def plan(

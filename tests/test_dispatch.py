@@ -15,23 +15,13 @@ from keras_attn import patterns
 from keras_attn import score_mods
 from keras_attn.components import Components
 from tests.autodiff import value_and_grads
+from tests.references import np_softmax_attention
 
 RNG = np.random.default_rng(7)
 
 
 def randn(*shape):
     return RNG.standard_normal(shape).astype("float32")
-
-
-def np_softmax_attention(q, k, v, allowed, scale):
-    """Masked softmax attention in numpy; heads first: q (B, H, Tq, D), allowed (B, H, Tq, Tk)."""
-    logits = q @ np.swapaxes(k, -1, -2) * scale
-    logits = np.where(allowed, logits, -np.inf)
-    peak = np.max(logits, -1, keepdims=True)
-    e = np.where(allowed, np.exp(logits - np.where(np.isfinite(peak), peak, 0)), 0.0)
-    total = e.sum(-1, keepdims=True)
-    weights = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
-    return weights @ v, weights
 
 
 # -- choose_path ------------------------------------------------------------------------
