@@ -266,6 +266,28 @@ def test_pretrain_then_finetune_from_the_command_line(data_dir, tmp_path):
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["num_classes"] == 2
     run = json.loads((fine / "run.json").read_text())
     assert run["status"] == "finished" and run["pretrained"] == str(pre)
+    # The run records the model that ran: the pretrained encoder's sizes and attention.
+    assert run["args"]["max_length"] == 48 and run["args"]["hidden_dim"] == 16
+    assert run["attention"]["layer"] == "hard"
+
+
+def test_finetune_pretrained_takes_the_encoders_sizes_and_rejects_others(
+    data_dir, tmp_path, capsys
+):
+    pre = tmp_path / "pre"
+    bert_cli.main(
+        ["pretrain", "--data-dir", data_dir, "--epochs", "1", "--steps", "1"]
+        + ["--seq-len", "16", "--max-length", "24", "--output", str(pre), *TINY_FLAGS]
+    )
+    fine = ["finetune", "--pretrained", str(pre), "--output", str(tmp_path / "fine")]
+    _fails([*fine, "--hidden-dim", "32"], capsys, "--hidden-dim 32 differs from the pretrained")
+    _fails([*fine, "--max-length", "64"], capsys, "max_length=24")
+    _fails([*fine, "--layer", "hard"], capsys, "--layer hard differs")
+    assert not os.path.exists(tmp_path / "fine.partial")
+    args = bert_cli.make_parser().parse_args(fine)
+    bert_cli.take_from_pretrained(args)
+    assert (args.max_length, args.num_layers, args.num_heads, args.hidden_dim) == (24, 1, 2, 16)
+    assert args.layer == "attention" and args.score_mods == []
 
 
 @pytest.mark.parametrize("name, split", [("imdb_reviews", "test"), ("glue/sst2", "validation")])
@@ -324,3 +346,4 @@ def test_window_longer_than_max_length_is_a_clear_error(tmp_path, capsys):
     argv = ["pretrain", "--seq-len", "200", "--max-length", "128", "--output", str(tmp_path / "r")]
     _fails(argv, capsys, "max_length=128")
     assert not os.path.exists(tmp_path / "r.partial")
+    _fails(argv, capsys, "--seq-len 200 is longer than the model's maximum length --max-length 128")

@@ -286,3 +286,51 @@ def test_attention_weights_of_a_functional_model(tmp_path):
     for path in paths:
         with open(path, "rb") as f:
             assert f.read(4) == b"\x89PNG"
+
+
+# -- a finished run stays finished ---------------------------------------------------
+
+
+def test_an_optional_step_that_fails_is_a_warning_not_a_failed_run(tmp_path, capsys):
+    out = tmp_path / "run"
+
+    def sample():
+        raise RuntimeError("sampling broke")
+
+    with run_lib.Run(run_args(out), "test") as run:
+        run.save_metrics({"loss": 1.0})
+        assert run.optional("sample", sample) is None
+        assert run.optional("heatmaps", lambda: "drawn") == "drawn"
+    info = read_json(out / "run.json")
+    assert info["status"] == "finished"
+    assert info["warnings"] == [{"step": "sample", "error": "RuntimeError: sampling broke"}]
+    assert read_json(out / "metrics.json") == {"loss": 1.0}
+    assert "sample failed" in capsys.readouterr().err
+
+
+def test_resume_past_the_last_epoch_fails_before_writing_anything(tmp_path):
+    out = tmp_path / "run"
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    with run_lib.Run(run_args(out, epochs=2), "test") as run:
+        model.save(os.path.join(run.checkpoint_dir, "epoch-0002.keras"))
+    resume = argparse.Namespace(output=str(out), resume=True, overwrite=False, epochs=2)
+    with pytest.raises(run_lib.RunError, match="already trained 2 epoch.*--epochs"):
+        with run_lib.Run(resume, "test"):
+            pass
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no stray run.partial
+    resume.epochs = 3
+    with run_lib.Run(resume, "test") as run:
+        assert run.restore()[1] == 2
+
+
+def test_history_holds_the_epochs_of_resumed_runs(tmp_path):
+    out = tmp_path / "run"
+    with run_lib.Run(run_args(out), "test") as run:
+        with open(run.history_path, "w") as f:
+            f.write("epoch,loss\n0,3.0\n1,2.0\n2,1.5\n")  # epoch 2 logged after the checkpoint
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        model.save(os.path.join(run.checkpoint_dir, "epoch-0002.keras"))
+    resume = argparse.Namespace(output=str(out), resume=True, overwrite=False, epochs=3)
+    with run_lib.Run(resume, "test") as run:
+        run.restore()
+        assert run.history() == {"loss": [3.0, 2.0]}  # epoch 2 is trained again

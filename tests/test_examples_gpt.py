@@ -255,7 +255,8 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, data_dir):
     "extra, message",
     [
         (["--dataset", "no_such_dataset"], "Unknown dataset 'no_such_dataset'"),
-        (["--seq-len", "80"], "longer than the model's maximum length"),
+        (["--seq-len", "80"], "--seq-len 80 is longer than the model's maximum length"),
+        (["--seq-len", "80"], "--max-length 64"),
         (["--pattern", "no_such_pattern"], "Unknown pattern 'no_such_pattern'"),
     ],
 )

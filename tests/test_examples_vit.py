@@ -189,6 +189,12 @@ def test_train_with_hard_attention_from_the_command_line(data_dir, tmp_path):
     )
     assert (out / "checkpoints" / "epoch-0003.keras").exists()
     assert json.loads((out / "run.json").read_text())["resumed_epoch"] == 2
+    assert len(metrics["loss_per_epoch"]) == 3  # the first run's 2 epochs and the resumed one
+
+    # Resuming past the last epoch fails at once and leaves no stray DIR.partial.
+    with pytest.raises(SystemExit):
+        vit_cli.main(["train", "--output", str(out), "--epochs", "3", "--resume", *TINY_FLAGS])
+    assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
 @pytest.mark.parametrize("name, shape", [("mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))])
@@ -271,3 +277,6 @@ def test_compare_trains_both_models_from_the_same_weights(data_dir, tmp_path):
     )
     assert result["step_time_ratio"] == pytest.approx(ratio)
     assert json.loads((out / "metrics.json").read_text())["steps"] == 3
+    # run.json holds the wall time of the whole comparison, not of writing its results.
+    info = json.loads((out / "run.json").read_text())
+    assert info["wall_time_s"] >= result["wall_time_s"] - 0.1 and result["wall_time_s"] > 1.0

@@ -9,6 +9,7 @@ try ``--distribute`` on a machine without accelerators.
 """
 
 import contextlib
+import functools
 import os
 
 import keras
@@ -108,6 +109,10 @@ def distribution(name):
     raise RunError(f"--distribute is supported on tensorflow and jax. Received: backend={backend}")
 
 
+# One strategy per name and process: two MirroredStrategy objects in one process
+# share the keys of their collective ops, so a second run's gradient all-reduce
+# would meet the first run's (a shape mismatch that aborts training).
+@functools.cache
 def _tf_distribution(name):
     import tensorflow as tf
 
