@@ -187,6 +187,17 @@ def _logits_input_dtype(layer):
     return "float32" if dtype == "float16" else dtype
 
 
+def _logits_input_dtype(layer):
+    """The dtype Keras casts logits to when a score_mod or normalizer is called.
+
+    Under a float16 policy, float32: the scores form their logits in float32 because
+    float16 overflows at 65504, and Keras's input autocasting must not cast them back
+    down (it would turn a logit of 70000 into inf, and the softmax into NaN).
+    """
+    dtype = layer.compute_dtype
+    return "float32" if dtype == "float16" else dtype
+
+
 class Normalizer(keras.layers.Layer):
     """Base class of normalizers. Subclasses set ``name`` and implement ``normalize``.
 
@@ -211,6 +222,10 @@ class Normalizer(keras.layers.Layer):
     def input_dtype(self):
         return _logits_input_dtype(self)
 
+    @property
+    def input_dtype(self):
+        return _logits_input_dtype(self)
+
     def call(self, logits, mask=None, training=None):
         x = ops.cast(logits, "float32")
         if mask is not None:
@@ -219,7 +234,8 @@ class Normalizer(keras.layers.Layer):
         weights = self.normalize(x, mask, training)
         if mask is not None:
             weights = ops.where(mask, weights, 0.0)
-        return ops.cast(weights, logits.dtype)
+        # In the compute dtype: under float16 the logits arrive in float32.
+        return ops.cast(weights, self.compute_dtype)
 
     @property
     def is_softmax(self):

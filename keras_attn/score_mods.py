@@ -124,6 +124,9 @@ class RelativePosition(ScoreMod):
             name="embeddings",
             shape=(self.num_buckets, self.num_heads),
             initializer=self.embeddings_initializer,
+            # Read in float32 under mixed precision, so that the gradient of each entry,
+            # a sum over every (query, key) pair of its bucket, is summed in float32.
+            autocast=False,
         )
 
     def call(self, logits, positions=None):
@@ -135,7 +138,8 @@ class RelativePosition(ScoreMod):
         )
         # One gather from the flattened table picks bias[bucket, head].
         index = bucket * self.num_heads + ops.cast(positions.head, "int32")
-        bias = ops.take(ops.reshape(self.embeddings, (-1,)), index)
+        table = ops.cast(ops.reshape(self.embeddings, (-1,)), "float32")
+        bias = ops.take(table, index)  # the cast below, not the table, is in low precision
         return logits + ops.cast(bias, logits.dtype)
 
     def get_config(self):

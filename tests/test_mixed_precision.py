@@ -7,6 +7,8 @@ from keras import ops
 
 import keras_attn
 from keras_attn import normalizers
+from keras_attn import plugins
+from keras_attn.positions import make_positions
 
 POLICIES = ["mixed_float16", "mixed_bfloat16"]
 # Worst relative rounding of one cast from float32 (half an ulp), per compute dtype.
@@ -137,3 +139,129 @@ def test_softmax_is_computed_in_float32(dtype):
     e = ops.exp(logits - ops.max(logits, axis=-1, keepdims=True))
     low = ops.convert_to_numpy(ops.cast(e / ops.sum(e, axis=-1, keepdims=True), "float32"))
     assert not (np.abs(low - exact) <= bound).all()
+
+
+# -- every component: low-precision outputs and gradients close to float32's -----------
+
+# Worst error against float32, relative to the largest float32 value (several roundings
+# along the way, never a gradient summed in low precision).
+COMPONENT_TOLERANCE = {"float16": 1e-2, "bfloat16": 5e-2}
+COMPONENT_ARGS = {
+    "relative_position": {"num_heads": 2, "embeddings_initializer": "random_normal"},
+    "topk": {"k": 3},
+    "cosine": {"trainable_scale": True},
+}
+
+
+def builtin_names(kind):
+    return [e.name for e in plugins.entries(kind) if e.distribution == "keras_attn"]
+
+
+def outputs_and_grads(layer, fn, inputs, upstream):
+    """``fn(*inputs)`` as float32 numpy, and the gradients of ``sum(fn(*inputs) * upstream)``
+    for every input and every trainable weight of `layer` (float32 numpy)."""
+    variables = list(layer.trainable_variables)
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.constant(x) for x in inputs]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            out = ops.cast(fn(*tensors), "float32")
+            total = ops.sum(out * upstream)
+        grads = tape.gradient(total, tensors + variables)
+    elif backend == "jax":
+        import jax
+
+        def total(values, *tensors):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+                out = ops.cast(fn(*tensors), "float32")
+            return ops.sum(out * upstream), out
+
+        argnums = tuple(range(len(inputs) + 1))
+        (_, out), grads = jax.value_and_grad(total, argnums=argnums, has_aux=True)(
+            [v.value for v in variables], *inputs
+        )
+        grads = list(grads[1:]) + list(grads[0])
+    else:
+        pytest.skip(f"no gradient helper for backend {backend}")
+    return ops.convert_to_numpy(out), [ops.convert_to_numpy(ops.cast(g, "float32")) for g in grads]
+
+
+def assert_close_to_float32(make, fn_of_layer, inputs, policy):
+    """The component under `policy` against its float32 twin with the same weights."""
+    compute_dtype = keras.DTypePolicy(policy).compute_dtype
+    low, exact = make(dtype=policy), make(dtype="float32")
+    fn_of_layer(exact)(*inputs)
+    fn_of_layer(low)(*inputs)
+    low.set_weights(exact.get_weights())
+    upstream = RNG.standard_normal(ops.convert_to_numpy(fn_of_layer(exact)(*inputs)).shape).astype(
+        "float32"
+    )
+    want, want_grads = outputs_and_grads(exact, fn_of_layer(exact), inputs, upstream)
+    got, got_grads = outputs_and_grads(low, fn_of_layer(low), inputs, upstream)
+    tol = COMPONENT_TOLERANCE[compute_dtype]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=tol * np.abs(want).max())
+    assert len(got_grads) == len(want_grads) == len(inputs) + len(exact.trainable_variables)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, w, atol=tol * np.abs(w).max() + 1e-6)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", builtin_names("score"))
+def test_every_score_in_low_precision_is_close_to_float32(name, policy):
+    def make(**kwargs):
+        return plugins.resolve("score", {"name": name, "config": COMPONENT_ARGS.get(name, {})},
+                               **kwargs)  # fmt: skip
+
+    q = RNG.standard_normal((2, 2, 5, 8)).astype("float32")
+    k = RNG.standard_normal((2, 2, 6, 8)).astype("float32")
+    assert_close_to_float32(make, lambda layer: layer, (q, k), policy)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", builtin_names("score_mod"))
+@pytest.mark.parametrize("length", [6, 1025])
+def test_every_score_mod_in_low_precision_is_close_to_float32(name, policy, length):
+    # At T = 1025, a relative-position table read in bfloat16 summed its gradient over
+    # a million pairs in bfloat16: off by 0.6-1.8 of its largest entry.
+    def make(**kwargs):
+        config = {"name": name, "config": COMPONENT_ARGS.get(name, {})}
+        return plugins.resolve("score_mod", config, **kwargs)
+
+    positions = make_positions(length, length, 2)
+    logits = (RNG.standard_normal((1, 2, length, length)) * 4).astype("float32")
+    assert_close_to_float32(
+        make, lambda layer: lambda x: layer(x, positions=positions), (logits,), policy
+    )
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", builtin_names("normalizer"))
+def test_every_normalizer_in_low_precision_is_close_to_float32(name, policy):
+    # Rows with clear gaps between logits, so that rounding changes no argmax or top-k.
+    keys = 12
+    order = np.argsort(RNG.random((2, 2, 5, keys)), -1)
+    # (Spacing 0.7: sparsemax's support test `1 + r z_r > sum` is never near a tie.)
+    logits = (order * 0.7 + RNG.random(order.shape) * 0.05).astype("float32")
+    mask = RNG.random((2, 1, 5, keys)) > 0.3
+    mask[0, 0, 0] = False  # a row with no allowed key
+
+    def make(**kwargs):
+        config = {"name": name, "config": COMPONENT_ARGS.get(name, {})}
+        return plugins.resolve("normalizer", config, **kwargs)
+
+    assert_close_to_float32(make, lambda layer: lambda x: layer(x, mask=mask), (logits,), policy)
+
+
+def test_cosine_with_a_trainable_scale_trains_under_mixed_float16():
+    keras.config.set_dtype_policy("mixed_float16")
+    layer = keras_attn.Attention(
+        num_heads=2, score={"name": "cosine", "config": {"trainable_scale": True}}
+    )
+    output = layer(X, C)
+    assert keras.backend.standardize_dtype(output.dtype) == "float16"
+    assert np.isfinite(ops.convert_to_numpy(ops.cast(output, "float32"))).all()

@@ -185,9 +185,23 @@ def test_mixed_precision(name, dtype):
     score = plugins.resolve("score", name)
     q, k = _inputs((2, 4, 8), (2, 6, 8))
     out = score(q, k)
-    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    # float16 overflows at 65504: dot products keep float32 logits under a float16 policy.
+    dot_product = name in ("dot", "scaled_dot", "general")
+    expected = "float32" if dtype == "float16" and dot_product else dtype
+    assert keras.backend.standardize_dtype(out.dtype) == expected
     out = _np(ops.cast(out, "float32"))
     assert np.all(np.isfinite(out))
+
+
+@pytest.mark.parametrize("name", ["dot", "scaled_dot", "general"])
+def test_float16_dot_products_beyond_65504_are_finite(name):
+    keras.config.set_dtype_policy("mixed_float16")
+    score = plugins.resolve("score", name)
+    q = np.full((1, 2, 64), 60.0, "float32")  # q · k = 230400, / 8 = 28800 scaled
+    out = _np(score(q, q))
+    assert np.all(np.isfinite(out))
+    if name != "general":
+        np.testing.assert_allclose(out, 230400.0 / (8.0 if name == "scaled_dot" else 1.0))
 
 
 # Property test: the scaled dot product for random sizes and scales.
