@@ -4,13 +4,15 @@
   planned and run by `keras_attn.dispatch`).
 - `presets`: `SoftAttention`, `HardAttention`, `GlobalAttention`, `LocalAttention`,
   `SelfAttention`, `CrossAttention`.
-- `keras_compat`: `MultiHeadAttention`, a drop-in for Keras's.
+- `keras_compat`: `MultiHeadAttention` and `GroupedQueryAttention`, drop-ins for Keras's.
+- `shapes`: argument checks, projection equations and attention axes.
 
 keras_attn registers them through its own `register_layers` hook, as a plugin would.
 """
 
 from keras_attn.hookspecs import hookimpl
 from keras_attn.layers.attention import Attention
+from keras_attn.layers.keras_compat import GroupedQueryAttention
 from keras_attn.layers.keras_compat import MultiHeadAttention
 from keras_attn.layers.presets import CrossAttention
 from keras_attn.layers.presets import GlobalAttention
@@ -23,6 +25,7 @@ __all__ = [
     "Attention",
     "CrossAttention",
     "GlobalAttention",
+    "GroupedQueryAttention",
     "HardAttention",
     "LocalAttention",
     "MultiHeadAttention",
@@ -42,5 +45,6 @@ def register_layers(register):
         SelfAttention,
         CrossAttention,
         MultiHeadAttention,
+        GroupedQueryAttention,
     ):
         register(cls)

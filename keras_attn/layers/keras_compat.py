@@ -1,31 +1,101 @@
-"""Drop-ins for Keras's own attention layers: same arguments, same weights, same numbers."""
+"""Drop-ins for Keras's own attention layers: same arguments, same weights, same numbers.
+
+`MultiHeadAttention` and `GroupedQueryAttention` take Keras's constructor and call
+arguments, build Keras's weights in Keras's order, honour Keras's override points
+(`build`, `_compute_attention`, `_masked_softmax`, `_get_common_kwargs_for_sublayer`,
+`_build_attention`) and pass Keras's own test files. Where they differ, they differ on
+purpose: a query row with no allowed key gets zero weights (Keras spreads them
+uniformly over the masked keys), and the caller's tensors keep their Keras masks.
+"""
 
 import keras
 
 from keras_attn import patterns as patterns_module
-from keras_attn import validation
 from keras_attn.components import builtin
 from keras_attn.layers.attention import Attention
 
 
+def _check_positive(value, name, allow_none=False):
+    if allow_none and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        expected = "a positive integer or `None`" if allow_none else "a positive integer"
+        raise ValueError(
+            f"Received an invalid value for argument `{name}`, expected {expected}. "
+            f"Received: {name}={value}"
+        )
+
+
+def _sliding_window_pattern(sliding_window, kwargs):
+    if sliding_window is None:
+        return
+    if (
+        not isinstance(sliding_window, int)
+        or isinstance(sliding_window, bool)
+        or sliding_window <= 0
+    ):
+        raise ValueError(
+            "`sliding_window` must be `None` or a positive integer. "
+            f"Received: sliding_window={sliding_window}"
+        )
+    if "pattern" in kwargs:
+        raise ValueError("Pass either `sliding_window` or `pattern`, not both.")
+    kwargs["pattern"] = patterns_module.Local(sliding_window)
+
+
+class _KerasDropIn(Attention):
+    """What both drop-ins share: the gate, sliding windows and Keras's private names."""
+
+    def _build_extra_projections(self, query_shape):
+        # Keras builds the gate between key and value; keep its weight order.
+        if self.use_gate:
+            self._gate_dense = self._projection(
+                "gate", len(query_shape), self.num_heads, self._value_dim, activation="sigmoid"
+            )
+            self._gate_dense.build(query_shape)
+
+    def _gate(self, query):
+        return self._gate_dense(query) if self.use_gate else None
+
+    @property
+    def _flash_attention(self):
+        return self.flash_attention or keras.config.is_flash_attention_enabled()
+
+    @property
+    def _sliding_window(self):
+        return self.sliding_window
+
+    def get_config(self):
+        config = super().get_config()
+        if self.sliding_window is not None:
+            config.pop("pattern")
+        return {**config, "sliding_window": self.sliding_window, "use_gate": self.use_gate}
+
+
 @builtin("layer")
-class MultiHeadAttention(Attention):
+class MultiHeadAttention(_KerasDropIn):
     """Drop-in replacement for `keras.layers.MultiHeadAttention`.
 
     Same constructor and call arguments, same weights in the same order and shapes:
-    ``ours.set_weights(theirs.get_weights())`` gives the same outputs and scores.
-    It also accepts every `Attention` argument (score, pattern, normalizer, ...).
-    Differences: inputs must be rank 3 (`attention_axes` must be None or the
-    sequence axis), and a query row that may attend to no key gets zero weights
-    where Keras spreads them uniformly.
+    ``ours.set_weights(theirs.get_weights())`` gives the same outputs and scores, for
+    inputs of any rank and any `attention_axes`. It also accepts every `Attention`
+    argument (score, pattern, normalizer, num_key_value_heads, ...), and
+    `Attention.call`'s `cache` and `cache_update_index`.
+    Differences: a query row that may attend to no key gets zero weights where
+    Keras spreads them uniformly, and the inputs keep their Keras masks.
 
     Args:
         num_heads: Number of attention heads.
         key_dim: Size of each head for query and key.
         value_dim: Size of each head for value. Defaults to `key_dim`.
+        dropout: Dropout rate on the attention weights.
+        use_bias: Whether the projections have biases.
+        output_shape: Output features besides the batch and attended axes: an int or
+            a tuple (``(8, 8)`` gives ``(B, T, 8, 8)``). Defaults to the query's.
+        attention_axes: Axes attended over (None: every axis but batch, heads and
+            features).
         sliding_window: If set, query i attends to keys with ``|i - j| < sliding_window``.
         use_gate: Gate the attention output with a sigmoid projection of the query.
-        attention_axes: None (or ``1``/``(1,)``): attention over the sequence axis.
         **kwargs: As `keras.layers.MultiHeadAttention` and `Attention`.
     """
 
@@ -44,22 +114,10 @@ class MultiHeadAttention(Attention):
         use_gate=False,
         **kwargs,
     ):
-        if attention_axes not in (None, 1, -2, (1,), [1], (-2,), [-2]):
-            raise ValueError(
-                "keras_attn.MultiHeadAttention attends over the sequence axis of "
-                "(B, T, dim) inputs only. Expected attention_axes=None or 1. "
-                f"Received: attention_axes={attention_axes}"
-            )
-        if key_dim is None:
-            raise ValueError(
-                "`key_dim` is required, as in keras.layers.MultiHeadAttention. Received: key_dim=None"
-            )
-        if sliding_window is not None:
-            validation.positive_int(sliding_window, "sliding_window")
-            if "pattern" in kwargs:
-                raise ValueError("Pass either `sliding_window` or `pattern`, not both.")
-            kwargs["pattern"] = patterns_module.Local(sliding_window)
-        self.attention_axes = None if attention_axes is None else (1,)
+        _check_positive(num_heads, "num_heads")
+        _check_positive(key_dim, "key_dim")
+        _check_positive(value_dim, "value_dim", allow_none=True)
+        _sliding_window_pattern(sliding_window, kwargs)
         self.sliding_window = sliding_window
         self.use_gate = use_gate
         super().__init__(
@@ -69,32 +127,143 @@ class MultiHeadAttention(Attention):
             dropout=dropout,
             use_bias=use_bias,
             output_shape=output_shape,
+            attention_axes=attention_axes,
             **kwargs,
         )
 
-    def _build_extra_projections(self, query_shape):
-        # Keras builds the gate between key and value; keep its weight order.
-        if self.use_gate:
-            self._gate_dense = keras.layers.EinsumDense(
-                "abc,cde->abde",
-                output_shape=(None, self.num_heads, self._value_dim or self._key_dim),
-                bias_axes="de" if self.use_bias else None,
-                activation="sigmoid",
-                name="gate",
-                **self._dense_kwargs(),
-            )
-            self._gate_dense.build(query_shape)
 
-    def _gate(self, query):
-        return self._gate_dense(query) if self.use_gate else None
+@builtin("layer")
+class GroupedQueryAttention(_KerasDropIn):
+    """Drop-in replacement for `keras.layers.GroupedQueryAttention`.
+
+    Same constructor and call arguments and the same weights, so
+    ``ours.set_weights(theirs.get_weights())`` gives the same outputs and scores.
+    Keys and values have `num_key_value_heads` heads, each shared by
+    ``num_query_heads // num_key_value_heads`` query heads; a key/value cache holds
+    only the key/value heads. It also accepts every `Attention` argument.
+    Differences: as `MultiHeadAttention`.
+
+    Args:
+        head_dim: Size of each head (queries, keys and values).
+        num_query_heads: Number of query heads.
+        num_key_value_heads: Number of key/value heads; divides `num_query_heads`.
+        dropout: Dropout rate on the attention weights.
+        use_bias: Whether the projections have biases.
+        sliding_window: If set, query i attends to keys with ``|i - j| < sliding_window``.
+        use_gate: Gate the attention output with a sigmoid projection of the query.
+        **kwargs: As `keras.layers.GroupedQueryAttention` and `Attention`.
+    """
+
+    name = "grouped_query"
+
+    def __init__(
+        self,
+        head_dim,
+        num_query_heads,
+        num_key_value_heads,
+        dropout=0.0,
+        use_bias=True,
+        sliding_window=None,
+        use_gate=False,
+        **kwargs,
+    ):
+        if num_query_heads % num_key_value_heads != 0:
+            raise ValueError("`num_query_heads` must be divisible by `num_key_value_heads`.")
+        _sliding_window_pattern(sliding_window, kwargs)
+        self.sliding_window = sliding_window
+        self.use_gate = use_gate
+        self._return_attention_scores = False
+        super().__init__(
+            num_heads=num_query_heads,
+            key_dim=head_dim,
+            dropout=dropout,
+            use_bias=use_bias,
+            num_key_value_heads=num_key_value_heads,
+            **kwargs,
+        )
+
+    @property
+    def head_dim(self):
+        return self.key_dim
+
+    @property
+    def num_query_heads(self):
+        return self.num_heads
+
+    @property
+    def num_repeats(self):
+        return self.num_heads // self.num_key_value_heads
+
+    def call(
+        self,
+        query,
+        value=None,
+        key=None,
+        query_mask=None,
+        value_mask=None,
+        key_mask=None,
+        attention_mask=None,
+        use_causal_mask=False,
+        return_attention_scores=False,
+        training=None,
+        cache=None,
+        cache_update_index=None,
+    ):
+        self._return_attention_scores = return_attention_scores
+        return super().call(
+            query,
+            value,
+            key,
+            query_mask=query_mask,
+            value_mask=value_mask,
+            key_mask=key_mask,
+            attention_mask=attention_mask,
+            use_causal_mask=use_causal_mask,
+            return_attention_scores=return_attention_scores,
+            training=training,
+            cache=cache,
+            cache_update_index=cache_update_index,
+        )
+
+    def _invoke_compute_attention(self, q, k, v, mask, training, return_attention_scores):
+        # Keras's GroupedQueryAttention passes these by keyword, and the scores flag
+        # through `self._return_attention_scores`.
+        return self._compute_attention(q, k, v, attention_mask=mask, training=training)
+
+    def _compute_attention(
+        self, query, key, value, attention_mask=None, training=None, use_causal_mask=False
+    ):
+        """As `Attention._compute_attention`, with Keras's GroupedQueryAttention signature."""
+        return super()._compute_attention(
+            query,
+            key,
+            value,
+            attention_mask,
+            training,
+            self._return_attention_scores,
+            use_causal_mask=use_causal_mask,
+        )
+
+    def _overrides_compute_attention(self):
+        return type(self)._compute_attention is not GroupedQueryAttention._compute_attention
+
+    def compute_output_shape(self, query_shape, value_shape=None, key_shape=None):
+        value_shape = query_shape if value_shape is None else value_shape
+        if query_shape[-1] != value_shape[-1]:
+            raise ValueError(
+                "The last dimension of `query_shape` and `value_shape` must be equal, but "
+                f"are {query_shape[-1]}, {value_shape[-1]}. Received: "
+                f"query_shape={query_shape}, value_shape={value_shape}"
+            )
+        return super().compute_output_shape(query_shape, value_shape, key_shape)
 
     def get_config(self):
         config = super().get_config()
-        if self.sliding_window is not None:
-            config.pop("pattern")
+        for name in ("num_heads", "key_dim", "value_dim", "output_shape", "attention_axes"):
+            config.pop(name)
         return {
             **config,
-            "attention_axes": self.attention_axes,
-            "sliding_window": self.sliding_window,
-            "use_gate": self.use_gate,
+            "head_dim": self.head_dim,
+            "num_query_heads": self.num_heads,
+            "num_key_value_heads": self.num_key_value_heads,
         }
