@@ -5,9 +5,11 @@ A cache is one tensor ``(B, 2, S, H, D)``: keys at ``[:, 0]``, values at ``[:, 1
 and values at the cache index and attends over every slot written so far.
 """
 
+import keras
+import numpy as np
 from keras import ops
 
-__all__ = ["cache_shape", "check_cache", "update"]
+__all__ = ["cache_shape", "check_cache", "concrete_int", "update"]
 
 
 def cache_shape(batch_size, max_length, num_heads, head_dim):
@@ -34,8 +36,47 @@ def check_cache(cache, num_heads, key_dim, value_dim):
         )
 
 
+def concrete_int(value):
+    """`value` as a Python int if it is known now (not traced), else None.
+
+    Python and numpy integers, eager TensorFlow tensors, JAX arrays outside a trace
+    and PyTorch tensors are known; a value inside ``tf.function`` or ``jax.jit`` is not.
+    """
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return int(value) if value.ndim == 0 else None
+    backend = keras.backend.backend()
+    try:
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            if tf.executing_eagerly() and isinstance(value, tf.Tensor):
+                return int(value.numpy())
+        elif backend == "jax":
+            import jax
+
+            if isinstance(value, jax.Array) and not isinstance(value, jax.core.Tracer):
+                return int(value)
+        elif backend == "torch":
+            return int(value)
+    except (TypeError, ValueError, RuntimeError, NotImplementedError, AttributeError):
+        pass
+    return None
+
+
 def update(cache, key, value, index):
     """Write `key` and `value` into the cache at `index`.
+
+    A write must fit: ``0 <= index`` and ``index + T <= S``. Where the index is known
+    when the call runs (a Python int, or an eager tensor), one that does not fit raises
+    a ``ValueError``. Where it is traced (inside ``tf.function``, ``jax.jit`` or a
+    compiled Keras model), it cannot raise; the backends' slice update would clamp the
+    write to the cache's end and put the keys in the wrong slots, silently. Instead,
+    a write that does not fit writes NaN keys and values (to the clamped slots) and
+    marks every slot as written, so the outputs of that step, and of every later step
+    that reads the cache, are NaN: wrong loudly, never silently. Grow the cache
+    (`cache_shape` with a larger ``max_length``) or stop decoding before it is full.
 
     Args:
         cache: ``(B, 2, S, H, D)``.
@@ -47,13 +88,31 @@ def update(cache, key, value, index):
         ``(keys (B, S, H, D), values (B, S, H, D), cache (B, 2, S, H, D),
         filled (1, 1, 1, S))``: the cache's keys and values after the write, the
         updated cache and a bool mask of the slots written so far.
+
+    Raises:
+        ValueError: the index is known and the write does not fit.
     """
+    slots, length = cache.shape[2], key.shape[1]
+    known = concrete_int(index)
+    if known is not None and slots is not None and length is not None:
+        if known < 0 or known + length > slots:
+            raise ValueError(
+                f"A key/value cache write must fit in the cache: cache_update_index + "
+                f"T <= S (S={slots} slots), with cache_update_index >= 0. Received: "
+                f"cache_update_index={known}, T={length} new keys (they would fill slots "
+                f"{known}..{known + length - 1})"
+            )
     index = ops.cast(index, "int32")
     # One update of the whole cache (not a stack of two new halves), which XLA can do
     # in place inside a decoding loop.
     new = ops.stack([key, value], axis=1)  # (B, 2, T, H, D)
+    if known is None:
+        # Traced: a write that does not fit writes NaN, and counts every slot as written.
+        fits = ops.logical_and(index >= 0, index + ops.shape(key)[1] <= ops.shape(cache)[2])
+        new = ops.where(fits, new, ops.full_like(new, float("nan")))
+        index_end = ops.where(fits, index + ops.shape(key)[1], ops.shape(cache)[2])
     cache = ops.slice_update(cache, [0, 0, index, 0, 0], ops.cast(new, cache.dtype))
     keys, values = cache[:, 0], cache[:, 1]  # (B, S, H, D)
-    filled = index + ops.shape(key)[1]
+    filled = index + ops.shape(key)[1] if known is not None else index_end
     valid = ops.arange(ops.shape(cache)[2])[None, None, None, :] < filled  # (1, 1, 1, S)
     return keys, values, cache, valid
