@@ -15,6 +15,7 @@ once and hands it to the kernel). The paths, all exact and all agreeing:
 """
 
 import logging
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -135,6 +136,7 @@ def plan(
     block_size=128,
     query_offset=0,
     flash_attention=None,
+    name=None,
 ):
     """Decide how this attention runs.
 
@@ -153,6 +155,13 @@ def plan(
         training: Whether dropout is active.
         block_sparse, block_size, flash_attention: The layer's settings.
         query_offset: Absolute position of the first query (the cache index).
+        name: The caller's name (the layer's), for the warning below.
+
+    Where ``block_sparse="auto"`` would consider the block-sparse path for this
+    pattern but the lengths are unknown when the function is traced (TensorFlow
+    retraces ``model.fit``/``predict`` with a length of None once it sees a second
+    length), the plan falls back to whole ``Tq x Tk`` scores and warns once per
+    `name` (`warn_unknown_lengths`), never silently.
 
     Returns:
         A `Plan`.
@@ -182,18 +191,46 @@ def plan(
         )
         return Plan("block_sparse", components, query_offset, layout=layout)
 
+    cpu_fused = (
+        block_sparse == "auto" and flash_attention is not True and kernels.fused_kernel_is_dense()
+    )
+    if (
+        block_sparse == "auto"
+        and pattern.kernel_form != "full"
+        and (scale is None or cpu_fused)
+        and not (_static_int(query_length) and _static_int(key_length))
+    ):
+        warn_unknown_lengths(name, pattern, query_length, key_length)
     if scale is not None and block_sparse is not True:
-        cpu_fused = (
-            block_sparse == "auto"
-            and flash_attention is not True
-            and kernels.fused_kernel_is_dense()
-        )
         if cpu_fused and sparse(mode="auto", max_fraction=MAX_FRACTION_OVER_FUSED):
             return block_sparse_plan()
         return Plan("fused", components, query_offset, scale=scale, flash_attention=flash_attention)
     if sparse(mode=block_sparse):
         return block_sparse_plan()
     return Plan("dense", components, query_offset)
+
+
+_warned_unknown_lengths = set()
+
+
+def warn_unknown_lengths(name, pattern, query_length, key_length):
+    """Warn, once per `name`, that a sparse pattern runs on whole score matrices."""
+    if name in _warned_unknown_lengths:
+        return
+    _warned_unknown_lengths.add(name)
+    warnings.warn(
+        f"keras_attn layer {name!r}: its sparse pattern {pattern!r} runs on the dense "
+        "path (the whole Tq x Tk score matrix: quadratic memory) because the query and "
+        "key lengths are unknown where the function is traced (Received: "
+        f"query_length={query_length}, key_length={key_length}), and the block-sparse "
+        "path plans its blocks ahead of time. On TensorFlow, Keras retraces "
+        "model.fit/predict/evaluate with a length of None once it sees a second input "
+        "length. To keep the block-sparse cost, give the model inputs of a few fixed "
+        "lengths (pad to buckets), a fixed-length keras.Input, or call it eagerly. "
+        "(Shown once per layer.)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def attend(plan, query, key, value, mask=None, positions=None, training=None,

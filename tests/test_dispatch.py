@@ -1,6 +1,7 @@
 """Tests of keras_attn.dispatch: the path choice, and every path of a layer agreeing."""
 
 import logging
+import warnings
 
 import keras
 import numpy as np
@@ -346,3 +347,46 @@ def test_a_layer_on_empty_inputs_gives_the_same_on_every_setting(
     assert tuple(output.shape) == (2, query_length, 8)
     bias = ops.convert_to_numpy(layer.output_dense.bias)
     np.testing.assert_allclose(ops.convert_to_numpy(output), np.broadcast_to(bias, output.shape))
+
+
+# -- lengths unknown where traced: never a silent fall back to quadratic memory ---------
+
+
+def test_a_sparse_pattern_with_unknown_lengths_warns_once_naming_the_layer():
+    components = softmax_components(patterns.Local(16))
+    kwargs = dict(query_length=None, key_length=None, head_dim=8, name="unknown_lengths_1")
+    with pytest.warns(RuntimeWarning, match=r"'unknown_lengths_1'.*quadratic") as caught:
+        assert dispatch.plan(components, **kwargs).path == "dense"
+        assert dispatch.plan(components, **kwargs).path == "dense"
+    assert len([w for w in caught if "unknown_lengths_1" in str(w.message)]) == 1
+
+
+def test_full_patterns_and_known_lengths_do_not_warn(recwarn):
+    dispatch.plan(softmax_components("full"), query_length=None, key_length=None, head_dim=8)
+    dispatch.plan(
+        softmax_components(patterns.Local(16)), query_length=64, key_length=64, head_dim=8
+    )
+    assert not [w for w in recwarn if "keras_attn layer" in str(w.message)]
+
+
+def test_a_model_with_variable_lengths_keeps_block_sparse_or_warns_once(backend):
+    # Input((None, d)): on TensorFlow, model.predict traces the second length with a
+    # length of None; the block-sparse path then cannot run, and that must not be silent.
+    layer = keras_attn.LocalAttention(
+        window=16, num_heads=2, block_size=16, name="variable_lengths_local"
+    )
+    inputs = keras.Input((None, 8))
+    model = keras.Model(inputs, layer(inputs))
+    paths = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for length in (256, 320, 384):
+            model.predict(randn(1, length, 8), verbose=0)
+            paths.append(layer.last_path)
+    messages = [str(w.message) for w in caught if "variable_lengths_local" in str(w.message)]
+    assert paths[0] == "block_sparse"
+    if paths == ["block_sparse"] * 3:
+        assert messages == []
+    else:
+        assert backend == "tensorflow"
+        assert len(messages) == 1 and "unknown where the function is traced" in messages[0]

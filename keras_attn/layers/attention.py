@@ -480,6 +480,7 @@ class Attention(keras.layers.Layer):
             block_size=self.block_size,
             query_offset=query_offset,
             flash_attention=self.flash_attention,
+            name=self.name,
         )
         self._record_path(plan.path)
         return dispatch.attend(
