@@ -52,10 +52,12 @@ __all__ = [
     "check_layer",
     "check_normalizer",
     "check_pattern",
+    "check_position_encoding",
     "check_score",
     "check_score_mod",
     "plugin_for",
     "registered",
+    "value_and_grads",
 ]
 
 # Shapes of the probe tensors: batch, heads, query length, key length, head dim.
@@ -606,6 +608,82 @@ def check_layer(layer, *, input_shapes=((B, TQ, 8),), save=True, train=True, ato
     _check_model(lambda: _fresh(layer), what, input_shapes=input_shapes, train=train, save=save)
 
 
+# -- position encodings ---------------------------------------------------------------
+
+
+def check_position_encoding(position_encoding, *, save=True, train=True, atol=1e-5):
+    """Check a `keras_attn.PositionEncoding` class or instance.
+
+    ``encoding(query (..., T, D), key (..., T, D), positions)`` with integer positions
+    broadcastable to ``(..., T)`` must give finite ``(query, key)`` of the same shapes
+    and dtypes, for any leading dims, slice by slice; it must depend on the
+    positions, and encode a token the same way whichever call it comes in (the last
+    T/2 rows alone with positions from T/2, as in KV-cache decoding); the config
+    must round trip; a layer using it must decode with a cache as it runs the whole
+    sequence (positions honoured under a cache offset); a model using it must run,
+    train, save and load.
+
+    Raises:
+        AssertionError: saying what does not hold.
+    """
+    encoding, what = _instance(position_encoding, "position_encoding")
+    rng = _rng()
+    query = rng.normal(size=(B, H, TQ, D)).astype("float32")
+    key = rng.normal(size=(B, H, TQ, D)).astype("float32")
+    positions = np.arange(TQ, dtype="int32")[None, None, :]  # (1, 1, T)
+    out = encoding(query, key, positions)
+    if not isinstance(out, (list, tuple)) or len(out) != 2:
+        _fail(what, f"call(query, key, positions) must return (query, key). Received: {out!r}")
+    q, k = out
+    for name, x, ref in (("query", q, query), ("key", k, key)):
+        _assert_shape(x, ref.shape, what, f"the encoded {name} (B, H, T, D)")
+        if ops.dtype(x) != "float32":
+            _fail(what, f"float32 heads came back as {ops.dtype(x)}; keep the heads' dtype.")
+        _assert_finite(x, what, f"the encoded {name}")
+    q1, k1 = encoding(query[1], key[1], positions[0])
+    _assert_close(q1, _numpy(q)[1], what, "the query called with leading dims (H,)", atol, atol)
+    _assert_close(k1, _numpy(k)[1], what, "the key called with leading dims (H,)", atol, atol)
+    half = TQ // 2
+    q2, k2 = encoding(query[..., half:, :], key[..., half:, :], positions[..., half:])
+    context = "the last T/2 rows alone, with positions from T/2 (KV-cache decoding)"
+    _assert_close(q2, _numpy(q)[..., half:, :], what, f"the query of {context}", atol, atol)
+    _assert_close(k2, _numpy(k)[..., half:, :], what, f"the key of {context}", atol, atol)
+    shifted = _numpy(encoding(query, key, positions + 3)[0])
+    if np.allclose(shifted, _numpy(q), atol=1e-6):
+        _fail(what, "positions + 3 give the same query as positions: the positions are ignored.")
+    clone = _config_round_trip(encoding, what)
+    clone(query, key, positions)
+    _copy_weights(encoding, clone, what)
+    _assert_close(clone(query, key, positions)[0], q, what, "the clone from get_config()")
+    _check_cached_decoding(encoding, what, atol)
+    _check_model(
+        lambda: _attention(position_encoding=_fresh(encoding)), what, train=train, save=save
+    )
+
+
+def _check_cached_decoding(encoding, what, atol):
+    """A layer with the encoding decodes token by token as it runs the whole sequence."""
+    layer = _attention(position_encoding=_fresh(encoding))
+    x = _rng(2).normal(size=(B, TQ, 8)).astype("float32")
+    whole = _numpy(layer(x, use_causal_mask=True))
+    cache = ops.zeros(layer.cache_shape(B, TQ))
+    half = TQ // 2
+    steps = [(0, half)] + [(i, i + 1) for i in range(half, TQ)]
+    for start, stop in steps:
+        out, cache = layer(
+            x[:, start:stop], cache=cache, cache_update_index=start, use_causal_mask=True
+        )
+        _assert_close(
+            out,
+            whole[:, start:stop],
+            what,
+            f"a layer decoding with a KV cache, tokens {start}..{stop - 1} written at "
+            f"cache index {start}, vs the whole sequence (are positions honoured?)",
+            1e-4,
+            1e-4,
+        )
+
+
 # -- dispatch -------------------------------------------------------------------------------
 
 _CHECKS = {
@@ -613,6 +691,7 @@ _CHECKS = {
     "score_mod": check_score_mod,
     "pattern": check_pattern,
     "normalizer": check_normalizer,
+    "position_encoding": check_position_encoding,
     "layer": check_layer,
 }
 
@@ -637,7 +716,8 @@ def check_component(component, **kwargs):
     if kind is None:
         raise AssertionError(
             f"Not a keras_attn component: {component!r}. Expected a subclass (or an "
-            "instance) of keras_attn.Score, ScoreMod, Pattern, Normalizer or keras.layers.Layer."
+            "instance) of keras_attn.Score, ScoreMod, Pattern, Normalizer, PositionEncoding "
+            "or keras.layers.Layer."
         )
     return _CHECKS[kind](component, **kwargs)
 
@@ -702,6 +782,78 @@ def registered(*items, name=None, **by_kind):
             plugins.unregister(plugin)
 
 
+def value_and_grads(fn, *inputs, variables=(), has_aux=False):
+    """A scalar function's value and its gradients, by the backend's own autodiff.
+
+    For tests that compare gradients (a hand-written gradient against autodiff, one
+    path against another, float16 against float32) on TensorFlow, JAX and PyTorch
+    alike.
+
+    Args:
+        fn: Called as ``fn(*inputs)``; returns a scalar tensor, or ``(scalar, aux)``
+            with ``has_aux=True``.
+        *inputs: Numpy arrays (float), differentiated.
+        variables: Keras variables `fn` reads (e.g. ``layer.trainable_variables``),
+            differentiated too.
+        has_aux: Whether `fn` also returns an auxiliary value (not differentiated).
+
+    Returns:
+        ``(value, grads)`` — or ``(value, grads, aux)`` with `has_aux` — where
+        `value` is a float and `grads` a list of numpy arrays, one per input then
+        one per variable (zeros where the function does not depend on it).
+    """
+    import keras
+
+    variables = list(variables)
+    backend = keras.backend.backend()
+
+    def split(result):
+        return result if has_aux else (result, None)
+
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.constant(x) for x in inputs]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            y, aux = split(fn(*tensors))
+        grads = tape.gradient(y, tensors + variables)
+        grads = [
+            tf.zeros_like(t) if g is None else g
+            for g, t in zip(grads, tensors + variables, strict=True)
+        ]
+    elif backend == "jax":
+        import jax
+
+        def stateless(values, *tensors):
+            mapping = list(zip(variables, values, strict=True))
+            with keras.StatelessScope(state_mapping=mapping):
+                y, aux = split(fn(*tensors))
+            return y, aux
+
+        argnums = tuple(range(len(inputs) + 1))
+        (y, aux), grads = jax.value_and_grad(stateless, argnums=argnums, has_aux=True)(
+            [v.value for v in variables], *inputs
+        )
+        grads = list(grads[1:]) + list(grads[0])
+    elif backend == "torch":
+        import torch
+
+        tensors = [torch.tensor(np.asarray(x), requires_grad=True) for x in inputs]
+        params = [v.value for v in variables]
+        for p in params:
+            p.grad = None
+        y, aux = split(fn(*tensors))
+        y.backward()
+        grads = [torch.zeros_like(t) if t.grad is None else t.grad for t in tensors + params]
+        grads = [g.detach().cpu() for g in grads]
+        y = y.detach()
+    else:
+        raise NotImplementedError(f"value_and_grads: unsupported backend {backend!r}")
+    out = (float(_numpy(ops.cast(y, "float32"))), [_numpy(ops.cast(g, "float32")) for g in grads])
+    return (*out, aux) if has_aux else out
+
+
 class Checker:
     """The checks as one object: ``check(component)`` or ``check.normalizer(...)``."""
 
@@ -709,6 +861,7 @@ class Checker:
     score_mod = staticmethod(check_score_mod)
     pattern = staticmethod(check_pattern)
     normalizer = staticmethod(check_normalizer)
+    position_encoding = staticmethod(check_position_encoding)
     layer = staticmethod(check_layer)
 
     def __call__(self, component, **kwargs):

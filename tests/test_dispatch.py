@@ -15,7 +15,7 @@ from keras_attn import normalizers
 from keras_attn import patterns
 from keras_attn import score_mods
 from keras_attn.components import Components
-from tests.autodiff import value_and_grads
+from keras_attn.testing import value_and_grads
 from tests.references import np_softmax_attention
 
 RNG = np.random.default_rng(7)

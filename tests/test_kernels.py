@@ -14,7 +14,7 @@ from keras_attn import patterns
 from keras_attn import scores
 from keras_attn.components import Components
 from keras_attn.positions import make_positions
-from tests.autodiff import value_and_grads
+from keras_attn.testing import value_and_grads
 from tests.references import np_softmax_attention
 
 RNG = np.random.default_rng(7)

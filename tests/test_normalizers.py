@@ -11,7 +11,7 @@ from keras import ops
 import keras_attn
 from keras_attn import normalizers
 from keras_attn import plugins
-from tests.autodiff import value_and_grads
+from keras_attn.testing import value_and_grads
 
 NAMES = ["softmax", "hard", "topk", "sparsemax"]
 
@@ -490,3 +490,101 @@ def test_resolve_wrong_kind_raises():
 def test_bad_constructor_arguments(cls, kwargs, arg):
     with pytest.raises(ValueError, match=f"Received: {arg}"):
         cls(**kwargs)
+
+
+# sink_softmax: softmax with a learned sink logit per head in the denominator.
+
+
+def ref_sink_softmax(logits, mask, sinks):
+    """Row by row over the allowed keys: exp(x) / (exp(sink of the head) + sum exp(x))."""
+    logits = logits.astype("float64")
+    mask = np.broadcast_to(mask, logits.shape)
+    out = np.zeros_like(logits)
+    for index in np.ndindex(logits.shape[:-1]):
+        allowed = mask[index]
+        if allowed.any():
+            z = logits[index][allowed]
+            sink = float(sinks[index[1]])
+            top = max(z.max(), sink)
+            e = np.exp(z - top)
+            out[index][allowed] = e / (e.sum() + np.exp(sink - top))
+    return out
+
+
+def _sink_softmax(sinks, **kwargs):
+    normalizer = normalizers.SinkSoftmax(**kwargs)
+    normalizer.build((None, len(sinks), None, None))
+    normalizer.sinks.assign(np.asarray(sinks, "float32"))
+    return normalizer
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6), (2, 3, 2, 4, 6)])  # dense and slab layouts
+def test_sink_softmax_matches_numpy(shape):
+    logits, mask = _data(shape, seed=11)
+    sinks = np.array([-1.0, 0.5, 3.0])
+    out = _np(_sink_softmax(sinks)(logits, mask=mask))
+    np.testing.assert_allclose(out, ref_sink_softmax(logits, mask, sinks), atol=1e-6)
+    assert np.all(out[~mask] == 0.0)
+    assert np.all(out.sum(-1) < 1.0)  # the sink keeps part of every row
+    np.testing.assert_array_equal(out[..., 0, :], 0.0)  # the fully masked row, no NaN
+
+
+def test_sink_softmax_gradients_reach_the_sinks_and_stay_finite():
+    logits, mask = _data((2, 3, 4, 6), seed=12)
+    normalizer = _sink_softmax([0.0, 1.0, -1.0])
+    weights = np.random.default_rng(1).normal(size=logits.shape).astype("float32")
+    g = _grad(lambda x: ops.sum(normalizer(x, mask=mask) * weights), logits)
+    assert np.all(np.isfinite(g))
+    np.testing.assert_array_equal(g[..., 0, :], 0.0)
+    assert normalizer.trainable_weights[0].shape == (3,)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_sink_softmax_mixed_precision(dtype):
+    normalizer = normalizers.SinkSoftmax(dtype=f"mixed_{dtype}")
+    logits = np.random.default_rng(0).normal(scale=2e4, size=(2, 3, 4, 6)).clip(-6e4, 6e4)
+    mask = np.ones(logits.shape, bool)
+    mask[:, :, 0] = False
+    out = normalizer(ops.cast(logits, dtype), mask=mask)
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    assert keras.backend.standardize_dtype(normalizer.sinks.dtype) == "float32"
+    out = _np(out)
+    assert np.all(np.isfinite(out)) and np.all(out[:, :, 0] == 0.0)
+
+
+def test_sink_softmax_with_local_windows_on_the_block_sparse_path():
+    x = np.random.default_rng(2).normal(size=(2, 24, 8)).astype("float32")
+    kwargs = dict(num_heads=2, key_dim=4, normalizer="sink_softmax", seed=0)
+    pattern = {"name": "local", "config": {"window": 5, "causal": True}}
+    sparse = keras_attn.Attention(pattern=pattern, block_sparse=True, block_size=4, **kwargs)
+    dense = keras_attn.Attention(pattern=pattern, block_sparse=False, **kwargs)
+    out_sparse, w_sparse = sparse(x, return_attention_scores=True)
+    dense(x)
+    dense.set_weights(sparse.get_weights())
+    dense.normalizer.sinks.assign([2.0, -1.0])
+    sparse.normalizer.sinks.assign([2.0, -1.0])
+    out_sparse, w_sparse = sparse(x, return_attention_scores=True)
+    out_dense, w_dense = dense(x, return_attention_scores=True)
+    assert (sparse.last_path, dense.last_path) == ("block_sparse", "dense")
+    np.testing.assert_allclose(_np(out_sparse), _np(out_dense), atol=1e-5)
+    np.testing.assert_allclose(_np(w_sparse), _np(w_dense), atol=1e-6)
+    assert sparse.normalizer.num_heads == 2
+
+
+def test_sink_softmax_shared_sink_and_plugin_checks():
+    from keras_attn import testing
+
+    testing.check_normalizer(normalizers.SinkSoftmax(num_heads=1))
+
+
+def test_sink_softmax_clear_errors():
+    with pytest.raises(ValueError, match=r"Received: num_heads=0"):
+        normalizers.SinkSoftmax(num_heads=0)
+    normalizer = normalizers.SinkSoftmax(num_heads=3)
+    with pytest.raises(ValueError, match=r"heads on axis 1.*Received: logits.shape=\(2, 4, 4, 6\)"):
+        normalizer(np.zeros((2, 4, 4, 6), "float32"))
+    with pytest.raises(ValueError, match="num_heads"):
+        normalizers.SinkSoftmax()(np.zeros((4, 6), "float32"))
+    layer = keras_attn.Attention(num_heads=2, normalizer=normalizers.SinkSoftmax(num_heads=3))
+    with pytest.raises(ValueError, match=r"heads on axis 1"):
+        layer(np.zeros((1, 4, 8), "float32"))

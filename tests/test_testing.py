@@ -15,6 +15,7 @@ import textwrap
 import types
 from pathlib import Path
 
+import keras
 import numpy as np
 import pytest
 from keras import ops
@@ -497,3 +498,66 @@ def test_installed_plugin_registering_the_wrong_kind(tmp_path):
         "(a score). Received: keras_attn_diagonal.Diagonal, which is a pattern, from plugin "
         "'keras_attn_diagonal' (package keras-attn-diagonal 0.3.0)"
     ) in done.stderr, done.stderr
+
+
+def test_value_and_grads_against_hand_derived_gradients():
+    # f(x, W) = sum((x W)^2): df/dx = 2 (x W) Wᵀ, df/dW = 2 xᵀ (x W).
+    layer = keras.layers.Dense(3, use_bias=False)
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype("float32")
+    layer.build(x.shape)
+    w = ops.convert_to_numpy(layer.kernel)
+
+    def f(x):
+        out = layer(x)
+        return ops.sum(out**2), out
+
+    value, (d_x, d_w), aux = testing.value_and_grads(
+        f, x, variables=layer.trainable_variables, has_aux=True
+    )
+    xw = x @ w
+    np.testing.assert_allclose(value, (xw**2).sum(), rtol=1e-5)
+    np.testing.assert_allclose(d_x, 2 * xw @ w.T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(d_w, 2 * x.T @ xw, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ops.convert_to_numpy(aux), xw, rtol=1e-5, atol=1e-6)
+    # An input the function ignores gets a zero gradient, not None.
+    _, (d_x, d_unused) = testing.value_and_grads(lambda x, u: ops.sum(x), x, np.ones(2, "float32"))
+    np.testing.assert_array_equal(d_x, np.ones_like(x))
+    np.testing.assert_array_equal(d_unused, np.zeros(2))
+
+
+# -- position encodings --------------------------------------------------------------
+
+
+def test_check_position_encoding_passes_rope():
+    testing.check_position_encoding(plugins.get("position_encoding", "rope"))
+    testing.check_component(("position_encoding", "rope"), train=False, save=False)
+
+
+class _IgnoresPositions(keras_attn.PositionEncoding):
+    name = "ignores_positions"
+
+    def call(self, query, key, positions=None):
+        return query * 2.0, key
+
+
+class _FromCallStart(keras_attn.PositionEncoding):
+    """Encodes position i of each call, not the absolute position: wrong under a cache."""
+
+    name = "from_call_start"
+
+    def call(self, query, key, positions=None):
+        steps = ops.cast(ops.arange(ops.shape(query)[-2]), query.dtype)[:, None]
+        return query + 0.1 * steps, key + 0.1 * steps
+
+
+@pytest.mark.parametrize(
+    "cls,message",
+    [
+        (_IgnoresPositions, "the positions are ignored"),
+        (_FromCallStart, "positions from T/2"),
+    ],
+)
+def test_check_position_encoding_reports_what_is_wrong(cls, message):
+    with testing.registered(cls):
+        with pytest.raises(AssertionError, match=message):
+            testing.check_position_encoding(cls)
