@@ -624,39 +624,41 @@ def test_masked_inputs_do_not_make_the_projections_warn():
     assert not [w for w in caught if "mask" in str(w.message)]
 
 
-def test_subclass_overriding_compute_attention_receives_masks():
+def test_subclass_overriding_compute_attention_receives_keras_arguments():
+    # As keras.layers.MultiHeadAttention: Keras's signature, and a (B, Tq, Tk) mask that
+    # holds the padding masks and the causal mask.
     seen = {}
 
     class Recording(keras_attn.Attention):
         def _compute_attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask=None,
-            training=None,
+            self, query, key, value, attention_mask=None, training=None,
             return_attention_scores=False,
-            **kwargs,
-        ):
-            seen["mask"] = None if attention_mask is None else ops.convert_to_numpy(attention_mask)
-            seen["pattern"] = kwargs.get("pattern")
+        ):  # fmt: skip
+            seen["mask"] = ops.convert_to_numpy(attention_mask)
             return super()._compute_attention(
-                query, key, value, attention_mask, training, return_attention_scores, **kwargs
+                query, key, value, attention_mask, training, return_attention_scores
             )
 
     layer = Recording(num_heads=2)
-    layer(X, C, query_mask=QMASK, value_mask=VMASK, use_causal_mask=True)
-    expected = QMASK[:, :, None] & VMASK[:, None, :]  # (B, Tq, Tk)
-    np.testing.assert_array_equal(np.broadcast_to(seen["mask"], (B, 1, TQ, TK))[:, 0], expected)
-    assert seen["pattern"].causal
+    output = layer(X, C, query_mask=QMASK, value_mask=VMASK, use_causal_mask=True)
+    causal = np.tril(np.ones((TQ, TK), bool))
+    np.testing.assert_array_equal(
+        seen["mask"], QMASK[:, :, None] & VMASK[:, None, :] & causal[None]
+    )
+    plain = keras_attn.Attention(num_heads=2)
+    plain(X, C)
+    plain.set_weights(layer.get_weights())
+    expected = plain(X, C, query_mask=QMASK, value_mask=VMASK, use_causal_mask=True)
+    np.testing.assert_allclose(output, expected, atol=1e-5)
 
     # Keras masks reach the override too.
     embed = keras.layers.Embedding(10, 8, mask_zero=True)
     tokens = np.array([[1, 2, 0, 0, 0], [3, 0, 0, 0, 0]], "int32")
     layer = Recording(num_heads=2)
     layer(embed(tokens))
-    mask = np.broadcast_to(seen["mask"], (B, 1, TQ, TQ))[:, 0]
-    np.testing.assert_array_equal(mask, (tokens != 0)[:, :, None] & (tokens != 0)[:, None, :])
+    np.testing.assert_array_equal(
+        seen["mask"], (tokens != 0)[:, :, None] & (tokens != 0)[:, None, :]
+    )
 
 
 # -- KV cache ----------------------------------------------------------------------------
@@ -732,11 +734,19 @@ def test_kv_cache_queries_see_absolute_positions():
     assert not np.allclose(wrong, expected, atol=1e-4)
 
 
+def test_cache_without_index_is_read_as_it_is():
+    # KerasHub's convention (e.g. a cross-attention's keys and values, computed once).
+    layer = keras_attn.Attention(num_heads=2)
+    expected = layer(X, C)
+    _, cache = layer(X, C, cache=ops.zeros((B, 2, TK, 2, 4)), cache_update_index=0)
+    output, same_cache = layer(X, C, cache=cache)
+    np.testing.assert_allclose(output, expected, atol=1e-5)
+    np.testing.assert_array_equal(same_cache, cache)
+
+
 def test_kv_cache_errors():
     layer = keras_attn.Attention(num_heads=2)
     layer(X)
-    with pytest.raises(ValueError, match="cache_update_index"):
-        layer(X, cache=ops.zeros((B, 2, TQ, 2, 4)))
     with pytest.raises(ValueError, match=r"Received: cache.shape"):
         layer(X, cache=ops.zeros((B, TQ, 2, 4)), cache_update_index=0)
 
@@ -845,10 +855,10 @@ def test_saved_keras_file_gives_identical_outputs(name, tmp_path):
             r"Received: sliding_window=0",
         ),
         (
-            lambda: keras_attn.MultiHeadAttention(num_heads=2, key_dim=2, attention_axes=(1, 2)),
+            lambda: keras_attn.MultiHeadAttention(num_heads=2, key_dim=2, attention_axes="rows"),
             r"Received: attention_axes",
         ),
-        (lambda: keras_attn.Attention(output_shape=(2, 3)), r"Received: output_shape"),
+        (lambda: keras_attn.Attention(output_shape=2.5), r"Invalid `output_shape`: 2.5"),
     ],
 )
 def test_bad_constructor_arguments(make, match):
@@ -891,8 +901,8 @@ def test_component_of_the_wrong_kind(kwargs, expected, received):
     "layer_args, inputs, match",
     [
         ((), (randn(2, 8),), r"Received: query.shape=\(2, 8\)"),
-        ((), (X, randn(2, 3, 4, 8)), r"Received: value.shape"),
-        ((), (X, C, randn(2, 6, 4)), r"same length. Received: key.shape=\(2, 6, 4\)"),
+        ((), (X, randn(2, 3, 4, 8)), r"one rank.*value.shape=\(2, 3, 4, 8\)"),
+        ((), (X, C, randn(2, 6, 4)), r"must be equal. Received: .*key_shape=\(2, 6, 4\)"),
         ((), (randn(2, 5, 7),), r"Received: query.shape\[-1\]=7, num_heads=2"),
     ],
 )
