@@ -966,3 +966,67 @@ def test_the_fused_path_traces_the_same_graph_as_keras():
     ours = keras_attn.MultiHeadAttention(num_heads=4, key_dim=8)
     assert op_types(ours) == op_types(keras.layers.MultiHeadAttention(num_heads=4, key_dim=8))
     assert ours.last_path == "fused"
+
+
+# -- presets take every call argument ----------------------------------------------------
+
+
+def same_weights(layer, reference, *inputs):
+    layer(*inputs)
+    reference(*inputs)
+    reference.set_weights(layer.get_weights())
+    return reference
+
+
+def test_self_attention_takes_every_call_argument():
+    layer = keras_attn.SelfAttention(num_heads=2, dropout=0.5, seed=1)
+    reference = same_weights(layer, keras_attn.Attention(num_heads=2, dropout=0.5, seed=1), X)
+    mask = np.tril(np.ones((TQ, TQ), bool))[None].repeat(B, 0)
+    # A tensor keyword mixed with non-tensor ones, and `training` reaching the dropout.
+    output, scores = layer(
+        X, mask=QMASK, attention_mask=mask, use_causal_mask=True,
+        return_attention_scores=True, training=False,
+    )  # fmt: skip
+    expected = reference(
+        X, query_mask=QMASK, value_mask=QMASK, attention_mask=mask, use_causal_mask=True,
+        return_attention_scores=True, training=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(output, expected[0], atol=1e-6)
+    np.testing.assert_allclose(scores, expected[1], atol=1e-6)
+    assert not np.allclose(layer(X, training=True), layer(X, training=False))
+    # A cache, step by step.
+    layer = keras_attn.SelfAttention(num_heads=2)
+    full = ops.convert_to_numpy(layer(X, use_causal_mask=True))
+    cache = ops.zeros((B, 2, TQ, 2, 4))
+    steps = []
+    for i in range(TQ):
+        out, cache = layer(X[:, i : i + 1], cache=cache, cache_update_index=i, use_causal_mask=True)
+        steps.append(ops.convert_to_numpy(out))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
+def test_self_attention_with_two_inputs_is_a_clear_error():
+    with pytest.raises(ValueError, match="SelfAttention takes one input"):
+        keras_attn.SelfAttention(num_heads=2)(X, X)
+
+
+def test_hard_self_attention_gets_training_for_its_gumbel_noise():
+    layer = keras_attn.HardAttention(num_heads=2, gumbel=True, seed=3)
+    layer(X)
+    inference = [ops.convert_to_numpy(layer(X, training=False)) for _ in range(2)]
+    np.testing.assert_array_equal(*inference)
+    training = [ops.convert_to_numpy(layer(X, training=True)) for _ in range(4)]
+    assert any(not np.allclose(t, inference[0]) for t in training)
+
+
+def test_cross_attention_takes_every_call_argument():
+    layer = keras_attn.CrossAttention(num_heads=2, dropout=0.5, seed=1)
+    reference = same_weights(layer, keras_attn.Attention(num_heads=2, dropout=0.5, seed=1), X, C)
+    mask = np.ones((B, TQ, TK), bool)
+    mask[:, :, -1] = False
+    kwargs = dict(attention_mask=mask, return_attention_scores=True, training=False)
+    output, scores = layer(X, C, query_mask=QMASK, context_mask=VMASK, **kwargs)
+    expected = reference(X, C, query_mask=QMASK, value_mask=VMASK, **kwargs)
+    np.testing.assert_allclose(output, expected[0], atol=1e-6)
+    np.testing.assert_allclose(scores, expected[1], atol=1e-6)
+    assert not np.allclose(layer(X, C, training=True), layer(X, C, training=False))

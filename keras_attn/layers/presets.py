@@ -124,17 +124,49 @@ class SelfAttention(Attention):
     def build(self, inputs_shape):
         super().build(inputs_shape, inputs_shape, inputs_shape)
 
-    def call(self, inputs, mask=None, **kwargs):
-        if mask is not None:
-            kwargs.setdefault("query_mask", mask)
-            kwargs.setdefault("value_mask", mask)
-        return super().call(inputs, inputs, inputs, **kwargs)
+    def call(
+        self,
+        inputs,
+        mask=None,
+        attention_mask=None,
+        use_causal_mask=False,
+        return_attention_scores=False,
+        training=None,
+        cache=None,
+        cache_update_index=None,
+        segment_ids=None,
+    ):
+        if mask is not None and len(mask.shape) > 2:
+            raise ValueError(
+                "SelfAttention takes one input, `inputs`, for queries, keys and values; its "
+                "second argument is the padding `mask` (B, T). For separate query and value "
+                "tensors use CrossAttention or MultiHeadAttention. "
+                f"Received: mask.shape={tuple(mask.shape)}"
+            )
+        return super().call(
+            inputs,
+            inputs,
+            inputs,
+            query_mask=mask,
+            value_mask=mask,
+            attention_mask=attention_mask,
+            use_causal_mask=use_causal_mask,
+            return_attention_scores=return_attention_scores,
+            training=training,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            segment_ids=segment_ids,
+        )
 
     def compute_output_shape(self, inputs_shape, *args, **kwargs):
         return super().compute_output_shape(inputs_shape)
 
-    def compute_output_spec(self, inputs, mask=None, **kwargs):
-        return super().compute_output_spec(inputs, **kwargs)
+    def compute_output_spec(
+        self, inputs, mask=None, return_attention_scores=False, cache=None, **kwargs
+    ):
+        return super().compute_output_spec(
+            inputs, return_attention_scores=return_attention_scores, cache=cache
+        )
 
 
 @builtin("layer")
@@ -144,6 +176,7 @@ class CrossAttention(Attention):
     Call arguments:
         query: ``(B, Tq, dim)``.
         context: ``(B, Tk, dim_c)``.
+        query_mask: Bool ``(B, Tq)`` (taken from the Keras mask if unset).
         context_mask: Bool ``(B, Tk)`` (taken from the Keras mask if unset).
         Other arguments as `Attention.call`.
     """
@@ -155,17 +188,47 @@ class CrossAttention(Attention):
             raise ValueError("CrossAttention needs a `context` input. Received: context=None")
         super().build(query_shape, context_shape, context_shape)
 
-    def call(self, query, context=None, context_mask=None, **kwargs):
+    def call(
+        self,
+        query,
+        context=None,
+        query_mask=None,
+        context_mask=None,
+        attention_mask=None,
+        use_causal_mask=False,
+        return_attention_scores=False,
+        training=None,
+        cache=None,
+        cache_update_index=None,
+        query_segment_ids=None,
+        key_segment_ids=None,
+    ):
         if context is None:
             raise ValueError(
                 "CrossAttention needs a `context` tensor (B, Tk, dim). Received: context=None"
             )
-        if context_mask is not None:
-            kwargs.setdefault("value_mask", context_mask)
-        return super().call(query, context, context, **kwargs)
+        return super().call(
+            query,
+            context,
+            context,
+            query_mask=query_mask,
+            value_mask=context_mask,
+            attention_mask=attention_mask,
+            use_causal_mask=use_causal_mask,
+            return_attention_scores=return_attention_scores,
+            training=training,
+            cache=cache,
+            cache_update_index=cache_update_index,
+            query_segment_ids=query_segment_ids,
+            key_segment_ids=key_segment_ids,
+        )
 
     def compute_output_shape(self, query_shape, context_shape=None, *args, **kwargs):
-        return super().compute_output_shape(query_shape)
+        return super().compute_output_shape(query_shape, context_shape)
 
-    def compute_output_spec(self, query, context=None, context_mask=None, **kwargs):
-        return super().compute_output_spec(query, context, **kwargs)
+    def compute_output_spec(
+        self, query, context=None, return_attention_scores=False, cache=None, **kwargs
+    ):
+        return super().compute_output_spec(
+            query, context, return_attention_scores=return_attention_scores, cache=cache
+        )
