@@ -19,3 +19,16 @@ class UnknownComponentError(PluginError, ValueError):
 
 class ComponentKindError(PluginError, TypeError):
     """A component of one kind was given where another kind was expected."""
+
+
+class MissingComponentsError(UnknownComponentError):
+    """A saved layer needs components no installed plugin registers.
+
+    Attributes:
+        missing: One ``(kind, name, package, version)`` per missing component, where
+            ``package`` and ``version`` are what the file recorded (None if nothing).
+    """
+
+    def __init__(self, message, missing=()):
+        super().__init__(message)
+        self.missing = list(missing)

@@ -33,6 +33,7 @@ from keras_attn.components import Score
 from keras_attn.components import ScoreMod
 from keras_attn.errors import ComponentKindError
 from keras_attn.errors import DuplicateComponentError
+from keras_attn.errors import MissingComponentsError
 from keras_attn.errors import PluginError
 from keras_attn.errors import PluginImportError
 from keras_attn.errors import UnknownComponentError
@@ -413,7 +414,8 @@ def resolve(kind, spec, **defaults):
         kind: One of ``"layer"``, ``"score"``, ``"score_mod"``, ``"pattern"``,
             ``"normalizer"``.
         spec: A registry name, a config dict ``{"name": ..., "config": {...}}``
-            (as written by `serialize`), or an instance, which is returned as is.
+            (as written by `serialize`, whose ``"package"`` and ``"version"`` keys
+            are accepted and ignored), or an instance, which is returned as is.
         **defaults: Keyword arguments for the constructor when `spec` is a name
             (e.g. ``dtype``); ignored for instances.
 
@@ -434,7 +436,7 @@ def resolve(kind, spec, **defaults):
                 f"Pass an instance or a config dict instead, e.g. "
                 f"{{'name': {spec!r}, 'config': {{...}}}}."
             ) from e
-    if isinstance(spec, dict) and "name" in spec and set(spec) <= {"name", "config"}:
+    if isinstance(spec, dict) and "name" in spec and set(spec) <= SPEC_KEYS:
         cls = get(kind, spec["name"])
         config = dict(spec.get("config") or {})
         for key, value in defaults.items():
@@ -473,7 +475,118 @@ def serialize(component):
             f"{type(component).__qualname__} is not registered, so it cannot be "
             f"serialized by name. Register it through a plugin hook. ({e})"
         ) from None
-    return {"name": name, "config": component.get_config()}
+    spec = {"name": name, "config": component.get_config()}
+    package, version = _provider(get_entry(kind, name))
+    if package is not None:
+        # Recorded so that a file loaded where the plugin is missing can say what to install.
+        spec.update(package=package, version=version)
+    return spec
+
+
+def check_layer_config(config, owner=None):
+    """`check_installed` on a layer's config, before the layer is built from it.
+
+    The component arguments are those named after a kind: ``score``, ``score_mods``
+    (a list), ``pattern``, ``normalizer``, ``position_encoding``, ...
+    """
+    specs = {}
+    for kind in KINDS:
+        for arg in (kind, kind + "s"):
+            if kind != "layer" and config.get(arg) is not None:
+                specs.setdefault(kind, []).append(config[arg])
+    check_installed(specs, owner)
+
+
+# The keys of a serialized component spec (`serialize`).
+SPEC_KEYS = frozenset({"name", "config", "package", "version"})
+
+
+def _provider(entry):
+    """The distribution (package) and version that provide a registered component.
+
+    Known for keras_attn's built-ins and entry-point plugins; None for in-process
+    plugins (`register`), which belong to no installed package.
+    """
+    return entry.distribution, entry.version
+
+
+def missing_components(specs):
+    """The components named in `specs` that no registered plugin provides.
+
+    Args:
+        specs: A mapping of kind (``"score"``, ``"pattern"``, ...) to one spec or a list
+            of specs, as `resolve` takes them (names, config dicts or instances).
+            Combined patterns (``union``, ``intersection``) are looked into.
+
+    Returns:
+        A list of ``(kind, name, package, version)``, in order, without repeats;
+        ``package`` and ``version`` are what the spec recorded (or None).
+    """
+    registry = _load()
+    missing = []
+
+    def visit(kind, spec):
+        if isinstance(spec, (list, tuple)):
+            for s in spec:
+                visit(kind, s)
+            return
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            return  # an instance, or not a spec at all (`resolve` will say so)
+        name = spec["name"]
+        if name not in registry.entries[kind]:
+            item = (kind, name, spec.get("package"), spec.get("version"))
+            if item not in missing:
+                missing.append(item)
+        elif kind == "pattern":
+            visit(kind, list((spec.get("config") or {}).get("patterns") or []))
+
+    for kind, spec in specs.items():
+        _check_kind(kind)
+        visit(kind, spec)
+    return missing
+
+
+def check_installed(specs, owner=None):
+    """Raise one error naming every component of `specs` that is not installed.
+
+    A layer loaded from a ``.keras`` file calls this before it builds any component,
+    so that the user sees all of them at once, with the packages that provide them
+    where the file recorded them (see `serialize`), instead of the first one only.
+
+    Args:
+        specs: As for `missing_components`.
+        owner: How to name what needs them in the message (e.g. ``"layer 'attention'"``).
+
+    Raises:
+        MissingComponentsError: listing each missing component's kind, name and package.
+    """
+    missing = missing_components(specs)
+    if not missing:
+        return
+    lines = []
+    for kind, name, package, version in missing:
+        if package:
+            source = f"provided by package {package}" + (f" {version}" if version else "")
+        else:
+            source = "providing package not recorded in the file"
+        lines.append(f"  - {kind} {name!r} ({source})")
+    packages = sorted({p for _, _, p, _ in missing if p})
+    install = (
+        f"install {' '.join(packages)} (pip install {' '.join(packages)})"
+        if packages
+        else "install the packages that provide them"
+    )
+    what = owner or "This model"
+    raise MissingComponentsError(
+        f"{what} needs {len(missing)} keras_attn component(s) that are not installed:\n"
+        + "\n".join(lines)
+        + f"\nTo load it, {install}, whose keras_attn plugins register these names, "
+        "or register an in-process plugin with keras_attn.plugins.register(...). "
+        f"If they are installed, plugin autoloading may be off ({DISABLE_AUTOLOAD_ENV}).",
+        missing,
+    )
 
 
 def registry_name(component):

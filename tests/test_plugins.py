@@ -18,9 +18,11 @@ from keras import ops
 
 import keras_attn
 from keras_attn import hookimpl
+from keras_attn import patterns as patterns_module
 from keras_attn import plugins
 from keras_attn.errors import ComponentKindError
 from keras_attn.errors import DuplicateComponentError
+from keras_attn.errors import MissingComponentsError
 from keras_attn.errors import PluginError
 from keras_attn.errors import PluginImportError
 from keras_attn.errors import UnknownComponentError
@@ -524,7 +526,7 @@ def test_keras_file_needing_a_missing_plugin_names_the_component(example_plugin,
     with pytest.raises(Exception) as info:
         keras.saving.load_model(path)
     message = str(info.value)
-    assert f"Unknown {kind} {name!r}" in message
+    assert f"{kind} {name!r}" in message
     assert "plugin" in message and "not installed" in message
     # The cause is keras_attn's own error, whether or not Keras wraps it.
     error = info.value
@@ -805,5 +807,76 @@ def test_keras_file_loads_in_a_fresh_process_with_the_plugin_installed(dists, tm
     assert "imported before load: False" in done.stdout
     assert "imported after load: True" in done.stdout
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), ops.convert_to_numpy(model(x)))
-    assert "Unknown score 'ep_fresh_half'" in done.stdout
-    assert "that plugin is not installed" in done.stdout
+    # Both missing components, with the package the file recorded for them.
+    assert "MissingComponentsError" in done.stdout
+    assert "score 'ep_fresh_half' (provided by package keras-attn-fresh 1.2.3)" in done.stdout
+    assert "score_mod 'ep_shifted' (provided by package keras-attn-fresh 1.2.3)" in done.stdout
+
+
+# -- what a .keras file records, and what it says when components are missing ----------
+
+
+def test_a_serialized_spec_records_its_package_and_resolve_accepts_it():
+    spec = plugins.serialize(plugins.resolve("normalizer", "softmax"))
+    assert (spec["name"], spec["package"], spec["version"]) == (
+        "softmax",
+        "keras_attn",
+        keras_attn.__version__,
+    )
+    assert type(plugins.resolve("normalizer", spec)).__name__ == "Softmax"
+    config = keras_attn.Attention(num_heads=2, score_mods=["softcap"]).get_config()
+    assert config["score"]["package"] == config["score_mods"][0]["package"] == "keras_attn"
+
+
+def test_a_keras_file_missing_several_components_names_all_of_them_at_the_top(
+    example_plugin, tmp_path
+):
+    model = _model(
+        score="test_learned_scale",
+        score_mods=[{"name": "test_distance_penalty", "config": {"slope": 0.5}}],
+        pattern=patterns_module.Causal() | plugins.resolve("pattern", "test_strided_or_self"),
+        normalizer={"name": "test_tempered", "config": {"temperature": 1.5}},
+    )
+    path = tmp_path / "needs_four.keras"
+    model.save(path)
+    plugins.unregister(example_plugin)  # as on a machine without the plugin
+    with pytest.raises(MissingComponentsError) as info:
+        keras.saving.load_model(path)
+    message = str(info.value)
+    assert isinstance(info.value, UnknownComponentError)
+    first_line, *rest = message.splitlines()
+    assert first_line == (
+        "Attention 'attention' needs 4 keras_attn component(s) that are not installed:"
+    )
+    assert rest[:4] == [
+        f"  - {kind} {PLUGIN_NAMES[kind]!r} (providing package not recorded in the file)"
+        for kind in ("score", "score_mod", "pattern", "normalizer")
+    ]
+    assert "config=" not in message and len(message) < 1000  # no Keras config dump
+    assert [m[:2] for m in info.value.missing] == [
+        (kind, PLUGIN_NAMES[kind]) for kind in ("score", "score_mod", "pattern", "normalizer")
+    ]
+
+
+def test_a_keras_file_names_the_package_of_a_missing_entry_point_plugin(
+    dists, tmp_path, monkeypatch
+):
+    dists.add(
+        "keras-attn-half",
+        {"half": "ep_saved_plugin"},
+        {"ep_saved_plugin": SCORE_PLUGIN.format(score="ep_saved")},
+        version="2.0.1",
+    )
+    plugins._reset()
+    path = tmp_path / "needs_half.keras"
+    _model(score="ep_saved", normalizer="softmax").save(path)
+    monkeypatch.setenv(plugins.DISABLE_AUTOLOAD_ENV, "1")  # as if it were not installed
+    plugins._reset()
+    with pytest.raises(MissingComponentsError) as info:
+        keras.saving.load_model(path)
+    message = str(info.value)
+    assert message.splitlines()[1] == (
+        "  - score 'ep_saved' (provided by package keras-attn-half 2.0.1)"
+    )
+    assert "pip install keras-attn-half" in message
+    assert info.value.missing == [("score", "ep_saved", "keras-attn-half", "2.0.1")]

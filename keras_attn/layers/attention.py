@@ -533,6 +533,14 @@ class Attention(keras.layers.Layer):
             result += (keras.KerasTensor(cache.shape, dtype=cache.dtype),)
         return result[0] if len(result) == 1 else result
 
+    @classmethod
+    def from_config(cls, config):
+        # Every component the config names is checked before any is built: a file that
+        # needs missing plugins names all of them at once, in keras_attn's own error
+        # (Keras wraps only TypeErrors, under the whole config).
+        plugins.check_layer_config(config, owner=f"{cls.__name__} {config.get('name')!r}")
+        return super().from_config(config)
+
     def get_config(self):
         config = super().get_config()
         config.update(
