@@ -159,10 +159,10 @@ def test_hard_gradient_is_the_softmax_gradient(temperature):
     soft = normalizers.Softmax()
 
     def hard_loss(x):
-        return ops.sum(hard(x, mask=mask) * weights)
+        return ops.sum(ops.multiply(hard(x, mask=mask), weights))
 
     def soft_loss(x):
-        return ops.sum(soft(x / temperature, mask=mask) * weights)
+        return ops.sum(ops.multiply(soft(x / temperature, mask=mask), weights))
 
     g_hard = _grad(hard_loss, logits)
     g_soft = _grad(soft_loss, logits)
@@ -178,7 +178,7 @@ def test_gumbel_hard_trains():
     logits, mask = _data((2, 4, 5), seed=8)
     weights = np.random.default_rng(3).normal(size=logits.shape).astype("float32")
     hard = normalizers.Hard(gumbel=True, seed=0)
-    g = _grad(lambda x: ops.sum(hard(x, mask=mask, training=True) * weights), logits)
+    g = _grad(lambda x: ops.sum(ops.multiply(hard(x, mask=mask, training=True), weights)), logits)
     full_mask = np.broadcast_to(mask, logits.shape)
     assert np.all(np.isfinite(g))
     assert np.all(g[~full_mask] == 0.0)
@@ -338,7 +338,7 @@ def test_gradients_are_finite_on_fully_masked_rows(name):
     logits, mask = _data((2, 4, 5), seed=6)
     normalizer = plugins.resolve("normalizer", name)
     weights = np.random.default_rng(0).normal(size=logits.shape).astype("float32")
-    g = _grad(lambda x: ops.sum(normalizer(x, mask=mask) * weights), logits)
+    g = _grad(lambda x: ops.sum(ops.multiply(normalizer(x, mask=mask), weights)), logits)
     assert np.all(np.isfinite(g))
     np.testing.assert_array_equal(g[..., 0, :], 0.0)  # the fully masked row
 
@@ -533,7 +533,7 @@ def test_sink_softmax_gradients_reach_the_sinks_and_stay_finite():
     logits, mask = _data((2, 3, 4, 6), seed=12)
     normalizer = _sink_softmax([0.0, 1.0, -1.0])
     weights = np.random.default_rng(1).normal(size=logits.shape).astype("float32")
-    g = _grad(lambda x: ops.sum(normalizer(x, mask=mask) * weights), logits)
+    g = _grad(lambda x: ops.sum(ops.multiply(normalizer(x, mask=mask), weights)), logits)
     assert np.all(np.isfinite(g))
     np.testing.assert_array_equal(g[..., 0, :], 0.0)
     assert normalizer.trainable_weights[0].shape == (3,)

@@ -25,6 +25,7 @@ def entmax15(logits, axis=-1):
         logits: Float tensor.
         axis: The axis that sums to one.
     """
+    logits = ops.convert_to_tensor(logits)  # numpy in: `/` below stays numpy otherwise
     if axis != -1:
         logits = ops.moveaxis(logits, axis, -1)
     x = logits / 2
