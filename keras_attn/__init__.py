@@ -2,10 +2,11 @@
 
 Layers (`keras_attn.layers`): `Attention` and its presets `SoftAttention`,
 `HardAttention`, `GlobalAttention`, `LocalAttention`, `SelfAttention`,
-`CrossAttention`, and `MultiHeadAttention` (a drop-in for Keras's).
+`CrossAttention`, and `MultiHeadAttention` and `GroupedQueryAttention` (drop-ins for
+Keras's).
 
 Components (`keras_attn.components` holds their base classes): `Score`, `ScoreMod`,
-`Pattern`, `Normalizer`, each a registry of its own that plugins extend through the
+`Pattern`, `Normalizer`, `PositionEncoding`, each a registry of its own that plugins extend through the
 hooks of `keras_attn.hookspecs` (`keras_attn.plugins` is the registry).
 
 The engine: `keras_attn.dispatch` plans and runs an attention on one of its paths
@@ -29,8 +30,11 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _LAZY = {
     "Attention": "keras_attn.layers",
+    "Converted": "keras_attn.convert",
+    "convert": "keras_attn.convert",
     "CrossAttention": "keras_attn.layers",
     "GlobalAttention": "keras_attn.layers",
+    "GroupedQueryAttention": "keras_attn.layers",
     "HardAttention": "keras_attn.layers",
     "LocalAttention": "keras_attn.layers",
     "MultiHeadAttention": "keras_attn.layers",
@@ -38,6 +42,7 @@ _LAZY = {
     "SoftAttention": "keras_attn.layers",
     "Normalizer": "keras_attn.components",
     "Pattern": "keras_attn.components",
+    "PositionEncoding": "keras_attn.components",
     "Score": "keras_attn.components",
     "ScoreMod": "keras_attn.components",
     "Positions": "keras_attn.positions",
@@ -47,13 +52,24 @@ _LAZY = {
     "PluginImportError": "keras_attn.errors",
     "UnknownComponentError": "keras_attn.errors",
 }
-_SUBMODULES = {"plugins", "patterns", "scores", "score_mods", "normalizers", "layers", "testing"}
+_SUBMODULES = {
+    "plugins",
+    "patterns",
+    "scores",
+    "score_mods",
+    "normalizers",
+    "position_encodings",
+    "layers",
+    "testing",
+}
 
 __all__ = sorted([*_LAZY, "hookimpl", "plugins"])
 
 
 def __getattr__(name):
     if name in _LAZY:
+        if "keras" in sys.modules and not _initializing():
+            importlib.import_module("keras_attn.layers")  # Keras can load .keras files
         value = getattr(importlib.import_module(_LAZY[name]), name)
     elif name in _SUBMODULES:
         value = importlib.import_module(f"keras_attn.{name}")
@@ -67,31 +83,64 @@ def __dir__():
     return sorted({*globals(), *_LAZY, *_SUBMODULES})
 
 
-class _LayersAfterKeras(importlib.abc.MetaPathFinder):
-    """Imports keras_attn's layers as soon as Keras itself is imported.
+def _initializing():
+    """Whether a keras_attn module is being imported right now (its body has not finished)."""
+    return any(
+        getattr(getattr(module, "__spec__", None), "_initializing", False)
+        for name, module in list(sys.modules.items())
+        if name.startswith("keras_attn.")
+    )
+
+
+class _LayersWithKeras(importlib.abc.MetaPathFinder):
+    """Imports keras_attn's layers as soon as Keras is imported, and it is safe to.
 
     Keras finds a layer class in a ``.keras`` file only if the class was defined
-    before; keras_attn's layers must therefore be known whenever Keras is, without
-    keras_attn importing Keras (and a backend) itself.
+    before, so keras_attn's layers must be known whenever Keras is, without
+    ``import keras_attn`` importing Keras (and a backend) itself. When Keras is
+    imported by one of keras_attn's own modules, the layers cannot be imported
+    before that module has finished; the finder then waits for the next import
+    that happens once it has (it sees every import) to do it.
     """
 
+    def __init__(self):
+        self.keras_imported = False
+        self.finding = False
+
     def find_spec(self, name, path=None, target=None):
+        if self.finding:
+            return None
+        if self.keras_imported:
+            if not _initializing():
+                self._import_layers()
+            return None
         if name != "keras":
             return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
+        self.finding = True
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self.finding = False
         if spec is not None and spec.loader is not None:
             exec_module = spec.loader.exec_module
 
             def exec_then_import_layers(module):
                 exec_module(module)
-                importlib.import_module("keras_attn.layers")
+                self.keras_imported = True
+                if not _initializing():
+                    self._import_layers()
 
             spec.loader.exec_module = exec_then_import_layers
         return spec
 
+    def _import_layers(self):
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+            importlib.import_module("keras_attn.layers")
+
 
 if "keras" in sys.modules:
-    importlib.import_module("keras_attn.layers")
-elif not any(isinstance(f, _LayersAfterKeras) for f in sys.meta_path):
-    sys.meta_path.insert(0, _LayersAfterKeras())
+    if not _initializing():
+        importlib.import_module("keras_attn.layers")
+elif not any(isinstance(f, _LayersWithKeras) for f in sys.meta_path):
+    sys.meta_path.insert(0, _LayersWithKeras())
