@@ -10,6 +10,7 @@ and the weights are returned in the logits' dtype.
 import keras
 from keras import ops
 
+from keras_attn import validation
 from keras_attn.components import NEG_INF
 from keras_attn.components import Normalizer
 from keras_attn.components import builtin
@@ -54,11 +55,9 @@ class Hard(Normalizer):
 
     def __init__(self, gumbel=False, temperature=1.0, seed=None, **kwargs):
         super().__init__(**kwargs)
-        if not temperature > 0:
-            raise ValueError(f"`temperature` must be positive. Received: temperature={temperature}")
-        self.gumbel = gumbel
-        self.temperature = float(temperature)
-        self.seed = seed
+        self.gumbel = validation.boolean(gumbel, "gumbel")
+        self.temperature = validation.positive_number(temperature, "temperature")
+        self.seed = validation.integer(seed, "seed", allow_none=True)
         self.seed_generator = keras.random.SeedGenerator(seed) if gumbel else None
 
     def normalize(self, logits, mask, training):

@@ -121,8 +121,18 @@ class _Registry:
 
     def add_plugin(self, plugin, name, distribution=None, version=None):
         """Register `plugin` and everything its hooks register, or nothing at all."""
-        if self.pm.get_plugin(name) is not None or self.pm.is_registered(plugin):
-            raise PluginError(f"Plugin {name!r} is already registered.")
+        if self.pm.is_registered(plugin):
+            raise PluginError(
+                f"This plugin is already registered, as {self.pm.get_name(plugin)!r}: a plugin "
+                "is registered once, under one name (unregister it first to rename it). "
+                f"Received: plugin={plugin!r}, name={name!r}"
+            )
+        if self.pm.get_plugin(name) is not None:
+            raise PluginError(
+                f"Another plugin is already registered as {name!r} "
+                f"({self.pm.get_plugin(name)!r}): plugin names are unique. Choose another "
+                f"name. Received: plugin={plugin!r}, name={name!r}"
+            )
         try:
             self.pm.register(plugin, name=name)
         except pluggy.PluginValidationError as e:
@@ -354,9 +364,33 @@ def register(plugin, name=None):
     """
     if name is None:
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"A plugin's `name` must be a non-empty string. Received: name={name!r}")
     with _lock:
-        _load().add_plugin(plugin, name)
+        registry = _load()
+        if not registry.pm.is_registered(plugin) and not _hookimpl_names(registry.pm, plugin):
+            hooks = ", ".join(hook for hook, _ in KINDS.values())
+            raise PluginError(
+                "A keras_attn plugin is a module, class or object with "
+                f"@keras_attn.hookimpl functions ({hooks}); this one has none. "
+                f"Received: plugin={plugin!r}"
+            )
+        registry.add_plugin(plugin, name)
     return plugin
+
+
+def _hookimpl_names(pm, plugin):
+    """The names of `plugin`'s attributes marked with ``@keras_attn.hookimpl``."""
+    if plugin is None or isinstance(plugin, (str, bytes, int, float, bool)):
+        return []
+    found = []
+    for attr in dir(plugin):
+        try:
+            if pm.parse_hookimpl_opts(plugin, attr) is not None:
+                found.append(attr)
+        except Exception:  # noqa: BLE001 - an attribute that fails to read is no hook
+            continue
+    return found
 
 
 def unregister(plugin):
@@ -436,12 +470,22 @@ def resolve(kind, spec, **defaults):
                 f"Pass an instance or a config dict instead, e.g. "
                 f"{{'name': {spec!r}, 'config': {{...}}}}."
             ) from e
-    if isinstance(spec, dict) and "name" in spec and set(spec) <= SPEC_KEYS:
+    if isinstance(spec, dict) and "name" in spec:
+        _check_spec_dict(kind, spec)
         cls = get(kind, spec["name"])
         config = dict(spec.get("config") or {})
         for key, value in defaults.items():
             config.setdefault(key, value)
-        return cls.from_config(config)
+        try:
+            return cls.from_config(config)
+        except TypeError as e:
+            # Keras's Layer.from_config wraps what the constructor raised (e.g. its
+            # "`temperature` must be ... Received: temperature=0") into a TypeError
+            # holding the whole config: raise the constructor's own error instead.
+            original = e.__context__
+            if original is not None and str(e).startswith("Error when deserializing class"):
+                raise original from None
+            raise
     actual = kind_of(spec) if spec is not None else None
     if isinstance(spec, type) and actual == kind:
         raise ComponentKindError(
@@ -460,6 +504,27 @@ def resolve(kind, spec, **defaults):
         f"{{'name': ..., 'config': {{...}}}} or an instance of {base.__name__}. "
         f"Received: {spec!r}"
     )
+
+
+def _check_spec_dict(kind, spec):
+    unknown = sorted(set(spec) - SPEC_KEYS, key=str)
+    if unknown:
+        raise ComponentKindError(
+            f"A {kind} config dict has the keys 'name' (one of {names(kind)}) and "
+            f"'config' (and 'package' and 'version', as saved); unexpected keys {unknown}. "
+            f"Received: {spec!r}"
+        )
+    if not isinstance(spec["name"], str) or not spec["name"]:
+        raise ComponentKindError(
+            f"The 'name' of a {kind} config dict must be a registry name (a non-empty "
+            f"string). Received: name={spec['name']!r}"
+        )
+    config = spec.get("config")
+    if config is not None and not isinstance(config, dict):
+        raise ComponentKindError(
+            f"The 'config' of a {kind} config dict must be a dict of constructor "
+            f"arguments. Received: config={config!r}"
+        )
 
 
 def serialize(component):

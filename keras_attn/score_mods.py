@@ -10,6 +10,7 @@ import math
 import keras
 from keras import ops
 
+from keras_attn import validation
 from keras_attn.components import ScoreMod
 from keras_attn.components import builtin
 from keras_attn.hookspecs import hookimpl
@@ -27,9 +28,7 @@ class Softcap(ScoreMod):
 
     def __init__(self, cap=50.0, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(cap, (int, float)) or isinstance(cap, bool) or not cap > 0:
-            raise ValueError(f"`cap` must be a positive number. Received: cap={cap}")
-        self.cap = float(cap)
+        self.cap = validation.positive_number(cap, "cap")
 
     def call(self, logits, positions=None):
         x = ops.cast(logits, "float32")
@@ -92,22 +91,28 @@ class RelativePosition(ScoreMod):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        bidirectional = validation.boolean(bidirectional, "bidirectional")
         min_buckets = 4 if bidirectional else 2
-        if not isinstance(num_buckets, int) or num_buckets < min_buckets:
+        if (
+            not isinstance(num_buckets, int)
+            or isinstance(num_buckets, bool)
+            or num_buckets < min_buckets
+        ):
             raise ValueError(
                 f"`num_buckets` must be an integer >= {min_buckets} (bidirectional="
                 f"{bidirectional}). Received: num_buckets={num_buckets}"
             )
         min_distance = num_buckets // (4 if bidirectional else 2)
-        if not isinstance(max_distance, int) or max_distance <= min_distance:
+        if (
+            not isinstance(max_distance, int)
+            or isinstance(max_distance, bool)
+            or max_distance <= min_distance
+        ):
             raise ValueError(
                 f"`max_distance` must be an integer > {min_distance} for "
                 f"num_buckets={num_buckets}. Received: max_distance={max_distance}"
             )
-        if num_heads is not None and (not isinstance(num_heads, int) or num_heads <= 0):
-            raise ValueError(
-                f"`num_heads` must be a positive integer or None. Received: num_heads={num_heads}"
-            )
+        validation.positive_int(num_heads, "num_heads", allow_none=True)
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.bidirectional = bidirectional

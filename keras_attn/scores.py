@@ -16,6 +16,7 @@ import math
 import keras
 from keras import ops
 
+from keras_attn import validation
 from keras_attn.components import Score
 from keras_attn.components import builtin
 from keras_attn.hookspecs import hookimpl
@@ -51,8 +52,7 @@ class ScaledDot(Score):
 
     def __init__(self, scale=None, **kwargs):
         super().__init__(**kwargs)
-        if scale is not None and not scale > 0:
-            raise ValueError(f"`scale` must be a positive float or None. Received: scale={scale}")
+        validation.positive_number(scale, "scale", allow_none=True)
         self.scale = scale
 
     def scale_for(self, depth):
@@ -110,9 +110,7 @@ class Additive(Score):
 
     def __init__(self, units=None, kernel_initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
-        if units is not None and (not isinstance(units, int) or units <= 0):
-            raise ValueError(f"`units` must be a positive integer or None. Received: units={units}")
-        self.units = units
+        self.units = validation.positive_int(units, "units", allow_none=True)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
     def build(self, query_shape, key_shape=None):
@@ -158,11 +156,9 @@ class Cosine(Score):
 
     def __init__(self, scale=10.0, trainable_scale=False, epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
-        if not scale > 0:
-            raise ValueError(f"`scale` must be positive. Received: scale={scale}")
-        self.scale = float(scale)
-        self.trainable_scale = trainable_scale
-        self.epsilon = epsilon
+        self.scale = validation.positive_number(scale, "scale")
+        self.trainable_scale = validation.boolean(trainable_scale, "trainable_scale")
+        self.epsilon = validation.number(epsilon, "epsilon", low=0)
 
     def build(self, query_shape, key_shape=None):
         if self.trainable_scale:

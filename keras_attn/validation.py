@@ -5,11 +5,12 @@ at the moment the argument is given, and returns the value normalized (a Python
 ``int`` for an integer given as a numpy integer).
 """
 
+import math
 import numbers
 
 import numpy as np
 
-__all__ = ["boolean", "integer", "number", "positive_int"]
+__all__ = ["boolean", "integer", "number", "positive_int", "positive_number"]
 
 
 def integer(value, arg, minimum=None, allow_none=False):
@@ -43,6 +44,11 @@ def positive_int(value, arg, allow_none=False):
     return integer(value, arg, minimum=1, allow_none=allow_none)
 
 
+def positive_number(value, arg, allow_none=False):
+    """A finite number > 0 (None too if `allow_none`); see `number`."""
+    return number(value, arg, low=0, low_open=True, allow_none=allow_none)
+
+
 def boolean(value, arg):
     """A Python bool (not 0/1, not a string).
 
@@ -54,26 +60,30 @@ def boolean(value, arg):
     return bool(value)
 
 
-def number(value, arg, low=None, high=None, low_open=False, high_open=False):
-    """A real number (not a bool) in the interval given by `low` and `high`.
+def number(value, arg, low=None, high=None, low_open=False, high_open=False, allow_none=False):
+    """A finite real number (not a bool) in the interval given by `low` and `high`.
 
     Args:
         low, high: Bounds, or None for unbounded.
         low_open, high_open: Whether the bound itself is excluded.
+        allow_none: Whether None is accepted (and returned as is).
 
     Raises:
-        ValueError: `value` is not a number in that interval.
+        ValueError: `value` is not a number in that interval (NaN and infinities
+            never are).
     """
+    if value is None and allow_none:
+        return None
     ok = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-    if ok and value != value:  # NaN
+    if ok and not math.isfinite(value):
         ok = False
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
         ok = value < high if high_open else value <= high
     if not ok:
-        left = "(" if low_open else "["
-        right = ")" if high_open else "]"
+        left = "(" if low_open or low is None else "["
+        right = ")" if high_open or high is None else "]"
         interval = (
             f"{left}{'-inf' if low is None else low}, {'inf' if high is None else high}{right}"
         )

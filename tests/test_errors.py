@@ -164,8 +164,7 @@ def test_the_same_name_in_two_kinds_is_fine(registered):
         (
             "register_normalizers",
             Twice,
-            "keras_attn.Normalizer (a normalizer). "
-            "Received: {}.Twice, which is a score",
+            "keras_attn.Normalizer (a normalizer). Received: {}.Twice, which is a score",
         ),
         ("register_score_mods", keras_attn.patterns.Causal, "which is a pattern"),
         ("register_patterns", keras_attn.score_mods.Softcap, "which is a score_mod"),
@@ -284,3 +283,104 @@ def test_an_unknown_name_lists_the_names_and_mentions_plugins(kind):
 def test_a_layer_with_a_bad_component_fails_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         keras_attn.Attention(num_heads=2, **kwargs)
+
+
+# -- arguments are rejected when given, saying what was received and expected -----------
+
+BAD_ARGUMENTS = [
+    # (constructor, kwargs, the words of the message)
+    (keras_attn.HardAttention, {"temperature": 0}, "`temperature` must be a number in (0, inf)"),
+    (keras_attn.HardAttention, {"temperature": "warm"}, "`temperature` must be a number"),
+    (keras_attn.HardAttention, {"gumbel": "yes"}, "`gumbel` must be a bool"),
+    (keras_attn.normalizers.Hard, {"temperature": float("inf")}, "`temperature` must be"),
+    (keras_attn.normalizers.Hard, {"seed": "s"}, "`seed` must be an integer"),
+    (keras_attn.Attention, {"dropout": "a"}, "`dropout` must be a number in [0.0, 1.0)"),
+    (keras_attn.Attention, {"dropout": 1.0}, "`dropout` must be a number in [0.0, 1.0)"),
+    (keras_attn.Attention, {"use_bias": "no"}, "`use_bias` must be a bool"),
+    (keras_attn.Attention, {"flash_attention": "yes"}, "`flash_attention` must be a bool"),
+    (keras_attn.Attention, {"seed": 1.5}, "`seed` must be an integer"),
+    (keras_attn.scores.ScaledDot, {"scale": "x"}, "`scale` must be a number in (0, inf)"),
+    (keras_attn.scores.ScaledDot, {"scale": float("inf")}, "`scale` must be a number"),
+    (keras_attn.scores.Cosine, {"scale": "x"}, "`scale` must be a number"),
+    (keras_attn.scores.Cosine, {"epsilon": -1.0}, "`epsilon` must be a number in [0, inf)"),
+    (keras_attn.scores.Cosine, {"trainable_scale": "yes"}, "`trainable_scale` must be a bool"),
+    (keras_attn.scores.Additive, {"units": True}, "`units` must be a positive integer"),
+    (keras_attn.score_mods.Softcap, {"cap": float("inf")}, "`cap` must be a number in (0, inf)"),
+    (keras_attn.score_mods.RelativePosition, {"bidirectional": "no"}, "`bidirectional` must"),
+    (keras_attn.score_mods.RelativePosition, {"num_heads": True}, "`num_heads` must be a pos"),
+    (keras_attn.score_mods.RelativePosition, {"num_buckets": True}, "`num_buckets` must be"),
+]
+
+
+@pytest.mark.parametrize(
+    "constructor, kwargs, words",
+    BAD_ARGUMENTS,
+    ids=[f"{c.__name__}-{next(iter(k))}={next(iter(k.values()))!r}" for c, k, _ in BAD_ARGUMENTS],
+)
+def test_a_bad_argument_is_rejected_when_given(constructor, kwargs, words):
+    # A ValueError from the constructor itself (not a TypeError at call or load time),
+    # which says what it expected and what it received.
+    [(arg, value)] = kwargs.items()
+    with pytest.raises(ValueError) as info:
+        constructor(**kwargs)
+    message = str(info.value)
+    assert words in message
+    assert f"Received: {arg}={value!r}" in message
+    assert "Error when deserializing" not in message
+
+
+def test_resolve_raises_the_constructors_own_error_not_kerass_wrapping():
+    with pytest.raises(ValueError, match=r"Received: temperature=0$"):
+        plugins.resolve("normalizer", {"name": "hard", "config": {"temperature": 0}})
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        ({"name": 3}, "must be a registry name (a non-empty string). Received: name=3"),
+        ({"name": "dot", "config": [1]}, "must be a dict of constructor arguments. Received:"),
+    ],
+)
+def test_resolve_rejects_a_malformed_spec_dict(spec, words):
+    with pytest.raises(errors.ComponentKindError) as info:
+        plugins.resolve("score", spec)
+    assert words in str(info.value)
+
+
+class _OneScore:
+    @hookimpl
+    def register_scores(self, register):
+        register(Twice)
+
+
+def test_registering_a_plugin_twice_names_its_first_name():
+    plugin = _OneScore()
+    plugins.register(plugin, name="first_name")
+    try:
+        with pytest.raises(errors.PluginError) as info:
+            plugins.register(plugin, name="second_name")
+        message = str(info.value)
+        assert "already registered, as 'first_name'" in message
+        assert "name='second_name'" in message
+        with pytest.raises(errors.PluginError, match="Another plugin is already registered"):
+            plugins.register(_OneScore(), name="first_name")
+    finally:
+        plugins.unregister(plugin)
+    assert "test_errors_twice" not in plugins.names("score")
+
+
+@pytest.mark.parametrize(
+    "plugin, name, words",
+    [
+        (None, "none_plugin", "has none. Received: plugin=None"),
+        (42, "int_plugin", "has none. Received: plugin=42"),
+        (object(), "empty_plugin", "@keras_attn.hookimpl functions"),
+        (_OneScore(), 3, "`name` must be a non-empty string. Received: name=3"),
+        (_OneScore(), "", "`name` must be a non-empty string. Received: name=''"),
+    ],
+)
+def test_register_rejects_what_is_no_plugin(plugin, name, words):
+    with pytest.raises(errors.PluginError) as info:
+        plugins.register(plugin, name=name)
+    assert words in str(info.value)
+    assert "test_errors_twice" not in plugins.names("score")

@@ -127,8 +127,11 @@ class Attention(keras.layers.Layer):
         validation.positive_int(num_heads, "num_heads")
         validation.positive_int(key_dim, "key_dim", allow_none=True)
         validation.positive_int(value_dim, "value_dim", allow_none=True)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"`dropout` must be in [0, 1). Received: dropout={dropout}")
+        validation.number(dropout, "dropout", 0.0, 1.0, high_open=True)
+        validation.boolean(use_bias, "use_bias")
+        if flash_attention is not None:
+            validation.boolean(flash_attention, "flash_attention")
+        validation.integer(seed, "seed", allow_none=True)
         if block_sparse not in ("auto", True, False):
             raise ValueError(
                 "`block_sparse` must be 'auto', True or False. "
