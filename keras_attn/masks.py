@@ -26,6 +26,7 @@ __all__ = [
     "get_keras_mask",
     "pattern_mask_or_none",
     "set_keras_mask",
+    "zero_padded_inputs",
 ]
 
 
@@ -96,3 +97,37 @@ def data_mask(query_mask=None, value_mask=None, key_mask=None, attention_mask=No
     if len(mask.shape) == 2:
         mask = mask[None]
     return mask[:, None, :, :]  # (B, 1, Tq, Tk)
+
+
+def zero_padded_inputs(query, value, key, query_mask=None, value_mask=None, key_mask=None):
+    """The inputs with their padded rows set to zero, by selection (new tensors).
+
+    A padded position must have no influence at all: a NaN or inf there would
+    otherwise reach the projections' weight gradients as ``0 * nan``. Selecting with
+    ``where`` cuts it (the caller's tensors are not modified). An input shared by
+    two roles with the same mask stays one tensor.
+
+    Args:
+        query: ``(B, Tq, dim)``; value ``(B, Tk, dim_v)``; key ``(B, Tk, dim_k)``.
+        query_mask: ``(B, Tq)``; value_mask, key_mask ``(B, Tk)``; True for real
+            positions; None for none padded.
+
+    Returns:
+        ``(query, value, key)``.
+    """
+    key_rows = value_mask if key_mask is None else key_mask
+    if value_mask is not None and key_mask is not None and value_mask is not key_mask:
+        key_rows = combine_masks(value_mask, key_mask)
+    done = {}
+
+    def zero(x, mask):
+        if mask is None:
+            return x
+        if (id(x), id(mask)) not in done:
+            rows = ops.cast(mask, "bool")
+            while len(rows.shape) < len(x.shape):
+                rows = ops.expand_dims(rows, -1)
+            done[(id(x), id(mask))] = ops.where(rows, x, ops.zeros_like(x))
+        return done[(id(x), id(mask))]
+
+    return zero(query, query_mask), zero(value, key_rows), zero(key, key_rows)

@@ -390,3 +390,69 @@ def test_a_model_with_variable_lengths_keeps_block_sparse_or_warns_once(backend)
     else:
         assert backend == "tensorflow"
         assert len(messages) == 1 and "unknown where the function is traced" in messages[0]
+
+
+def layer_output_and_grads(layer, fn, inputs, upstream):
+    """``fn(*inputs)`` and the gradients of ``sum(fn(*inputs) * upstream)`` for the
+    inputs and every trainable weight of `layer`, as numpy."""
+    variables = list(layer.trainable_variables)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.constant(x) for x in inputs]
+        with tf.GradientTape() as tape:
+            tape.watch(tensors)
+            out = fn(*tensors)
+            total = ops.sum(out * upstream)
+        grads = tape.gradient(total, tensors + variables)
+    elif keras.backend.backend() == "jax":
+        import jax
+
+        def total(values, *tensors):
+            with keras.StatelessScope(state_mapping=list(zip(variables, values, strict=True))):
+                out = fn(*tensors)
+            return ops.sum(out * upstream), out
+
+        argnums = tuple(range(len(inputs) + 1))
+        (_, out), grads = jax.value_and_grad(total, argnums=argnums, has_aux=True)(
+            [v.value for v in variables], *inputs
+        )
+        grads = list(grads[1:]) + list(grads[0])
+    else:
+        pytest.skip("no gradient helper for this backend")
+    return ops.convert_to_numpy(out), [ops.convert_to_numpy(g) for g in grads]
+
+
+@pytest.mark.parametrize("path", dispatch.PATHS)
+@pytest.mark.parametrize("poison", [np.nan, np.inf])
+def test_a_nan_at_a_padded_position_has_no_influence_on_a_layer(path, poison):
+    # Every output and every gradient (inputs and weights) equals that of clean inputs:
+    # the padded rows are selected away before the projections and the matmuls.
+    block_sparse = {"fused": False, "dense": False, "block_sparse": True}[path]
+    layer = keras_attn.Attention(
+        num_heads=2, pattern="causal", block_sparse=block_sparse, block_size=4
+    )
+    x, c = randn(2, 8, 8), randn(2, 8, 8)
+    query_mask = np.ones((2, 8), bool)
+    query_mask[1, 6:] = False
+    value_mask = np.ones((2, 8), bool)
+    value_mask[0, 5:] = False
+    layer(x, c)
+    dirty_x, dirty_c = x.copy(), c.copy()
+    dirty_x[1, 6:] = poison
+    dirty_c[0, 5:] = poison
+    upstream = randn(2, 8, 8)
+
+    def run(x, c):
+        kwargs = dict(query_mask=query_mask, value_mask=value_mask)
+        out = layer(x, c, return_attention_scores=path == "dense", **kwargs)
+        return out[0] if path == "dense" else out
+
+    clean_out, clean_grads = layer_output_and_grads(layer, run, (x, c), upstream)
+    dirty_out, dirty_grads = layer_output_and_grads(layer, run, (dirty_x, dirty_c), upstream)
+    assert layer.last_path == path
+    np.testing.assert_allclose(dirty_out, clean_out, atol=1e-5)
+    assert len(dirty_grads) == 2 + 8  # both inputs, the four kernels and biases
+    for clean, dirty in zip(clean_grads, dirty_grads, strict=True):
+        assert np.isfinite(dirty).all()
+        np.testing.assert_allclose(dirty, clean, atol=1e-5)

@@ -399,6 +399,10 @@ class Attention(keras.layers.Layer):
         # MultiHeadAttention does, so that the projections do not warn about them.
         for tensor in (query, value, key):
             masks.set_keras_mask(tensor, None)
+        # A padded position has no influence, not even through a gradient's 0 * nan.
+        query, value, key = masks.zero_padded_inputs(
+            query, value, key, query_mask, value_mask, key_mask
+        )
 
         q = self._query_dense(query)  # (B, Tq, H, D)
         k = self._key_dense(key)  # (B, Tk, H, D)
