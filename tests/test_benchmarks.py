@@ -89,3 +89,23 @@ def test_matmul_shapes_runs(capsys):
     matmul_shapes.main(["--length", "512", "--square", "64"])
     out = capsys.readouterr().out
     assert "| scores q·kᵀ (writes a slab) |" in out and "Bound on the kernel's useful rate" in out
+
+
+def test_accelerators_counts_pairs_and_reports_ratios():
+    from benchmarks import accelerators
+
+    t, w = 1024, accelerators.WINDOW
+    want = sum(min(i + 1, w) for i in range(t))  # causal window: keys i-w+1 .. i
+    assert accelerators.allowed_pairs("local", t) == want
+    assert accelerators.allowed_pairs("local_global", t) > want
+    results = [
+        {"backend": "jax", "kind": "keras_attn", "case": "local", "length": t,
+         "time_s": 0.003, "path": "native"},
+        {"backend": "jax", "kind": "best", "case": "local", "length": t, "time_s": 0.002},
+        {"backend": "jax", "kind": "flash", "case": "local", "length": t, "error": "OOM"},
+    ]  # fmt: skip
+    meta = {"machine": "test", "backends": ["jax"], "cases": ["local"], "lengths": [t],
+            "repeats": 1}  # fmt: skip
+    row = [line for line in accelerators.report(results, meta).splitlines() if "| local |" in line]
+    assert row == [f"| local | {t} | 3.00 (native) | 2.00 | 1.50 | OOM | "
+                   f"{3 * want * 16 * 4 * 64 / 0.003 / 1e12:.1f} |"]  # fmt: skip
