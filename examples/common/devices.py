@@ -78,6 +78,19 @@ class Distribution:
     def describe(self):
         return f"{self.name} over {self.num_replicas} device(s) {self.devices}"
 
+    @property
+    def needs_full_batches(self):
+        """Whether every batch must split evenly over the devices: JAX's DataParallel
+        shards each batch as it is (tf.distribute handles a short last batch)."""
+        return self.name == "data_parallel"
+
+    def held_out(self, dataset, batch_size):
+        """`dataset` of held-out batches, cut to full batches where `needs_full_batches`
+        (the last, short batch of up to ``batch_size - 1`` examples is left out)."""
+        if not self.needs_full_batches:
+            return dataset
+        return dataset.unbatch().batch(batch_size, drop_remainder=True)
+
 
 def distribution(name):
     """The `Distribution` for a ``--distribute`` value on the current backend.

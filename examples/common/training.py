@@ -138,12 +138,17 @@ def train(
     dist = distribution(args.distribute)
     data = load_data(args)
     train_ds = data.train_dataset(args.seed, repeat=args.steps is not None)
-    test_ds = data.test_dataset()
+    test_ds = dist.held_out(data.test_dataset(), args.batch_size)
 
     with run:
         run.note(
             distribution=dist.describe(), attention=attention, data=data.facts, **(notes or {})
         )
+        if dist.needs_full_batches:
+            run.note(
+                evaluation=f"full batches of {args.batch_size} only: {dist.name} splits "
+                f"each batch over {dist.num_replicas} devices"
+            )
         if data.tokenizer is not None:
             data.tokenizer.save(os.path.join(run.path, "tokenizer.json"))
         with dist.scope():
