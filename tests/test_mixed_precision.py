@@ -265,3 +265,34 @@ def test_cosine_with_a_trainable_scale_trains_under_mixed_float16():
     output = layer(X, C)
     assert keras.backend.standardize_dtype(output.dtype) == "float16"
     assert np.isfinite(ops.convert_to_numpy(ops.cast(output, "float32"))).all()
+
+
+@pytest.mark.parametrize("block_sparse, path", [(False, "fused"), (True, "block_sparse")])
+@pytest.mark.parametrize("scores", [False, True])
+def test_a_float16_layer_with_huge_logits_matches_float32(block_sparse, path, scores):
+    # Activations large enough that q·k/√d passes 65504, and a padding key far larger:
+    # under mixed_float16 every path gives the float32 layer's answer, not NaN.
+    keras.config.set_dtype_policy("mixed_float16")
+
+    def make(**kwargs):
+        return keras_attn.Attention(
+            num_heads=2, pattern="causal", block_sparse=block_sparse, block_size=4, **kwargs
+        )
+
+    x = (RNG.standard_normal((2, 8, 8)) * 60).astype("float32")
+    x[0, -1] = 4000.0  # a padded position with a huge value
+    mask = np.ones((2, 8), bool)
+    mask[0, -1] = False
+    layer = make()
+    call_kwargs = dict(query_mask=mask, value_mask=mask, return_attention_scores=scores)
+    result = layer(x, x, **call_kwargs)
+    assert layer.last_path == ("dense" if scores and not block_sparse else path)
+    twin = twin_in_float32(layer, make, (x, x), **call_kwargs)
+    expected = twin(x, x, **call_kwargs)
+    output, want = (result[0], expected[0]) if scores else (result, expected)
+    output = ops.convert_to_numpy(ops.cast(output, "float32"))
+    want = ops.convert_to_numpy(want)
+    assert np.isfinite(output).all()
+    logits = np.abs(np.einsum("btc,chd->bhtd", x, ops.convert_to_numpy(twin.weights[0])))
+    assert logits.max() ** 2 / 2 > 65504  # the products do overflow float16
+    np.testing.assert_allclose(output, want, atol=5e-2 * np.abs(want).max())
