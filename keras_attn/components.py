@@ -1,5 +1,5 @@
-"""The component interfaces: the base classes every score, score_mod, pattern and
-normalizer subclasses, built-in or plugin.
+"""The component interfaces: the base classes every score, score_mod, pattern,
+normalizer and position encoding subclasses, built-in or plugin.
 
 Shapes: components see tensors with arbitrary leading dims ``(..., Tq, Tk)``, because
 the engine calls them on whole ``(B, H, Tq, Tk)`` score matrices and on blocks of a
@@ -17,7 +17,16 @@ from keras import ops
 
 from keras_attn import block_layout
 
-__all__ = ["NEG_INF", "Components", "Normalizer", "Pattern", "Score", "ScoreMod", "builtin"]
+__all__ = [
+    "NEG_INF",
+    "Components",
+    "Normalizer",
+    "Pattern",
+    "PositionEncoding",
+    "Score",
+    "ScoreMod",
+    "builtin",
+]
 
 
 def builtin(kind):
@@ -187,17 +196,6 @@ def _logits_input_dtype(layer):
     return "float32" if dtype == "float16" else dtype
 
 
-def _logits_input_dtype(layer):
-    """The dtype Keras casts logits to when a score_mod or normalizer is called.
-
-    Under a float16 policy, float32: the scores form their logits in float32 because
-    float16 overflows at 65504, and Keras's input autocasting must not cast them back
-    down (it would turn a logit of 70000 into inf, and the softmax into NaN).
-    """
-    dtype = layer.compute_dtype
-    return "float32" if dtype == "float16" else dtype
-
-
 class Normalizer(keras.layers.Layer):
     """Base class of normalizers. Subclasses set ``name`` and implement ``normalize``.
 
@@ -217,10 +215,6 @@ class Normalizer(keras.layers.Layer):
 
     def compute_mask(self, inputs, previous_mask=None):
         return None
-
-    @property
-    def input_dtype(self):
-        return _logits_input_dtype(self)
 
     @property
     def input_dtype(self):
@@ -257,6 +251,42 @@ class Normalizer(keras.layers.Layer):
 
     def compute_output_shape(self, logits_shape, mask_shape=None):
         return logits_shape
+
+
+class PositionEncoding(keras.layers.Layer):
+    """Base class of position encodings. Subclasses set ``name`` and implement ``call``.
+
+    ``call(query, key, positions)`` receives query and key heads ``(..., T, D)`` of
+    the same length and an integer tensor ``positions`` broadcastable to ``(..., T)``
+    (for ``(B, H, T, D)`` heads: ``(B or 1, 1, T)``) holding their absolute positions,
+    and returns ``(query, key)`` of the same shapes and dtypes. The attention layer
+    applies it to the projected heads before the score, so it works on every path,
+    fused kernels included. Keys are encoded before they are written to a KV cache:
+    a decoding step at position 517 is called with ``positions == 517``, and the
+    cache holds encoded keys. Where queries and keys have different positions (cross
+    attention), the layer calls it twice and keeps the query of the first call and
+    the key of the second.
+
+    An encoding that cannot take some head size says so in ``check_head_dim``,
+    which the layer calls when it builds.
+    """
+
+    name = None
+
+    def call(self, query, key, positions=None):
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement call(query, key, positions)."
+        )
+
+    def check_head_dim(self, head_dim):
+        """Raise a ``ValueError`` if heads of size `head_dim` cannot be encoded."""
+
+    def get_config(self):
+        # Defined here so that subclasses without arguments serialize as they are.
+        return super().get_config()
+
+    def compute_output_shape(self, query_shape, key_shape=None, positions_shape=None):
+        return query_shape, query_shape if key_shape is None else key_shape
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -38,3 +38,8 @@ def register_patterns(register: Register) -> None:
 @hookspec
 def register_normalizers(register: Register) -> None:
     """Register normalizer classes (subclasses of ``keras_attn.Normalizer``)."""
+
+
+@hookspec
+def register_position_encodings(register: Register) -> None:
+    """Register position encoding classes (subclasses of ``keras_attn.PositionEncoding``)."""

@@ -129,7 +129,85 @@ class Sparsemax(Normalizer):
         return ops.maximum(logits - tau, 0.0)
 
 
+@builtin("normalizer")
+class SinkSoftmax(Normalizer):
+    """Softmax with attention sinks: one learned logit per head in each row's denominator.
+
+    ``w_ij = exp(x_ij) / (exp(s_h) + sum_j exp(x_ij))`` over the allowed keys j, where
+    ``s_h`` is the sink logit of head h (as in gpt-oss; "off-by-one" softmax when
+    ``s_h = 0``). The sink takes part of the weight, so a row sums to less than 1 and
+    a query may attend to (almost) nothing. Masked-out pairs still get zero weight
+    and a row with no allowed key all zeros. Computed in float32, with the sinks kept
+    in float32 under mixed precision.
+
+    The logits are ``(B, H, ...)``, heads on axis 1, as the engine calls normalizers:
+    whole ``(B, H, Tq, Tk)`` matrices and block-sparse slabs ``(B, H, R, bs, W * bs)``.
+    With ``num_heads=1`` one sink is shared by every head and logits of any rank work.
+
+    Args:
+        num_heads: Number of sink logits, one per head. ``None`` (default): the
+            attention layer sets it to its number of heads when it builds (and a
+            normalizer built on its own takes it from axis 1 of the logits).
+        sink_initializer: Initializer of the sink logits.
+    """
+
+    name = "sink_softmax"
+
+    def __init__(self, num_heads=None, sink_initializer="zeros", **kwargs):
+        super().__init__(**kwargs)
+        validation.positive_int(num_heads, "num_heads", allow_none=True)
+        self.num_heads = num_heads
+        self.sink_initializer = keras.initializers.get(sink_initializer)
+
+    def build(self, logits_shape, mask_shape=None):
+        heads = logits_shape[1] if len(logits_shape) >= 3 else None
+        if self.num_heads is None:
+            if heads is None:
+                raise ValueError(
+                    "sink_softmax needs its number of heads: pass `num_heads`, or build it "
+                    "on logits (B, H, Tq, Tk) with a known H. "
+                    f"Received: logits_shape={tuple(logits_shape)}"
+                )
+            self.num_heads = heads
+        self.sinks = self.add_weight(
+            shape=(self.num_heads,),
+            initializer=self.sink_initializer,
+            dtype="float32",
+            autocast=False,  # a float16 sink would lose the digits that float32 math keeps
+            name="sinks",
+        )
+
+    def _sinks_like(self, logits):
+        """The sink logits ``(1, H, 1, ..., 1)``, broadcastable to `logits`."""
+        rank = len(logits.shape)
+        sinks = ops.cast(self.sinks, "float32")
+        if self.num_heads == 1:
+            return ops.reshape(sinks, (1,) * rank)
+        if rank < 3 or logits.shape[1] not in (None, self.num_heads):
+            raise ValueError(
+                f"sink_softmax has one sink per head for num_heads={self.num_heads}, so it "
+                "takes logits (B, H, ...) with the heads on axis 1. "
+                f"Received: logits.shape={tuple(logits.shape)}"
+            )
+        return ops.reshape(sinks, (1, self.num_heads) + (1,) * (rank - 2))
+
+    def normalize(self, logits, mask, training):
+        sinks = self._sinks_like(logits)
+        # The row max, taken with the sink, keeps exp() finite; a row of masked
+        # (very negative) logits then has the sink alone and gets zeros.
+        top = ops.stop_gradient(ops.maximum(ops.max(logits, axis=-1, keepdims=True), sinks))
+        e = ops.exp(logits - top)
+        return e / (ops.sum(e, axis=-1, keepdims=True) + ops.exp(sinks - top))
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "sink_initializer": keras.initializers.serialize(self.sink_initializer),
+        }
+
+
 @hookimpl
 def register_normalizers(register):
-    for cls in (Softmax, Hard, TopK, Sparsemax):
+    for cls in (Softmax, Hard, TopK, Sparsemax, SinkSoftmax):
         register(cls)

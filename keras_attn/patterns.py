@@ -253,6 +253,39 @@ class GlobalTokens(Pattern):
         return {"num_tokens": self.num_tokens, "indices": self.indices}
 
 
+@builtin("pattern")
+class SinkTokens(_Banded):
+    """Sink tokens (StreamingLLM; Xiao et al., 2023): the first keys are always visible.
+
+    Every query sees keys ``j < num_tokens``; unlike `GlobalTokens`, the sink tokens
+    themselves see nothing more. Combine it with a window, e.g.
+    ``local(1024, causal=True) | sink_tokens(4, causal=True)``, so that a streaming
+    model keeps the first tokens in view however far the window has moved.
+
+    Args:
+        num_tokens: The first `num_tokens` positions are sinks.
+        causal: If True, a query sees a sink only at or after its position.
+    """
+
+    name = "sink_tokens"
+
+    def __init__(self, num_tokens=4, causal=False):
+        super().__init__(causal)
+        self.num_tokens = validation.positive_int(num_tokens, "num_tokens")
+
+    def mask(self, positions):
+        return self._with_causal(positions.key < self.num_tokens, positions)
+
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        qa, qb, ka, kb = block_bounds(query_length, key_length, block_size, query_offset)
+        out = np.broadcast_to(ka < self.num_tokens, (qa.shape[0], ka.shape[1]))
+        # Causal: the block's first key (a sink) must be <= some query of the block.
+        return out & (ka <= qb) if self.causal else out.copy()
+
+    def get_config(self):
+        return {"num_tokens": self.num_tokens, "causal": self.causal}
+
+
 class _Combined(Pattern):
     """A union or intersection of patterns."""
 
@@ -337,6 +370,7 @@ def register_patterns(register):
         Strided,
         BlockLocal,
         GlobalTokens,
+        SinkTokens,
         Union,
         Intersection,
     ):

@@ -1,7 +1,7 @@
 """The plugin manager and the component registries.
 
 keras_attn keeps one registry per kind of component (layer, score, score_mod,
-pattern, normalizer). The registries are filled through the hooks of
+pattern, normalizer, position_encoding). The registries are filled through the hooks of
 ``keras_attn.hookspecs``: first by keras_attn's own modules (it is its own first
 plugin), then by every plugin declared under the ``keras_attn`` entry-point group,
 then by plugins registered in-process with ``register``.
@@ -29,6 +29,7 @@ import pluggy
 from keras_attn import hookspecs
 from keras_attn.components import Normalizer
 from keras_attn.components import Pattern
+from keras_attn.components import PositionEncoding
 from keras_attn.components import Score
 from keras_attn.components import ScoreMod
 from keras_attn.errors import ComponentKindError
@@ -50,6 +51,7 @@ KINDS = {
     "score_mod": ("register_score_mods", ScoreMod),
     "pattern": ("register_patterns", Pattern),
     "normalizer": ("register_normalizers", Normalizer),
+    "position_encoding": ("register_position_encodings", PositionEncoding),
 }
 
 # keras_attn's own plugins, registered through the same hooks as third parties.
@@ -58,6 +60,7 @@ BUILTIN_PLUGINS = (
     "keras_attn.score_mods",
     "keras_attn.patterns",
     "keras_attn.normalizers",
+    "keras_attn.position_encodings",
     "keras_attn.layers",
 )
 
@@ -95,10 +98,11 @@ def public_name(cls):
 def kind_of(obj):
     """The kind of a component class or instance, or None if it is none of them.
 
-    Layers are checked last: scores, score_mods and normalizers are layers too.
+    Layers are checked last: scores, score_mods, normalizers and position encodings
+    are layers too.
     """
     cls = obj if isinstance(obj, type) else type(obj)
-    for kind in ("score", "score_mod", "pattern", "normalizer", "layer"):
+    for kind in ("score", "score_mod", "pattern", "normalizer", "position_encoding", "layer"):
         if issubclass(cls, base_class(kind)):
             return kind
     return None
@@ -446,7 +450,7 @@ def resolve(kind, spec, **defaults):
 
     Args:
         kind: One of ``"layer"``, ``"score"``, ``"score_mod"``, ``"pattern"``,
-            ``"normalizer"``.
+            ``"normalizer"``, ``"position_encoding"``.
         spec: A registry name, a config dict ``{"name": ..., "config": {...}}``
             (as written by `serialize`, whose ``"package"`` and ``"version"`` keys
             are accepted and ignored), or an instance, which is returned as is.

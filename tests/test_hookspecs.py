@@ -16,6 +16,7 @@ HOOKS = (
     "register_score_mods",
     "register_patterns",
     "register_normalizers",
+    "register_position_encodings",
 )
 
 
@@ -27,7 +28,7 @@ def _specs():
     }
 
 
-def test_the_five_hooks_and_no_others():
+def test_the_six_hooks_and_no_others():
     assert sorted(_specs()) == sorted(HOOKS)
     # One hook per kind, as the plugin manager uses them.
     assert sorted(hook for hook, _ in plugins.KINDS.values()) == sorted(HOOKS)

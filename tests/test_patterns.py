@@ -450,3 +450,47 @@ def test_bad_combinations():
         Causal() & 3
     with pytest.raises(ValueError, match="at least two"):
         Union([Causal()])
+
+
+# sink_tokens (StreamingLLM): the first keys are visible to every query.
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("query_offset", [0, 5])
+def test_sink_tokens_mask_and_block_mask(causal, query_offset):
+    from keras_attn import testing
+    from keras_attn.patterns import SinkTokens
+
+    pattern = SinkTokens(3, causal=causal)
+    positions = make_positions(7, 12, 1, query_offset)
+    mask = np.broadcast_to(ops.convert_to_numpy(pattern.mask(positions)), (1, 1, 7, 12))[0, 0]
+    q = np.arange(7)[:, None] + query_offset
+    k = np.arange(12)[None, :]
+    expected = (k < 3) & ((k <= q) if causal else True)
+    np.testing.assert_array_equal(mask, np.broadcast_to(expected, (7, 12)))
+    testing.check_pattern(pattern, save=False, train=False)
+
+
+def test_sink_tokens_compose_with_local_and_causal():
+    from keras_attn.patterns import SinkTokens
+
+    pattern = Local(3, causal=True) | SinkTokens(2, causal=True)
+    assert pattern.causal and plugins.resolve("pattern", plugins.serialize(pattern)) == pattern
+    mask = np.broadcast_to(
+        ops.convert_to_numpy(pattern.mask(make_positions(8, 8, 1))), (1, 1, 8, 8)
+    )[0, 0]
+    d = np.arange(8)[:, None] - np.arange(8)[None, :]
+    np.testing.assert_array_equal(mask, ((d >= 0) & (d < 3)) | ((np.arange(8) < 2) & (d >= 0)))
+    block = pattern.block_mask(64, 64, 8)
+    # The sink column, the diagonal and the band below it (window 3 crosses blocks).
+    assert block[:, 0].all() and block.sum() == 8 + 8 + 7 - 2
+    x = np.random.default_rng(0).normal(size=(1, 64, 8)).astype("float32")
+    sparse = keras_attn.Attention(num_heads=2, pattern=pattern, block_sparse=True, block_size=8)
+    dense = keras_attn.Attention(num_heads=2, pattern=pattern, block_sparse=False)
+    out = sparse(x)
+    dense(x)
+    dense.set_weights(sparse.get_weights())
+    assert sparse.last_path == "block_sparse"
+    np.testing.assert_allclose(ops.convert_to_numpy(out), ops.convert_to_numpy(dense(x)), atol=1e-5)
+    with pytest.raises(ValueError, match="Received: num_tokens=0"):
+        SinkTokens(0)

@@ -9,12 +9,14 @@ once and runs it. It decides nothing about paths itself.
 import logging
 
 import keras
+from keras import ops
 
 from keras_attn import dispatch
 from keras_attn import kv_cache
 from keras_attn import masks
 from keras_attn import patterns as patterns_module
 from keras_attn import plugins
+from keras_attn import segments
 from keras_attn import validation
 from keras_attn.components import Components
 from keras_attn.components import builtin
@@ -70,6 +72,15 @@ class Attention(keras.layers.Layer):
         bias_regularizer, activity_regularizer, kernel_constraint,
         bias_constraint: As in `keras.layers.Dense`, for the projections.
         seed: Seed of the dropout.
+        position_encoding: Position encoding applied to the projected query and key
+            heads before the score, on every path (``"rope"``, a config dict, a
+            `keras_attn.PositionEncoding` or None). Keys are encoded before they
+            are written to a cache, at their absolute positions.
+        reset_positions: With `segment_ids`, count positions from the start of
+            each segment (a run of equal ids) for the position encoding and the
+            score_mods, so a packed document is encoded as if it were alone.
+            Patterns keep absolute positions (the same within a segment for
+            patterns of ``query - key``, such as causal and local).
 
     Call arguments:
         query: Query tensor ``(B, Tq, dim)``.
@@ -87,6 +98,14 @@ class Attention(keras.layers.Layer):
             attends over the cache. The updated cache is returned.
         cache_update_index: Position (int or scalar tensor) of the first query in
             the cache; queries get absolute positions from it.
+        segment_ids: Int ``(B, T)`` for packed sequences (self-attention): a query
+            attends only to keys with the same id, on every path. Ids are
+            compared, so padding may take an id of its own (or use a mask).
+        query_segment_ids: Int ``(B, Tq)``, instead of `segment_ids` (cross
+            attention, or the new tokens with a cache).
+        key_segment_ids: Int ``(B, Tk)``, instead of `segment_ids`. With a cache it
+            is required and covers every cache slot ``(B, S)``: keep it beside the
+            cache, writing the new tokens' ids at `cache_update_index`.
 
     Returns:
         ``output (B, Tq, E)``, then the weights ``(B, H, Tq, Tk)`` if
@@ -120,6 +139,8 @@ class Attention(keras.layers.Layer):
         kernel_constraint=None,
         bias_constraint=None,
         seed=None,
+        position_encoding=None,
+        reset_positions=False,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
@@ -177,6 +198,12 @@ class Attention(keras.layers.Layer):
                 pattern=plugins.resolve("pattern", pattern),
                 normalizer=plugins.resolve("normalizer", normalizer, **layer_defaults),
             )
+        )
+        self.reset_positions = validation.boolean(reset_positions, "reset_positions")
+        self._position_encoding_spec = _Unattached(
+            None
+            if position_encoding is None
+            else plugins.resolve("position_encoding", position_encoding, **layer_defaults)
         )
         self.last_path = None
 
@@ -355,6 +382,102 @@ class Attention(keras.layers.Layer):
                 mod.build(logits_shape)
         if not c.normalizer.built:
             c.normalizer.build(logits_shape)
+        self._build_position_encoding(heads_q)
+
+    # -- positions and segments -----------------------------------------------------
+
+    @property
+    def position_encoding(self):
+        """The layer's `keras_attn.PositionEncoding`, or None."""
+        return self._position_encoding_spec.value
+
+    def _build_position_encoding(self, heads_shape):
+        encoding = self.position_encoding
+        if encoding is None:
+            return
+        encoding.check_head_dim(self._key_dim)
+        self._position_encoding = encoding  # tracked from here on, with any weights
+        if not encoding.built:
+            encoding.build(heads_shape)
+
+    def _segments(self, query, key, cache, cache_update_index, segment_ids, query_ids, key_ids):
+        """The call's `keras_attn.segments.Segments` (its mask and starts), or None."""
+        query_name = "query_segment_ids" if query_ids is not None else "segment_ids"
+        key_name = "key_segment_ids" if key_ids is not None else "segment_ids"
+        query_ids = segment_ids if query_ids is None else query_ids
+        key_ids = segment_ids if key_ids is None else key_ids
+        if query_ids is None and key_ids is None:
+            return None
+        if query_ids is None or key_ids is None:
+            raise ValueError(
+                "Pass `segment_ids` (self-attention), or both `query_segment_ids` and "
+                "`key_segment_ids`. Received: only one of them."
+            )
+        if len(query.shape) != 3:
+            raise ValueError(
+                f"Segment ids need (B, T, dim) inputs. Received: query.shape={tuple(query.shape)}"
+            )
+        segments.check_segment_ids(query_ids, query_name, query.shape[1], "the query length")
+        if cache is None:
+            segments.check_segment_ids(key_ids, key_name, key.shape[1], "the key length")
+        else:
+            segments.check_segment_ids(
+                key_ids, key_name, cache.shape[2],
+                "the number of cache slots: with a cache, `key_segment_ids` covers every slot",
+            )  # fmt: skip
+        mask = segments.segment_mask(query_ids, key_ids)  # (B, 1, Tq, Tk)
+        if not self.reset_positions:
+            return segments.Segments(mask)
+        key_starts = segments.segment_starts(key_ids)  # (B, Tk)
+        if cache is not None and cache_update_index is not None:
+            # Decoding: the queries are the tokens written at the cache index.
+            index = ops.arange(ops.shape(query_ids)[1], dtype="int32")
+            query_starts = ops.take(
+                key_starts, index + ops.cast(cache_update_index, "int32"), axis=1
+            )
+        else:
+            query_starts = segments.segment_starts(query_ids)
+        return segments.Segments(mask, query_starts, key_starts)
+
+    def _encode_positions(self, q, k, self_attention, cache, cache_update_index, call_segments):
+        """Apply the position encoding to the projected heads ``(B, T, H, D)``.
+
+        Positions are absolute (from the cache index with a cache, so the keys written
+        to the cache are encoded where they stand), or counted from each token's
+        segment start with `reset_positions`.
+        """
+        encoding = self.position_encoding
+        if encoding is None:
+            return q, k
+        if len(q.shape) != 4:
+            raise ValueError(
+                "A position encoding needs (B, T, dim) inputs (one sequence axis). "
+                f"Received: heads of shape {tuple(q.shape)}"
+            )
+        offset = 0 if cache is None or cache_update_index is None else cache_update_index
+        offset = ops.cast(offset, "int32")
+        query_positions = ops.arange(ops.shape(q)[1], dtype="int32")[None, :] + offset  # (1, Tq)
+        key_positions = ops.arange(ops.shape(k)[1], dtype="int32")[None, :] + offset  # (1, Tk)
+        if cache is None:
+            key_positions = key_positions - offset
+        if call_segments is not None and call_segments.reset_positions:
+            query_positions = call_segments.query_positions(query_positions, offset)  # (B, Tq)
+            key_positions = call_segments.key_positions(key_positions)  # (B, Tk)
+        qh = ops.transpose(q, (0, 2, 1, 3))  # (B, H, Tq, D)
+        kh = ops.transpose(k, (0, 2, 1, 3))  # (B, Hkv, Tk, D)
+        if self_attention:
+            qh, kh = encoding(qh, kh, query_positions[:, None, :])
+        else:
+            qh = encoding(qh, qh, query_positions[:, None, :])[0]
+            kh = encoding(kh, kh, key_positions[:, None, :])[1]
+        return ops.transpose(qh, (0, 2, 1, 3)), ops.transpose(kh, (0, 2, 1, 3))
+
+    def _segment_score_mods(self, call_segments, query_offset):
+        """The score_mods seeing positions restarted at each segment, or None (as they are)."""
+        mods = self.components.score_mods
+        if call_segments is None or not call_segments.reset_positions or not mods:
+            return None
+        return tuple(segments.SegmentRelative(m, call_segments, query_offset) for m in mods)
 
     # -- call -----------------------------------------------------------------------
 
@@ -380,6 +503,9 @@ class Attention(keras.layers.Layer):
         training=None,
         cache=None,
         cache_update_index=None,
+        segment_ids=None,
+        query_segment_ids=None,
+        key_segment_ids=None,
     ):
         if value is None:
             value = query
@@ -409,12 +535,21 @@ class Attention(keras.layers.Layer):
         gate = self._gate(query)
         v = self._value_dense(value)  # (B, Tk, H, Dv)
 
+        call_segments = self._segments(
+            query, key, cache, cache_update_index, segment_ids, query_segment_ids, key_segment_ids
+        )
+        q, k = self._encode_positions(q, k, key is query, cache, cache_update_index, call_segments)
         query_offset = 0
         if cache is not None:
             k, v, cache, cache_mask = self._update_cache(k, v, cache, cache_update_index)
             query_offset = cache_update_index
             mask = masks.combine_masks(mask, cache_mask)
+        if call_segments is not None:
+            mask = masks.combine_masks(mask, call_segments.mask)
         pattern = self._effective_pattern(use_causal_mask)
+        # Score_mods restarted at each segment (`reset_positions`), passed only when used.
+        score_mods = self._segment_score_mods(call_segments, query_offset)
+        extra = {} if score_mods is None else {"score_mods": score_mods}
 
         output, scores = self._compute_attention(
             q,
@@ -425,6 +560,7 @@ class Attention(keras.layers.Layer):
             return_attention_scores,
             pattern=pattern,
             query_offset=query_offset,
+            **extra,
         )
         if gate is not None:
             output = output * gate
@@ -457,6 +593,7 @@ class Attention(keras.layers.Layer):
         return_attention_scores=False,
         pattern=None,
         query_offset=0,
+        score_mods=None,
     ):
         """Attention over projected heads; override this to change the computation.
 
@@ -467,6 +604,7 @@ class Attention(keras.layers.Layer):
                 is applied separately.
             pattern: The pattern for this call (the layer's, plus causal if asked).
             query_offset: Absolute position of the first query (the cache index).
+            score_mods: The score_mods of this call, if not the layer's.
 
         Returns:
             ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None)``.
@@ -475,6 +613,8 @@ class Attention(keras.layers.Layer):
         components = self.components.replace(
             pattern=pattern, dropout=self._dropout_layer if self.dropout else None
         )
+        if score_mods is not None:
+            components = components.replace(score_mods=score_mods)
         plan = dispatch.plan(
             components,
             query_length=query.shape[1],
@@ -520,6 +660,9 @@ class Attention(keras.layers.Layer):
         training=None,
         cache=None,
         cache_update_index=None,
+        segment_ids=None,
+        query_segment_ids=None,
+        key_segment_ids=None,
     ):
         value = query if value is None else value
         output = keras.KerasTensor(self.compute_output_shape(query.shape), dtype=self.compute_dtype)
@@ -573,6 +716,12 @@ class Attention(keras.layers.Layer):
                 "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
                 "bias_constraint": keras.constraints.serialize(self.bias_constraint),
                 "seed": self.seed,
+                "position_encoding": (
+                    None
+                    if self.position_encoding is None
+                    else plugins.serialize(self.position_encoding)
+                ),
+                "reset_positions": self.reset_positions,
             }
         )
         return config
