@@ -213,7 +213,8 @@ class GlobalTokens(Pattern):
     def __init__(self, num_tokens=1, indices=None):
         if indices is not None:
             if not len(indices) or any(
-                not isinstance(i, (int, np.integer)) or i < 0 for i in indices
+                not isinstance(i, (int, np.integer)) or isinstance(i, bool) or i < 0
+                for i in indices
             ):
                 raise ValueError(
                     "`indices` must be a non-empty list of non-negative integers. "

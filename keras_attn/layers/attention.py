@@ -153,7 +153,7 @@ class Attention(keras.layers.Layer):
         if flash_attention is not None:
             validation.boolean(flash_attention, "flash_attention")
         validation.integer(seed, "seed", allow_none=True)
-        if block_sparse not in ("auto", True, False):
+        if not (isinstance(block_sparse, bool) or block_sparse == "auto"):
             raise ValueError(
                 "`block_sparse` must be 'auto', True or False. "
                 f"Received: block_sparse={block_sparse!r}"
@@ -169,6 +169,11 @@ class Attention(keras.layers.Layer):
         validation.positive_int(output_shape, "output_shape", allow_none=True)
         if isinstance(score_mods, (str, dict)) or plugins.kind_of(score_mods) is not None:
             score_mods = [score_mods]
+        if not isinstance(score_mods, (list, tuple)):
+            raise ValueError(
+                "`score_mods` must be a list of score_mods (names, config dicts or "
+                f"instances). Received: score_mods={score_mods!r}"
+            )
         self.num_heads = num_heads
         self.key_dim = key_dim
         self.value_dim = value_dim
