@@ -228,13 +228,13 @@ def fused_attention(query, key, value, *, scale, causal, mask=None, flash_attent
 
 
 def _fused_logits_overflow(dtype):
-    """Whether the fused kernel would form float16 logits (which overflow at 65504).
+    """Whether the fused kernel must run on float32 inputs for float16 ones.
 
-    JAX's kernels (XLA and cuDNN) form them in float32 themselves, as do PyTorch's
-    GPU kernels; TensorFlow's (and PyTorch's CPU one) form them in the inputs' dtype,
-    so there the kernel runs on float32 inputs.
+    TensorFlow's kernels (and PyTorch's CPU one) would form float16 logits, which
+    overflow at 65504; XLA on a CPU has no float16 matmul with float32 accumulation
+    ("F16_F16_F32 is not supported by dot_general on CPU" under jit). JAX's and
+    PyTorch's GPU kernels form the logits in float32 themselves.
     """
     if keras.backend.standardize_dtype(dtype) != "float16":
         return False
-    backend = keras.backend.backend()
-    return not (backend == "jax" or (backend == "torch" and not fused_kernel_is_dense()))
+    return keras.backend.backend() == "tensorflow" or fused_kernel_is_dense()

@@ -93,18 +93,8 @@ def test_every_example_finishes_with_every_precision_and_distribution(
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    # keras.ops.dot_product_attention (the fused path of keras_attn and of Keras's own
-    # layer) fails under jit with float16 on a JAX CPU: "The precision 'F16_F16_F32' is
-    # not supported by dot_general on CPU". A limitation of the core, not of the examples.
-    known = {
-        f"{example}-mixed_float16": error
-        for example in EXAMPLES
-        if "F16_F16_F32" in (error := errors.get(f"{example}-mixed_float16", ""))
-    }
-    assert not set(errors) - set(known), errors
+    assert not errors, errors
     for example, precision in runs:
-        if f"{example}-{precision}" in known:
-            continue
         folder = tmp_path / f"{example}-{precision}"
         info = json.loads((folder / "run.json").read_text())
         where = f"{example}, {precision}, --distribute {distribute}"
@@ -114,5 +104,3 @@ def test_every_example_finishes_with_every_precision_and_distribution(
         assert list((folder / "attention").glob("*.png")), where
         if example == "gpt":
             assert (folder / "sample.txt").read_text().strip(), where
-    if known:
-        pytest.xfail(f"float16 attention on a JAX CPU: {sorted(known)}")

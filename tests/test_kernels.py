@@ -156,3 +156,30 @@ def test_weighted_sum_uses_the_normalizer_when_it_is_not_plain_softmax():
     assert none is None or keras.backend.backend() not in ("tensorflow", "jax")
     _, weights = kernels.weighted_sum(_only(normalizers.Softmax()), logits, value)
     np.testing.assert_allclose(ops.convert_to_numpy(weights).sum(-1), 1.0, atol=1e-6)
+
+
+def test_fused_kernel_compiles_in_float16_and_agrees_with_float32():
+    # XLA on a CPU has no float16 matmul with float32 accumulation; the fused kernel
+    # must still compile under jit with float16 inputs (and TensorFlow's must not form
+    # float16 logits), giving float32's numbers to float16 precision.
+    q, k, v = (RNG.standard_normal((2, 6, 2, 4)).astype("float32") for _ in range(3))
+    want = kernels.fused_attention(q, k, v, scale=0.5, causal=True)
+
+    def f(q, k, v):
+        return kernels.fused_attention(q, k, v, scale=0.5, causal=True)
+
+    half = [ops.cast(x, "float16") for x in (q, k, v)]
+    if keras.backend.backend() == "jax":
+        import jax
+
+        got = jax.jit(f)(*half)
+    elif keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        got = tf.function(f, jit_compile=True)(*half)
+    else:
+        got = f(*half)
+    assert keras.backend.standardize_dtype(got.dtype) == "float16"
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(ops.cast(got, "float32")), ops.convert_to_numpy(want), atol=1e-2
+    )
