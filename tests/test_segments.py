@@ -221,7 +221,9 @@ def test_other_documents_change_nothing_gradients_included(boundary, causal, see
     weights = np.where(first[None, :, None], 1.0, 0.0).astype("float32")
 
     def loss(inputs):
-        return ops.sum(layer(inputs, segment_ids=ids, use_causal_mask=causal) * weights)
+        return ops.sum(
+            ops.multiply(layer(inputs, segment_ids=ids, use_causal_mask=causal), weights)
+        )
 
     _, (grad,) = value_and_grads(loss, x)
     np.testing.assert_array_equal(grad[0, ~first], 0.0)
