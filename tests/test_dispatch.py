@@ -287,7 +287,7 @@ def test_float16_logits_beyond_65504_are_right_on_every_path(path):
 def attend_sum(plan, mask, weights_out):
     def fn(q, k, v):
         output, _ = dispatch.attend(plan, q, k, v, mask=mask)
-        return ops.sum(output * weights_out)
+        return ops.sum(ops.multiply(output, weights_out))
 
     return fn
 
