@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -282,10 +283,15 @@ def test_attention_weights_of_a_functional_model(tmp_path):
     _, expected = layer(projected, projected, use_causal_mask=True, return_attention_scores=True)
     np.testing.assert_allclose(weights, keras.ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-6)
     paths = heatmaps.save_attention_heatmaps(model, data, str(tmp_path), examples=2)
-    assert sorted(os.path.basename(p) for p in paths) == ["attn-example0.png", "attn-example1.png"]
-    for path in paths:
+    names = [os.path.basename(p) for p in paths]
+    assert names == ["example0.png", "example1.png", "viewer.html"]
+    for path in paths[:2]:
         with open(path, "rb") as f:
             assert f.read(4) == b"\x89PNG"
+    with open(paths[2]) as f:
+        page = f.read()
+    assert '"attn"' in page  # the layer, by name
+    assert not re.search(r"(src|href)=[\"']?https?:", page)  # nothing fetched: works offline
 
 
 # -- a finished run stays finished ---------------------------------------------------

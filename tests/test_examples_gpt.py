@@ -229,9 +229,9 @@ def test_train_reduces_loss_on_the_embedded_text_and_writes_a_finished_run(tmp_p
     assert sorted(os.listdir(out / "checkpoints")) == [
         "epoch-0001.keras", "epoch-0002.keras", "epoch-0003.keras",
     ]  # fmt: skip
-    assert os.listdir(out / "attention") == ["block_0.png"]
+    assert sorted(os.listdir(out / "attention")) == ["viewer.html", "weights.png"]
     assert os.listdir(out / "logs")  # TensorBoard event files
-    with open(out / "attention" / "block_0.png", "rb") as f:
+    with open(out / "attention" / "weights.png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 

@@ -1,8 +1,10 @@
-"""Pictures of a trained model's attention: its weights on held-out inputs, as heatmaps.
+"""Pictures of a trained model's attention: its weights on held-out inputs.
 
 `attention_weights(model, inputs)` reads the weights of every attention layer of a
 functional model; `save_heatmaps` draws weights (from there, or from a model's
-own method, as GPT's blocks give them) with `keras_attn.viz.plot_attention`.
+own method, as GPT's blocks give them) as one grid of layers x heads per example
+with `keras_attn.viz.plot_attention`, and writes the interactive viewer
+(`keras_attn.viz.attention_viewer`, one self-contained ``viewer.html``) beside it.
 """
 
 import os
@@ -54,40 +56,54 @@ def save_heatmaps(
     tokens=None,
     examples=2,
     max_heads=4,
-    filename="{layer}-example{example}.png",
-    title="{layer}, example {example}",
+    filename="example{example}.png",
+    title="attention weights, example {example}",
+    image=None,
 ):
-    """Write one PNG per (layer, example) of `weights` to `directory`.
+    """Write one PNG per example of `weights` (a grid of layers x heads) and ``viewer.html``.
 
     Args:
         weights: Dict ``{layer name: (B, H, Tq, Tk)}``.
         tokens: Optional ``tokens[i]`` = labels of example i's positions.
         examples: How many examples of the batch to draw.
         max_heads: How many heads per layer to draw.
-        filename, title: Formats with ``{layer}`` and ``{example}``.
+        filename, title: Formats with ``{example}``.
+        image: Optional ``(B, height, width[, channels])`` images whose patches the
+            positions are (ViT), shown under the viewer's patches.
 
     Returns:
-        The list of paths written.
+        The list of paths written (the PNGs, then the viewer).
     """
     from keras_attn import viz
 
     os.makedirs(directory, exist_ok=True)
     paths = []
-    for name, layer_weights in weights.items():
-        for i in range(min(examples, layer_weights.shape[0])):
-            path = os.path.join(directory, filename.format(layer=name, example=i))
-            labels = tokens[i] if tokens is not None else None
-            viz.plot_attention(
-                layer_weights[i, :max_heads],
-                path,
-                tokens=labels,
-                title=title.format(layer=name, example=i),
-            )
-            paths.append(path)
+    batch = min(layer.shape[0] for layer in weights.values())
+    for i in range(min(examples, batch)):
+        path = os.path.join(directory, filename.format(example=i))
+        viz.plot_attention(
+            {name: w[i] for name, w in weights.items()},
+            path,
+            tokens=tokens[i] if tokens is not None else None,
+            title=title.format(example=i),
+            heads=max_heads,
+        )
+        paths.append(path)
+    viewer = os.path.join(directory, "viewer.html")
+    viz.attention_viewer(
+        {name: w[0] for name, w in weights.items()},
+        tokens[0] if tokens is not None else None,
+        image=None if image is None else image[0],
+        title="keras_attn attention viewer: example 0",
+        path=viewer,
+    )
+    paths.append(viewer)
     return paths
 
 
-def save_attention_heatmaps(model, inputs, directory, tokens=None, examples=2, max_heads=4):
+def save_attention_heatmaps(
+    model, inputs, directory, tokens=None, examples=2, max_heads=4, image=None
+):
     """`save_heatmaps` of the `attention_weights` of a functional `model` on `inputs`."""
     return save_heatmaps(
         attention_weights(model, inputs),
@@ -95,4 +111,5 @@ def save_attention_heatmaps(model, inputs, directory, tokens=None, examples=2, m
         tokens=tokens,
         examples=examples,
         max_heads=max_heads,
+        image=image,
     )

@@ -111,8 +111,8 @@ def write_heatmaps(model, tokenizer, ids, run):
         run.attention_dir,
         tokens=[tokenizer.tokens(ids)],
         examples=1,
-        filename="{layer}.png",
-        title="gpt {layer}: attention weights",
+        filename="weights.png",
+        title="gpt: attention weights",
     )
 
 

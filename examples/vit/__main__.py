@@ -71,7 +71,7 @@ def train(args):
 
         def draw():
             heatmaps.save_attention_heatmaps(
-                model, images, run.attention_dir, tokens=[tokens, tokens]
+                model, images, run.attention_dir, tokens=[tokens, tokens], image=images[0]
             )
 
         return {"heatmaps": draw}
