@@ -195,7 +195,7 @@ def test_output_shape_as_keras(output_shape):
 
 
 def test_read_only_sublayers_and_resolved_sizes():
-    theirs, ours = pair(value_dim=3)
+    theirs, ours = pair()
     for name in ("query_dense", "key_dense", "value_dense", "output_dense"):
         np.testing.assert_array_equal(
             ops.convert_to_numpy(getattr(ours, name).kernel),
@@ -203,7 +203,10 @@ def test_read_only_sublayers_and_resolved_sizes():
         )
         with pytest.raises(AttributeError):
             setattr(ours, name, None)
-    assert (ours.key_dim, ours.value_dim, ours.attention_axes) == (4, 3, (1,))
+    assert (ours.key_dim, ours.value_dim, ours.attention_axes) == (4, 4, (1,))
+    # (Keras's own layer fails on JAX with value_dim != key_dim; keras_attn's does not.)
+    narrow = keras_attn.MultiHeadAttention(num_heads=2, key_dim=4, value_dim=3)
+    assert narrow(X, V).shape == X.shape and narrow.value_dim == 3
     engine = keras_attn.Attention(num_heads=2)
     assert engine.key_dim is None
     engine(X)
