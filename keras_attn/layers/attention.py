@@ -6,7 +6,10 @@ writes the key/value cache (`keras_attn.kv_cache`), and hands the heads and one
 once and runs it. It decides nothing about paths itself.
 """
 
+import contextlib
 import logging
+import math
+import warnings
 
 import keras
 from keras import ops
@@ -20,8 +23,38 @@ from keras_attn import segments
 from keras_attn import validation
 from keras_attn.components import Components
 from keras_attn.components import builtin
+from keras_attn.layers import shapes
+from keras_attn.positions import make_positions
 
 logger = logging.getLogger("keras_attn")
+
+
+def _heads_mask(mask):
+    """A Keras attention mask as a bool ``(B|1, 1|H, Tq, Tk)`` tensor (None stays None).
+
+    ``(Tq, Tk)`` and ``(B, Tq, Tk)`` (or anything broadcastable to it) get a head axis
+    of 1, so a batch axis is never read as heads; ``(B, H, Tq, Tk)`` is per head.
+    """
+    if mask is None:
+        return None
+    mask = ops.cast(mask, "bool")
+    if len(mask.shape) == 2:
+        return mask[None, None]
+    if len(mask.shape) == 3:
+        return mask[:, None]
+    return mask
+
+
+@contextlib.contextmanager
+def _masks_stay_on_inputs():
+    """Project masked inputs without removing their masks (and without the warning).
+
+    Keras warns when a layer that does not support masking (a projection) gets a
+    masked tensor; Keras's own attention silences it by removing the caller's masks.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not support masking.*")
+        yield
 
 
 class _Unattached:
@@ -131,6 +164,8 @@ class Attention(keras.layers.Layer):
         block_sparse="auto",
         block_size=128,
         flash_attention=None,
+        num_key_value_heads=None,
+        attention_axes=None,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         kernel_regularizer=None,
@@ -159,14 +194,19 @@ class Attention(keras.layers.Layer):
                 f"Received: block_sparse={block_sparse!r}"
             )
         validation.positive_int(block_size, "block_size", allow_none=True)
-        if isinstance(output_shape, (list, tuple)):
-            if len(output_shape) != 1:
-                raise ValueError(
-                    "`output_shape` must be an int or a 1-tuple (inputs are (B, T, dim)). "
-                    f"Received: output_shape={output_shape}"
-                )
-            output_shape = output_shape[0]
-        validation.positive_int(output_shape, "output_shape", allow_none=True)
+        validation.positive_int(num_key_value_heads, "num_key_value_heads", allow_none=True)
+        if num_key_value_heads is not None and num_heads % num_key_value_heads:
+            raise ValueError(
+                "`num_heads` must be divisible by `num_key_value_heads`. Received: "
+                f"num_heads={num_heads}, num_key_value_heads={num_key_value_heads}"
+            )
+        if flash_attention and dropout > 0.0:
+            raise ValueError(
+                "Dropout is not supported when flash attention is enabled. "
+                "Please set dropout to 0.0 to use flash attention."
+            )
+        output_shape = shapes.output_shape_arg(output_shape)
+        attention_axes = shapes.attention_axes_arg(attention_axes)
         if isinstance(score_mods, (str, dict)) or plugins.kind_of(score_mods) is not None:
             score_mods = [score_mods]
         if not isinstance(score_mods, (list, tuple)):
@@ -175,9 +215,11 @@ class Attention(keras.layers.Layer):
                 f"instances). Received: score_mods={score_mods!r}"
             )
         self.num_heads = num_heads
-        self.key_dim = key_dim
-        self.value_dim = value_dim
-        self.output_shape_ = output_shape
+        self.num_key_value_heads = num_key_value_heads or num_heads
+        self._key_dim_arg = key_dim
+        self._value_dim_arg = value_dim
+        self._attention_axes_arg = attention_axes
+        self._output_shape = output_shape
         self.dropout = dropout
         self.use_bias = use_bias
         self.block_sparse = block_sparse
@@ -254,9 +296,24 @@ class Attention(keras.layers.Layer):
         return self._output_dense
 
     @property
+    def key_dim(self):
+        """Size of each query/key head: the argument, or resolved from the input by `build`."""
+        return getattr(self, "_key_dim", None) or self._key_dim_arg
+
+    @property
+    def value_dim(self):
+        """Size of each value head: the argument, or `key_dim`."""
+        return getattr(self, "_value_dim", None) or self._value_dim_arg or self.key_dim
+
+    @property
+    def attention_axes(self):
+        """The axes attended over: the argument, or resolved from the input by `build`."""
+        return getattr(self, "_attention_axes", None) or self._attention_axes_arg
+
+    @property
     def head_dim(self):
         """Size of each query/key head: `key_dim`, or resolved from the input by `build`."""
-        return self._key_dim if self.built else self.key_dim
+        return self.key_dim
 
     def cache_shape(self, batch_size, max_length):
         """Shape of the key/value cache this layer takes: ``(B, 2, S, H, D)``.
@@ -269,11 +326,13 @@ class Attention(keras.layers.Layer):
                 f"{type(self).__name__} {self.name!r} must be built before its cache shape "
                 "is known (the head size may come from the input)."
             )
-        return kv_cache.cache_shape(batch_size, max_length, self.num_heads, self._key_dim)
+        return kv_cache.cache_shape(batch_size, max_length, self.num_key_value_heads, self._key_dim)
 
     # -- build ----------------------------------------------------------------------
 
-    def _dense_kwargs(self):
+    def _get_common_kwargs_for_sublayer(self):
+        """Keyword arguments of every projection (Keras's name, for subclasses' `build`)."""
+
         def clone(initializer):
             # A fresh initializer per sublayer, so that kernels are not identical.
             return initializer.__class__.from_config(initializer.get_config())
@@ -288,43 +347,43 @@ class Attention(keras.layers.Layer):
             dtype=self.dtype_policy,
         )
 
-    def _projection(self, name, heads_dim):
+    def _projection(self, name, input_rank, num_heads, heads_dim, **kwargs):
+        equation, bias_axes = shapes.projection_equation(input_rank - 1, 1, 2)
         return keras.layers.EinsumDense(
-            "abc,cde->abde",
-            output_shape=(None, self.num_heads, heads_dim),
-            bias_axes="de" if self.use_bias else None,
+            equation,
+            output_shape=[None] * (input_rank - 2) + [num_heads, heads_dim],
+            bias_axes=bias_axes if self.use_bias else None,
             name=name,
-            **self._dense_kwargs(),
+            **kwargs,
+            **self._get_common_kwargs_for_sublayer(),
         )
 
     def _check_shapes(self, query_shape, value_shape, key_shape):
+        if tuple(value_shape[1:-1]) != tuple(key_shape[1:-1]):
+            raise ValueError(
+                "All dimensions of `value` and `key`, except the last one, must be equal. "
+                f"Received: value_shape={tuple(value_shape)} and key_shape={tuple(key_shape)}"
+            )
         for arg, shape in (("query", query_shape), ("value", value_shape), ("key", key_shape)):
-            if len(shape) != 3:
+            if len(shape) != len(query_shape) or len(shape) < 3:
                 raise ValueError(
-                    f"`{arg}` must have rank 3, (batch, length, features). "
-                    f"Received: {arg}.shape={tuple(shape)}"
+                    f"`query`, `value` and `key` must have one rank, at least 3 "
+                    f"(batch, ..., features). Received: query.shape={tuple(query_shape)}, "
+                    f"{arg}.shape={tuple(shape)}"
                 )
             if shape[-1] is None:
                 raise ValueError(
                     f"The last dimension of `{arg}` must be known. "
                     f"Received: {arg}.shape={tuple(shape)}"
                 )
-        if (
-            value_shape[1] is not None
-            and key_shape[1] is not None
-            and value_shape[1] != key_shape[1]
-        ):
-            raise ValueError(
-                "`key` and `value` must have the same length. Received: "
-                f"key.shape={tuple(key_shape)}, value.shape={tuple(value_shape)}"
-            )
 
     def build(self, query_shape, value_shape=None, key_shape=None):
         value_shape = query_shape if value_shape is None else value_shape
         key_shape = value_shape if key_shape is None else key_shape
         self._check_shapes(query_shape, value_shape, key_shape)
         self._check_score_mods()
-        if self.key_dim is None:
+        rank = len(query_shape)
+        if self._key_dim_arg is None:
             if query_shape[-1] % self.num_heads:
                 raise ValueError(
                     "Without `key_dim`, the query feature size must be divisible by "
@@ -333,29 +392,48 @@ class Attention(keras.layers.Layer):
                 )
             self._key_dim = query_shape[-1] // self.num_heads
         else:
-            self._key_dim = self.key_dim
-        self._value_dim = self.value_dim or self._key_dim
-        output_dim = self.output_shape_ or query_shape[-1]
+            self._key_dim = self._key_dim_arg
+        self._value_dim = self._value_dim_arg or self._key_dim
+        kv_heads = self.num_key_value_heads
 
-        self._query_dense = self._projection("query", self._key_dim)
+        self._query_dense = self._projection("query", rank, self.num_heads, self._key_dim)
         self._query_dense.build(query_shape)
-        self._key_dense = self._projection("key", self._key_dim)
+        self._key_dense = self._projection("key", rank, kv_heads, self._key_dim)
         self._key_dense.build(key_shape)
         self._build_extra_projections(query_shape)
-        self._value_dense = self._projection("value", self._value_dim)
+        self._value_dense = self._projection("value", rank, kv_heads, self._value_dim)
         self._value_dense.build(value_shape)
-        self._output_dense = keras.layers.EinsumDense(
-            "abcd,cde->abe",
-            output_shape=(None, output_dim),
-            bias_axes="e" if self.use_bias else None,
-            name="attention_output",
-            **self._dense_kwargs(),
+        self._build_attention(rank + 1)
+        self._output_dense = self._make_output_dense(
+            query_shape, self._get_common_kwargs_for_sublayer(), "attention_output"
         )
-        self._output_dense.build((query_shape[0], query_shape[1], self.num_heads, self._value_dim))
+        self._output_dense.build((*query_shape[:-1], self.num_heads, self._value_dim))
+        self._build_components(query_shape, key_shape)
+
+    def _make_output_dense(self, query_shape, common_kwargs, name=None):
+        """The output projection ``(B, ..., H, Dv) -> (B, ..., *output_shape)`` (as Keras)."""
+        output_shape = self._output_shape or (query_shape[-1],)
+        equation, bias_axes = shapes.projection_equation(len(query_shape) - 1, 2, len(output_shape))
+        return keras.layers.EinsumDense(
+            equation,
+            output_shape=[None] * (len(query_shape) - 2) + list(output_shape),
+            bias_axes=bias_axes if self.use_bias else None,
+            name=name,
+            **common_kwargs,
+        )
+
+    def _build_attention(self, rank):
+        """Resolve the attention axes and make the dropout (Keras's hook, `rank` of the heads)."""
+        self._attention_axes = shapes.resolve_attention_axes(self._attention_axes_arg, rank - 1)
+        if len(self._attention_axes) > 1 and self.pattern.kernel_form != "full":
+            raise ValueError(
+                "A pattern orders keys along one axis, so it cannot apply to attention "
+                f"over several axes. Received: pattern={plugins.registry_name(self.pattern)!r}, "
+                f"attention_axes={self._attention_axes}"
+            )
         self._dropout_layer = keras.layers.Dropout(
             self.dropout, seed=self.seed, dtype=self.dtype_policy
         )
-        self._build_components(query_shape, key_shape)
 
     def _check_score_mods(self):
         # Checked before anything is built, so a failed build leaves no weights behind.
@@ -376,8 +454,9 @@ class Attention(keras.layers.Layer):
         self._score = c.score
         self._score_mods = list(c.score_mods)
         self._normalizer = c.normalizer
-        heads_q = (query_shape[0], self.num_heads, query_shape[1], self._key_dim)
-        logits_shape = (query_shape[0], self.num_heads, query_shape[1], key_shape[1])
+        tq, tk = (self._folded_length(shape) for shape in (query_shape, key_shape))
+        heads_q = (None, self.num_heads, tq, self._key_dim)
+        logits_shape = (None, self.num_heads, tq, tk)
         if not c.score.built:
             c.score.build(heads_q)
         for mod in c.score_mods:
@@ -388,6 +467,11 @@ class Attention(keras.layers.Layer):
         if not c.normalizer.built:
             c.normalizer.build(logits_shape)
         self._build_position_encoding(heads_q)
+
+    def _folded_length(self, shape):
+        # Length of the sequence the engine sees: the product of the attention axes.
+        dims = [shape[a] for a in self._attention_axes]
+        return None if None in dims else math.prod(dims)
 
     # -- positions and segments -----------------------------------------------------
 
@@ -516,57 +600,67 @@ class Attention(keras.layers.Layer):
             value = query
         if key is None:
             key = value
-        key_length = key.shape[1] if cache is None else cache.shape[2]
-        masks.check_attention_mask(attention_mask, query.shape[1], key_length)
-        # Masks not passed explicitly come from the inputs' Keras masks.
+        self._check_flash_attention(return_attention_scores)
+        high_rank = len(query.shape) > 3
+        # Masks not passed explicitly come from the inputs' Keras masks. They are read,
+        # never removed: the caller's tensors keep their masks for the next reader.
         if query_mask is None:
             query_mask = masks.get_keras_mask(query)
         if value_mask is None:
             value_mask = masks.get_keras_mask(value)
         if key_mask is None and key is not value:
             key_mask = masks.get_keras_mask(key)
-        mask = masks.data_mask(query_mask, value_mask, key_mask, attention_mask)
-        # The masks are in `mask` now. Take them off the inputs, as Keras's
-        # MultiHeadAttention does, so that the projections do not warn about them.
-        for tensor in (query, value, key):
-            masks.set_keras_mask(tensor, None)
-        # A padded position has no influence, not even through a gradient's 0 * nan.
-        query, value, key = masks.zero_padded_inputs(
-            query, value, key, query_mask, value_mask, key_mask
-        )
+        if high_rank and (
+            cache is not None or any(m is not None for m in (query_mask, value_mask, key_mask))
+        ):
+            raise ValueError(
+                "Padding masks and a cache need (B, T, dim) inputs; for inputs of rank > 3 "
+                f"pass `attention_mask` instead. Received: query.shape={tuple(query.shape)}"
+            )
+        if not high_rank:
+            self._check_attention_mask(attention_mask, query.shape[1], key.shape[1], cache)
+            # A padded position has no influence, not even through a gradient's 0 * nan.
+            query, value, key = masks.zero_padded_inputs(
+                query, value, key, query_mask, value_mask, key_mask
+            )
 
-        q = self._query_dense(query)  # (B, Tq, H, D)
-        k = self._key_dense(key)  # (B, Tk, H, D)
-        gate = self._gate(query)
-        v = self._value_dense(value)  # (B, Tk, H, Dv)
+        with _masks_stay_on_inputs():
+            q = self._query_dense(query)  # (B, Tq, H, D)
+            k = self._key_dense(key)  # (B, Tk, Hkv, D)
+            gate = self._gate(query)
+            v = self._value_dense(value)  # (B, Tk, Hkv, Dv)
 
         call_segments = self._segments(
             query, key, cache, cache_update_index, segment_ids, query_segment_ids, key_segment_ids
         )
         q, k = self._encode_positions(q, k, key is query, cache, cache_update_index, call_segments)
-        query_offset = 0
+        query_offset, cache_mask = 0, None
         if cache is not None:
-            k, v, cache, cache_mask = self._update_cache(k, v, cache, cache_update_index)
-            query_offset = cache_update_index
-            mask = masks.combine_masks(mask, cache_mask)
+            k, v, cache, cache_mask, query_offset = self._update_cache(
+                k, v, cache, cache_update_index
+            )
+        if high_rank:
+            mask = attention_mask
+        else:
+            mask = masks.combine_masks(
+                masks.data_mask(query_mask, value_mask, key_mask),
+                _heads_mask(attention_mask),
+                cache_mask,
+            )  # (B|1, 1|H, Tq, Tk)
         if call_segments is not None:
             mask = masks.combine_masks(mask, call_segments.mask)
+        k, v = self._repeat_kv(k), self._repeat_kv(v)  # (B, Tk, H, D)
         pattern = self._effective_pattern(use_causal_mask)
-        # Score_mods restarted at each segment (`reset_positions`), passed only when used.
-        score_mods = self._segment_score_mods(call_segments, query_offset)
-        extra = {} if score_mods is None else {"score_mods": score_mods}
 
-        output, scores = self._compute_attention(
-            q,
-            k,
-            v,
-            mask,
-            training,
-            return_attention_scores,
-            pattern=pattern,
-            query_offset=query_offset,
-            **extra,
-        )
+        if self._overrides_compute_attention():
+            output, scores = self._call_overridden(
+                q, k, v, mask, pattern, query_offset, training, return_attention_scores
+            )
+        else:
+            output, scores = self._attend(
+                q, k, v, mask, training, return_attention_scores, pattern, query_offset,
+                score_mods=self._segment_score_mods(call_segments, query_offset),
+            )  # fmt: skip
         if gate is not None:
             output = output * gate
         output = self._output_dense(output)  # (B, Tq, E)
@@ -579,14 +673,88 @@ class Attention(keras.layers.Layer):
             result += (cache,)
         return result[0] if len(result) == 1 else result
 
+    def _check_flash_attention(self, return_attention_scores):
+        if self.flash_attention and return_attention_scores:
+            raise ValueError(
+                "Returning attention scores is not supported when flash attention is "
+                "enabled. Please disable flash attention to access attention scores."
+            )
+
+    def _check_attention_mask(self, attention_mask, query_length, key_length, cache):
+        if attention_mask is None:
+            return
+        if cache is not None:
+            key_length = cache.shape[2]
+        shape = tuple(attention_mask.shape)
+        expected = (query_length, key_length)
+        heads = shape[1] if len(shape) == 4 else 1
+        if (
+            len(shape) not in (2, 3, 4)
+            or heads not in (1, None, self.num_heads)
+            or any(
+                a is not None and b is not None and a not in (1, b)
+                for a, b in zip(shape[-2:], expected, strict=True)
+            )
+        ):
+            raise ValueError(
+                "`attention_mask` must be broadcastable to (B, Tq, Tk) or, per head, be "
+                f"(B, {self.num_heads}, Tq, Tk); here Tq={expected[0]} and Tk={expected[1]}. "
+                f"Received: attention_mask.shape={shape}"
+            )
+
     def _gate(self, query):
         return None
 
+    def _repeat_kv(self, heads):
+        repeats = self.num_heads // self.num_key_value_heads
+        return heads if repeats == 1 else ops.repeat(heads, repeats, axis=-2)
+
     def _update_cache(self, k, v, cache, cache_update_index):
+        kv_cache.check_cache(cache, self.num_key_value_heads, self._key_dim, self._value_dim)
         if cache_update_index is None:
-            raise ValueError("`cache_update_index` is required when `cache` is given.")
-        kv_cache.check_cache(cache, self.num_heads, self._key_dim, self._value_dim)
-        return kv_cache.update(cache, k, v, cache_update_index)
+            # KerasHub's convention: a cache without an index is read as it is (e.g. the
+            # keys and values of a cross-attention, computed once).
+            return cache[:, 0], cache[:, 1], cache, None, 0
+        k, v, cache, filled = kv_cache.update(cache, k, v, cache_update_index)
+        return k, v, cache, filled, cache_update_index
+
+    # -- Keras's override contract --------------------------------------------------
+
+    def _overrides_compute_attention(self):
+        return type(self)._compute_attention is not Attention._compute_attention
+
+    def _call_overridden(
+        self, q, k, v, mask, pattern, query_offset, training, return_attention_scores
+    ):
+        """Call a subclass's `_compute_attention` as Keras's layer calls it.
+
+        The mask it receives holds everything: padding, the explicit mask, the cache,
+        the pattern and the causal mask, as ``(B, Tq, Tk)`` (``(B, H, Tq, Tk)`` for a
+        per-head mask), like Keras's. A `super()._compute_attention` from there does
+        not apply the pattern again (at the wrong positions, in a cache).
+        """
+        if len(q.shape) > 4:
+            if pattern.kernel_form != "full":
+                raise ValueError(
+                    "A subclass that overrides `_compute_attention` gets patterns and "
+                    "causal masks of (B, T, dim) inputs only."
+                )
+        else:
+            positions = make_positions(
+                ops.shape(q)[1], ops.shape(k)[1], self.num_heads, query_offset=query_offset
+            )
+            mask = masks.combine_masks(mask, masks.pattern_mask_or_none(pattern, positions))
+            if mask is not None and mask.shape[1] == 1:
+                mask = mask[:, 0]  # (B|1, Tq, Tk)
+        self._pattern_in_mask = True
+        try:
+            return self._invoke_compute_attention(q, k, v, mask, training, return_attention_scores)
+        finally:
+            self._pattern_in_mask = False
+
+    def _invoke_compute_attention(self, q, k, v, mask, training, return_attention_scores):
+        # Keras's MultiHeadAttention passes these positionally.
+        return self._compute_attention(q, k, v, mask, training, return_attention_scores)
 
     def _compute_attention(
         self,
@@ -596,29 +764,70 @@ class Attention(keras.layers.Layer):
         attention_mask=None,
         training=None,
         return_attention_scores=False,
-        pattern=None,
-        query_offset=0,
-        score_mods=None,
+        use_causal_mask=False,
     ):
-        """Attention over projected heads; override this to change the computation.
+        """Attention over projected heads, as in Keras; override it to change the computation.
 
         Args:
-            query: ``(B, Tq, H, D)``; key ``(B, Tk, H, D)``; value ``(B, Tk, H, Dv)``.
-            attention_mask: Bool ``(B, 1, Tq, Tk)`` combining the padding masks, the
-                explicit `attention_mask` and cache validity, or None. The pattern
-                is applied separately.
-            pattern: The pattern for this call (the layer's, plus causal if asked).
-            query_offset: Absolute position of the first query (the cache index).
-            score_mods: The score_mods of this call, if not the layer's.
+            query: ``(B, Tq, H, D)``; key ``(B, Tk, H, D)``; value ``(B, Tk, H, Dv)``
+                (key/value heads already repeated to `num_heads`).
+            attention_mask: Bool (or 0/1) mask broadcastable to ``(B, Tq, Tk)``, or
+                ``(B, H, Tq, Tk)`` per head, or None. A rank-3 mask is never read as
+                per-head. The layer's pattern is applied as well.
+            training: Whether dropout is active.
+            return_attention_scores: Whether to return the weights.
+            use_causal_mask: Also apply a causal mask.
 
         Returns:
             ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None)``.
         """
-        pattern = self.pattern if pattern is None else pattern
+        self._check_flash_attention(return_attention_scores)
+        if getattr(self, "_pattern_in_mask", False):
+            # Called from a subclass's override within `call`: the mask holds the pattern.
+            pattern = patterns_module.Causal() if use_causal_mask else patterns_module.Full()
+        else:
+            pattern = self._effective_pattern(use_causal_mask)
+        return self._attend(
+            query, key, value, attention_mask, training, return_attention_scores, pattern
+        )
+
+    def _masked_softmax(self, attention_scores, attention_mask=None):
+        """The layer's normalizer over the keys a mask allows (Keras's override point).
+
+        Args:
+            attention_scores: Logits ``(B, H, Tq, Tk)``.
+            attention_mask: Broadcastable to ``(B, Tq, Tk)`` (expanded at the head
+                axis, as Keras does) or ``(B, H, Tq, Tk)``, or None.
+        """
+        mask = _heads_mask(attention_mask)
+        return self.components.normalizer(attention_scores, mask=mask)
+
+    def _attend(
+        self, query, key, value, attention_mask, training, return_weights, pattern, query_offset=0,
+        score_mods=None,
+    ):  # fmt: skip
+        """Run the attention on heads of any rank; the mask as `_compute_attention` takes it."""
+        if len(query.shape) > 4:
+            axes = self._attention_axes
+            mask = None
+            if attention_mask is not None:
+                mask = shapes.fold_mask(attention_mask, query, key, axes)
+            output, scores = self._attend(
+                shapes.fold(query, axes), shapes.fold(key, axes), shapes.fold(value, axes),
+                mask, training, return_weights, pattern, query_offset,
+            )  # fmt: skip
+            if scores is not None:
+                scores = shapes.unfold_scores(scores, query, key, axes)
+            return shapes.unfold(output, query, axes), scores
+        mask = _heads_mask(attention_mask)  # (B|1, 1|H, Tq, Tk)
+        if type(self)._masked_softmax is not Attention._masked_softmax:
+            return self._attend_with_masked_softmax(
+                query, key, value, mask, training, return_weights, pattern, query_offset
+            )
         components = self.components.replace(
             pattern=pattern, dropout=self._dropout_layer if self.dropout else None
         )
-        if score_mods is not None:
+        if score_mods is not None:  # restarted at each segment (`reset_positions`)
             components = components.replace(score_mods=score_mods)
         plan = dispatch.plan(
             components,
@@ -626,7 +835,7 @@ class Attention(keras.layers.Layer):
             key_length=key.shape[1],
             head_dim=query.shape[-1],
             value_dim=value.shape[-1],
-            return_weights=return_attention_scores,
+            return_weights=return_weights,
             training=training,
             block_sparse=self.block_sparse,
             block_size=self.block_size,
@@ -636,9 +845,30 @@ class Attention(keras.layers.Layer):
         )
         self._record_path(plan.path)
         return dispatch.attend(
-            plan, query, key, value, attention_mask, training=training,
-            return_weights=return_attention_scores,
-        )  # fmt: skip
+            plan, query, key, value, mask, training=training, return_weights=return_weights
+        )
+
+    def _attend_with_masked_softmax(
+        self, query, key, value, mask, training, return_weights, pattern, query_offset
+    ):
+        # A subclass's `_masked_softmax` is used, so the weights are formed here.
+        q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, Tq, D)
+        k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, Tk, D)
+        v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, Tk, Dv)
+        positions = make_positions(
+            ops.shape(q)[2], ops.shape(k)[2], self.num_heads, query_offset=query_offset
+        )
+        logits = self.components.score(q, k)
+        for mod in self.components.score_mods:
+            logits = mod(logits, positions=positions)
+        mask = masks.combine_masks(mask, masks.pattern_mask_or_none(pattern, positions))
+        if mask is not None and mask.shape[1] == 1:
+            mask = mask[:, 0]  # (B|1, Tq, Tk), as Keras passes it
+        weights = self._masked_softmax(logits, mask)
+        dropped = self._dropout_layer(weights, training=training) if self.dropout else weights
+        output = ops.matmul(ops.cast(dropped, v.dtype), v)  # (B, H, Tq, Dv)
+        self._record_path("dense")
+        return ops.transpose(output, (0, 2, 1, 3)), weights if return_weights else None
 
     def _record_path(self, path):
         if path != self.last_path:
@@ -648,8 +878,28 @@ class Attention(keras.layers.Layer):
     # -- shapes and config ----------------------------------------------------------
 
     def compute_output_shape(self, query_shape, value_shape=None, key_shape=None):
-        output_dim = self.output_shape_ or query_shape[-1]
-        return (*query_shape[:-1], output_dim)
+        query_shape = tuple(query_shape)
+        value_shape = query_shape if value_shape is None else tuple(value_shape)
+        key_shape = value_shape if key_shape is None else tuple(key_shape)
+        if value_shape[1:-1] != key_shape[1:-1]:
+            raise ValueError(
+                "All dimensions of `value` and `key`, except the last one, must be equal. "
+                f"Received: value_shape={value_shape} and key_shape={key_shape}"
+            )
+        return (*query_shape[:-1], *(self._output_shape or query_shape[-1:]))
+
+    def _scores_shape(self, query_shape, key_shape):
+        if len(query_shape) == 3:
+            return (query_shape[0], self.num_heads, query_shape[1], key_shape[1])
+        axes = shapes.resolve_attention_axes(self._attention_axes_arg, len(query_shape))
+        others = [a for a in range(1, len(query_shape) - 1) if a not in axes]
+        return (
+            query_shape[0],
+            *(query_shape[a] for a in others),
+            self.num_heads,
+            *(query_shape[a] for a in axes),
+            *(key_shape[a] for a in axes),
+        )
 
     def compute_output_spec(
         self,
@@ -670,20 +920,14 @@ class Attention(keras.layers.Layer):
         key_segment_ids=None,
     ):
         value = query if value is None else value
-        output = keras.KerasTensor(self.compute_output_shape(query.shape), dtype=self.compute_dtype)
+        key = value if key is None else key
+        output_shape = self.compute_output_shape(query.shape, value.shape, key.shape)
+        output = keras.KerasTensor(output_shape, dtype=self.compute_dtype)
         result = (output,)
         if return_attention_scores:
-            result += (
-                keras.KerasTensor(
-                    (
-                        query.shape[0],
-                        self.num_heads,
-                        query.shape[1],
-                        cache.shape[2] if cache is not None else value.shape[1],
-                    ),
-                    dtype=self.compute_dtype,
-                ),
-            )
+            key_shape = key.shape if cache is None else (key.shape[0], cache.shape[2])
+            scores_shape = self._scores_shape(query.shape, key_shape)
+            result += (keras.KerasTensor(scores_shape, dtype=self.compute_dtype),)
         if cache is not None:
             result += (keras.KerasTensor(cache.shape, dtype=cache.dtype),)
         return result[0] if len(result) == 1 else result
@@ -701,9 +945,13 @@ class Attention(keras.layers.Layer):
         config.update(
             {
                 "num_heads": self.num_heads,
-                "key_dim": self.key_dim,
-                "value_dim": self.value_dim,
-                "output_shape": self.output_shape_,
+                "key_dim": self._key_dim_arg,
+                "value_dim": self._value_dim_arg,
+                "output_shape": self._output_shape,
+                "num_key_value_heads": (
+                    None if self.num_key_value_heads == self.num_heads else self.num_key_value_heads
+                ),
+                "attention_axes": self._attention_axes_arg,
                 "score": plugins.serialize(self.score),
                 "score_mods": [plugins.serialize(m) for m in self.score_mods],
                 "pattern": plugins.serialize(self.pattern),
