@@ -283,3 +283,34 @@ def test_sink_tokens_compose_with_segments_and_local():
     allowed = allowed[None] & _segment_mask(SEGMENTS, SEGMENTS)
     w = _np(w)
     assert np.all(w[np.broadcast_to(~allowed[:, None], w.shape)] == 0.0)
+
+
+def test_presets_and_functional_models_take_segment_ids():
+    x = _x((2, 16, 8), 6)
+    mask = _segment_mask(SEGMENTS, SEGMENTS)
+    for layer in (
+        keras_attn.SelfAttention(num_heads=2, key_dim=4),
+        keras_attn.MultiHeadAttention(num_heads=2, key_dim=4),
+    ):
+        args = (x,) if isinstance(layer, keras_attn.SelfAttention) else (x, x)
+        _, w = layer(*args, segment_ids=SEGMENTS, return_attention_scores=True)
+        _, expected = ref_attention(layer, x.astype("float64"), x.astype("float64"), mask)
+        np.testing.assert_allclose(_np(w), expected, atol=1e-5)
+    cross = keras_attn.CrossAttention(num_heads=2, key_dim=4)
+    _, w = cross(
+        x[:, :6],
+        x,
+        query_segment_ids=SEGMENTS[:, :6],
+        key_segment_ids=SEGMENTS,
+        return_attention_scores=True,
+    )
+    np.testing.assert_array_equal(_np(w)[np.broadcast_to(~mask[:, None, :6], w.shape)], 0.0)
+
+    inputs, ids = keras.Input((16, 8)), keras.Input((16,), dtype="int32")
+    layer = keras_attn.Attention(num_heads=2, key_dim=4, position_encoding="rope")
+    model = keras.Model([inputs, ids], layer(inputs, segment_ids=ids, use_causal_mask=True))
+    np.testing.assert_allclose(
+        _np(model([x, SEGMENTS])),
+        _np(layer(x, segment_ids=SEGMENTS, use_causal_mask=True)),
+        atol=1e-5,
+    )
