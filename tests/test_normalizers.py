@@ -588,3 +588,22 @@ def test_sink_softmax_clear_errors():
     layer = keras_attn.Attention(num_heads=2, normalizer=normalizers.SinkSoftmax(num_heads=3))
     with pytest.raises(ValueError, match=r"heads on axis 1"):
         layer(np.zeros((1, 4, 8), "float32"))
+
+
+def test_sink_softmax_layer_outputs_and_weights_match_numpy():
+    x = np.random.default_rng(3).normal(size=(2, 5, 8)).astype("float32")
+    layer = keras_attn.Attention(num_heads=2, key_dim=4, normalizer="sink_softmax")
+    layer(x)
+    sinks = np.array([1.5, -0.5], "float32")
+    layer.normalizer.sinks.assign(sinks)
+    out, w = layer(x, use_causal_mask=True, return_attention_scores=True)
+    wq, bq, wk, bk, wv, bv, wo, bo = [np.asarray(v, "float64") for v in layer.get_weights()[:8]]
+    q = np.einsum("btc,chd->bhtd", x, wq) + bq[None, :, None]
+    k = np.einsum("btc,chd->bhtd", x, wk) + bk[None, :, None]
+    v = np.einsum("btc,chd->bhtd", x, wv) + bv[None, :, None]
+    logits = np.einsum("bhqd,bhkd->bhqk", q, k) / 2.0
+    causal = np.broadcast_to(np.tril(np.ones((5, 5), bool)), logits.shape)
+    expected = ref_sink_softmax(logits, causal, sinks)
+    np.testing.assert_allclose(_np(w), expected, atol=1e-5)
+    reference = np.einsum("bhqk,bhkd,hde->bqe", expected, v, wo) + bo
+    np.testing.assert_allclose(_np(out), reference, atol=1e-4)
