@@ -179,6 +179,9 @@ def test_a_pattern_over_several_axes_is_an_error():
     )
     with pytest.raises(ValueError, match="cannot apply to attention over several axes"):
         layer(randn(B, 3, 4, F))
+    layer = keras_attn.MultiHeadAttention(num_heads=2, key_dim=4, attention_axes=(1, 2))
+    with pytest.raises(ValueError, match="cannot apply to attention over several axes"):
+        layer(randn(B, 3, 4, F), use_causal_mask=True)
 
 
 # -- output_shape, properties, config ---------------------------------------------------
@@ -413,3 +416,14 @@ def test_num_key_value_heads_cache_holds_only_key_value_heads():
 def test_num_key_value_heads_must_divide_num_heads():
     with pytest.raises(ValueError, match="num_key_value_heads=3"):
         keras_attn.Attention(num_heads=4, num_key_value_heads=3)
+
+
+def test_grouped_query_attention_is_registered_and_exported():
+    from keras_attn import plugins
+
+    assert plugins.get("layer", "grouped_query") is keras_attn.GroupedQueryAttention
+    assert "GroupedQueryAttention" in keras_attn.__all__
+    layer = keras_attn.GroupedQueryAttention(head_dim=4, num_query_heads=4, num_key_value_heads=2)
+    restored = plugins.resolve("layer", plugins.serialize(layer))
+    assert isinstance(restored, keras_attn.GroupedQueryAttention)
+    assert restored.num_key_value_heads == 2
