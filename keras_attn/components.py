@@ -311,21 +311,25 @@ class Components:
         """A copy with some attributes changed (e.g. the pattern of one call)."""
         return dataclasses.replace(self, **changes)
 
+    def softmax_scale(self, depth, return_weights=False, dropout_active=False):
+        """`scale` if, whatever the pattern, this is ``softmax(scale * q · kᵀ)``, else None.
+
+        That is what fused and native kernels compute: scaled_dot + softmax, no
+        score_mods, without returning the weights or dropping them out.
+        """
+        if self.score_mods or return_weights or dropout_active or not self.normalizer.is_softmax:
+            return None
+        return self.score.fused_scale(depth)
+
     def fused_scale(self, depth, return_weights=False, dropout_active=False):
         """The scale for a fused kernel if one computes exactly this attention, else None.
 
         A fused kernel computes ``softmax(scale * q · kᵀ)`` over all pairs or the
-        causal ones, without returning the weights or dropping them out.
+        causal ones (`softmax_scale`, and a pattern with a ``kernel_form``).
         """
-        if (
-            self.score_mods
-            or return_weights
-            or dropout_active
-            or not self.normalizer.is_softmax
-            or self.pattern.kernel_form is None
-        ):
+        if self.pattern.kernel_form is None:
             return None
-        return self.score.fused_scale(depth)
+        return self.softmax_scale(depth, return_weights, dropout_active)
 
     def dropout_active(self, training):
         return self.dropout is not None and bool(training) and self.dropout.rate > 0

@@ -6,6 +6,9 @@ the attention runs (and, for the block-sparse path, which blocks it computes);
 the kernels below never decide anything (as FlexAttention builds its ``BlockMask``
 once and hands it to the kernel). The paths, all exact and all agreeing:
 
+- ``native``: the backend's own exact kernel for this pattern (`keras_attn.native`:
+  cuDNN's sliding-window flash kernel through ``jax.nn.dot_product_attention`` on a
+  GPU), named in the plan's ``kernel``;
 - ``fused``: `keras.ops.dot_product_attention` (`keras_attn.kernels.fused_attention`;
   flash kernels on GPU/TPU where the backend has them) when a fused kernel computes
   exactly these components (`Components.fused_scale`);
@@ -23,6 +26,7 @@ from keras import ops
 
 from keras_attn import block_layout as block_layout_module
 from keras_attn import kernels
+from keras_attn import native
 from keras_attn.block_sparse import block_sparse_attention
 from keras_attn.masks import combine_masks
 from keras_attn.positions import make_positions
@@ -31,7 +35,7 @@ logger = logging.getLogger("keras_attn")
 
 __all__ = ["PATHS", "Plan", "attend", "block_sparse_pays_off", "plan"]
 
-PATHS = ("fused", "block_sparse", "dense")
+PATHS = ("native", "fused", "block_sparse", "dense")
 
 # The auto mode takes the block-sparse path when it computes at most this fraction of
 # the blocks of the dense score matrix...
@@ -54,8 +58,10 @@ class Plan(NamedTuple):
         components: The `keras_attn.components.Components` of the call.
         query_offset: Absolute position of the first query (int or scalar tensor).
         layout: The `keras_attn.block_layout.BlockLayout` (block-sparse path), or None.
-        scale: The fused kernel's scale (fused path), or None.
+        scale: The fused or native kernel's scale, or None.
         flash_attention: Passed to the fused kernel.
+        kernel: The native kernel's name (``"jax_cudnn"``), or None.
+        window: The native kernel's ``(left, right)`` sliding window, or None.
     """
 
     path: str
@@ -64,6 +70,8 @@ class Plan(NamedTuple):
     layout: object = None
     scale: object = None
     flash_attention: object = None
+    kernel: object = None
+    window: object = None
 
 
 def _static_int(value):
@@ -137,6 +145,8 @@ def plan(
     query_offset=0,
     flash_attention=None,
     name=None,
+    dtype=None,
+    has_mask=False,
 ):
     """Decide how this attention runs.
 
@@ -156,6 +166,12 @@ def plan(
         block_sparse, block_size, flash_attention: The layer's settings.
         query_offset: Absolute position of the first query (the cache index).
         name: The caller's name (the layer's), for the warning below.
+        dtype: The heads' dtype (the native kernels need 16-bit inputs), or None.
+        has_mask: Whether a data mask (padding, explicit, cache) comes with the call.
+
+    A sliding window (`keras_attn.patterns.Local`) with scaled_dot + softmax runs
+    natively, on cuDNN's own sliding-window kernel, where JAX sees an NVIDIA GPU and
+    the inputs are 16-bit, with no data mask, no cache offset and ``Tq == Tk``.
 
     Where ``block_sparse="auto"`` would consider the block-sparse path for this
     pattern but the lengths are unknown when the function is traced (TensorFlow
@@ -201,6 +217,13 @@ def plan(
         and not (_static_int(query_length) and _static_int(key_length))
     ):
         warn_unknown_lengths(name, pattern, query_length, key_length)
+    native_plan = _native_plan(
+        components, head_dim=head_dim, value_dim=value_dim, return_weights=return_weights,
+        training=training, query_length=query_length, key_length=key_length,
+        query_offset=query_offset, block_sparse=block_sparse, has_mask=has_mask, dtype=dtype,
+    )  # fmt: skip
+    if native_plan is not None:
+        return native_plan
     if scale is not None and block_sparse is not True:
         if cpu_fused and sparse(mode="auto", max_fraction=MAX_FRACTION_OVER_FUSED):
             return block_sparse_plan()
@@ -208,6 +231,30 @@ def plan(
     if sparse(mode=block_sparse):
         return block_sparse_plan()
     return Plan("dense", components, query_offset)
+
+
+def _native_plan(components, *, head_dim, value_dim, return_weights, training, query_length,
+                 key_length, query_offset, block_sparse, has_mask, dtype):  # fmt: skip
+    """The native path's plan if a backend kernel computes exactly this, else None."""
+    scale = components.softmax_scale(
+        head_dim,
+        return_weights=return_weights or value_dim != head_dim,
+        dropout_active=components.dropout_active(training),
+    )
+    window = native.jax_window(components.pattern)
+    offset = query_offset
+    if (
+        scale is None
+        or window is None
+        or block_sparse is True
+        or has_mask
+        or not (_static_int(offset) and offset == 0)
+        or not (_static_int(query_length) and query_length == key_length)
+        or dtype is None
+        or not native.jax_cudnn_available(dtype)
+    ):
+        return None
+    return Plan("native", components, offset, scale=scale, kernel="jax_cudnn", window=window)
 
 
 _warned_unknown_lengths = set()
@@ -269,6 +316,9 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
             ops.shape(query)[1], ops.shape(key)[1], query.shape[2], query_offset=offset
         )
 
+    if plan.path == "native":
+        output = native.jax_local_attention(query, key, value, scale=plan.scale, window=plan.window)
+        return output, None
     if plan.path == "fused":
         pattern = plan.components.pattern
         causal = pattern.kernel_form == "causal"

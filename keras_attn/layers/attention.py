@@ -847,8 +847,10 @@ class Attention(keras.layers.Layer):
             query_offset=query_offset,
             flash_attention=self.flash_attention,
             name=self.name,
+            dtype=query.dtype,
+            has_mask=mask is not None,
         )
-        self._record_path(plan.path)
+        self._record_path(plan.path, plan.kernel)
         return dispatch.attend(
             plan, query, key, value, mask, training=training, return_weights=return_weights
         )
@@ -875,9 +877,10 @@ class Attention(keras.layers.Layer):
         self._record_path("dense")
         return ops.transpose(output, (0, 2, 1, 3)), weights if return_weights else None
 
-    def _record_path(self, path):
+    def _record_path(self, path, kernel=None):
         if path != self.last_path:
-            logger.debug("%s (%s): %s path", self.name, type(self).__name__, path)
+            where = f" ({kernel})" if kernel else ""
+            logger.debug("%s (%s): %s path%s", self.name, type(self).__name__, path, where)
         self.last_path = path
 
     # -- shapes and config ----------------------------------------------------------
