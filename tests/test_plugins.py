@@ -845,8 +845,9 @@ def test_a_keras_file_missing_several_components_names_all_of_them_at_the_top(
     message = str(info.value)
     assert isinstance(info.value, UnknownComponentError)
     first_line, *rest = message.splitlines()
+    name = model.layers[-1].name
     assert first_line == (
-        "Attention 'attention' needs 4 keras_attn component(s) that are not installed:"
+        f"Attention {name!r} needs 4 keras_attn component(s) that are not installed:"
     )
     assert rest[:4] == [
         f"  - {kind} {PLUGIN_NAMES[kind]!r} (providing package not recorded in the file)"
