@@ -337,6 +337,31 @@ def test_subclass_without_overrides_keeps_keras_attn_extras():
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
 
 
+def test_overriding_subclass_decodes_with_a_cache():
+    # The mask an override gets holds the pattern at the cache's absolute positions.
+    class PassThrough(keras_attn.MultiHeadAttention):
+        def _compute_attention(
+            self, query, key, value, attention_mask=None, training=None,
+            return_attention_scores=False,
+        ):  # fmt: skip
+            return super()._compute_attention(
+                query, key, value, attention_mask, training, return_attention_scores
+            )
+
+    layer = PassThrough(num_heads=2, key_dim=4, sliding_window=2)
+    plain = keras_attn.MultiHeadAttention(num_heads=2, key_dim=4, sliding_window=2)
+    plain(X)
+    layer(X)
+    layer.set_weights(plain.get_weights())
+    full = ops.convert_to_numpy(plain(X, use_causal_mask=True))
+    cache = ops.zeros((B, 2, T, 2, 4))
+    steps = []
+    for i in range(T):
+        out, cache = layer(X[:, i : i + 1], cache=cache, cache_update_index=i, use_causal_mask=True)
+        steps.append(ops.convert_to_numpy(out))
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+
+
 # -- grouped key/value heads ------------------------------------------------------------
 
 
