@@ -224,6 +224,11 @@ def test_long_causal_self_attention_equals_the_fused_kernel():
 # -- edge inputs: every path gives the same, right answer -------------------------------
 
 
+# The paths that take data masks. The native path (a sliding window on a GPU, with no
+# data mask) is tested against the dense one in tests/test_native.py.
+MASKED_PATHS = tuple(p for p in dispatch.PATHS if p != "native")
+
+
 def every_plan(components, query_length, key_length, head_dim):
     """A plan of each path for these components (scaled_dot + softmax + full or causal)."""
     kwargs = dict(query_length=query_length, key_length=key_length, head_dim=head_dim)
@@ -262,7 +267,7 @@ def np_reference(q, k, v, mask, causal=True):
     return heads_first(out)
 
 
-@pytest.mark.parametrize("path", dispatch.PATHS)
+@pytest.mark.parametrize("path", MASKED_PATHS)
 def test_float16_logits_beyond_65504_are_right_on_every_path(path):
     # Under mixed_float16, q·k/√d here reaches ~10^5 (and ~10^8 for the padding key):
     # float16 logits overflow to inf and the softmax to NaN, as in Keras's own layer.
@@ -292,7 +297,7 @@ def attend_sum(plan, mask, weights_out):
     return fn
 
 
-@pytest.mark.parametrize("path", dispatch.PATHS)
+@pytest.mark.parametrize("path", MASKED_PATHS)
 @pytest.mark.parametrize("poison", [np.nan, np.inf, -np.inf])
 def test_non_finite_values_at_masked_positions_have_no_influence(path, poison):
     # Padded keys (and padded queries) hold NaN or inf in query, key and value: the
@@ -322,7 +327,7 @@ def test_non_finite_values_at_masked_positions_have_no_influence(path, poison):
     np.testing.assert_array_equal(dirty_grads[2][0, 6:], 0.0)  # no say: no gradient
 
 
-@pytest.mark.parametrize("path", dispatch.PATHS)
+@pytest.mark.parametrize("path", MASKED_PATHS)
 @pytest.mark.parametrize("query_length, key_length", [(0, 6), (6, 0), (0, 0)])
 def test_empty_queries_or_keys_give_zeros_on_every_path(path, query_length, key_length):
     b, h, d = 2, 2, 4
@@ -406,7 +411,7 @@ def layer_output_and_grads(layer, fn, inputs, upstream):
     return ops.convert_to_numpy(out), grads
 
 
-@pytest.mark.parametrize("path", dispatch.PATHS)
+@pytest.mark.parametrize("path", MASKED_PATHS)
 @pytest.mark.parametrize("poison", [np.nan, np.inf])
 def test_a_nan_at_a_padded_position_has_no_influence_on_a_layer(path, poison):
     # Every output and every gradient (inputs and weights) equals that of clean inputs:
