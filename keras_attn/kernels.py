@@ -155,6 +155,9 @@ def drop_masked_positions(query, key, value, mask):
         mask = mask[None]
     if mask.shape[-1] != 1:
         seen = ops.any(mask, axis=-2)  # (B|1, H|1, Tk)
+        if seen.shape[1] not in (1, key.shape[2]):
+            # Grouped keys (fewer key heads than query heads): seen by any head.
+            seen = ops.any(seen, axis=1, keepdims=True)
         seen = ops.expand_dims(ops.transpose(seen, (0, 2, 1)), -1)  # (B|1, Tk, H|1, 1)
         key = ops.where(seen, key, ops.zeros_like(key))
         value = ops.where(seen, value, ops.zeros_like(value))

@@ -183,3 +183,28 @@ def test_fused_kernel_compiles_in_float16_and_agrees_with_float32():
     np.testing.assert_allclose(
         ops.convert_to_numpy(ops.cast(got, "float32")), ops.convert_to_numpy(want), atol=1e-2
     )
+
+
+# -- masked positions are selected away before any matmul -------------------------
+
+
+@pytest.mark.parametrize("key_heads", [4, 2, 1])
+def test_drop_masked_positions_zeroes_only_what_no_one_may_see(key_heads):
+    # A per-head mask (B, H, Tq, Tk) with grouped keys (fewer key heads): a key is
+    # dropped only where no query of any head may see it; real data is kept as it is.
+    b, t, h, d = 2, 5, 4, 3
+    q = np.full((b, t, h, d), np.nan, "float32")
+    k = np.full((b, t, key_heads, d), np.inf, "float32")
+    v = np.full((b, t, key_heads, d), np.nan, "float32")
+    mask = RNG.random((b, h, t, t)) > 0.5
+    mask[:, :, :, 0] = False  # key 0: padding for every query
+    mask[:, :, 1, :] = False  # query 1: padding
+    q2, k2, v2 = (ops.convert_to_numpy(x) for x in kernels.drop_masked_positions(q, k, v, mask))
+    seen = mask.any(axis=(1, 2)) if key_heads != h else mask.any(axis=2).transpose(0, 2, 1)
+    seen = seen.reshape(b, t, -1, 1)
+    np.testing.assert_array_equal(np.isnan(v2), np.broadcast_to(seen, v2.shape))
+    np.testing.assert_array_equal(np.isinf(k2), np.broadcast_to(seen, k2.shape))
+    np.testing.assert_array_equal(k2[:, 0], 0.0)
+    sees = mask.any(axis=3).transpose(0, 2, 1)[..., None]  # (B, Tq, H, 1)
+    np.testing.assert_array_equal(np.isnan(q2), np.broadcast_to(sees, q2.shape))
+    np.testing.assert_array_equal(q2[:, 1], 0.0)
