@@ -365,6 +365,11 @@ def register(plugin, name=None):
 
     Returns:
         The plugin, so ``register`` can be used as a class decorator.
+
+    Raises:
+        PluginError: `plugin` has no ``@keras_attn.hookimpl`` function, `name` is not a
+            non-empty string, the plugin is already registered (the message gives the
+            name it has) or another plugin has that name.
     """
     if name is None:
         name = getattr(plugin, "__name__", None) or type(plugin).__name__
