@@ -169,6 +169,12 @@ class SinkSoftmax(Normalizer):
                     f"Received: logits_shape={tuple(logits_shape)}"
                 )
             self.num_heads = heads
+        if heads is not None and self.num_heads not in (1, heads):
+            raise ValueError(
+                f"sink_softmax has one sink per head for num_heads={self.num_heads}, so it "
+                "takes logits (B, H, ...) with the heads on axis 1, H == num_heads (or "
+                f"num_heads=1, one shared sink). Received: logits_shape={tuple(logits_shape)}"
+            )
         self.sinks = self.add_weight(
             shape=(self.num_heads,),
             initializer=self.sink_initializer,

@@ -581,8 +581,11 @@ def test_sink_softmax_clear_errors():
     with pytest.raises(ValueError, match=r"Received: num_heads=0"):
         normalizers.SinkSoftmax(num_heads=0)
     normalizer = normalizers.SinkSoftmax(num_heads=3)
-    with pytest.raises(ValueError, match=r"heads on axis 1.*Received: logits.shape=\(2, 4, 4, 6\)"):
+    with pytest.raises(ValueError, match=r"heads on axis 1.*Received: logits_shape=\(2, 4, 4, 6\)"):
         normalizer(np.zeros((2, 4, 4, 6), "float32"))
+    normalizer.build((None, 3, None, None))
+    with pytest.raises(ValueError, match=r"heads on axis 1.*Received: logits.shape=\(4, 6\)"):
+        normalizer(np.zeros((4, 6), "float32"))
     with pytest.raises(ValueError, match="num_heads"):
         normalizers.SinkSoftmax()(np.zeros((4, 6), "float32"))
     layer = keras_attn.Attention(num_heads=2, normalizer=normalizers.SinkSoftmax(num_heads=3))
