@@ -27,6 +27,15 @@ def _compiled(fn):
 
         jitted = jax.jit(lambda *a: keras.ops.sum(fn(*a)))
         return lambda *a: jax.block_until_ready(jitted(*a))
+    if keras.backend.backend() == "torch":
+        import torch
+
+        def step(*a):
+            # Eager, as Keras runs PyTorch by default; no autograd graph is kept.
+            with torch.no_grad():
+                return float(keras.ops.sum(fn(*a)))
+
+        return step
     import tensorflow as tf
 
     traced = tf.function(lambda *a: keras.ops.sum(fn(*a)))

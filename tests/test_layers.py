@@ -649,7 +649,9 @@ def test_subclass_overriding_compute_attention_receives_keras_arguments():
     plain(X, C)
     plain.set_weights(layer.get_weights())
     expected = plain(X, C, query_mask=QMASK, value_mask=VMASK, use_causal_mask=True)
-    np.testing.assert_allclose(output, expected, atol=1e-5)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(output), ops.convert_to_numpy(expected), atol=1e-5
+    )
 
     # Keras masks reach the override too.
     embed = keras.layers.Embedding(10, 8, mask_zero=True)
@@ -740,8 +742,10 @@ def test_cache_without_index_is_read_as_it_is():
     expected = layer(X, C)
     _, cache = layer(X, C, cache=ops.zeros((B, 2, TK, 2, 4)), cache_update_index=0)
     output, same_cache = layer(X, C, cache=cache)
-    np.testing.assert_allclose(output, expected, atol=1e-5)
-    np.testing.assert_array_equal(same_cache, cache)
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(output), ops.convert_to_numpy(expected), atol=1e-5
+    )
+    np.testing.assert_array_equal(ops.convert_to_numpy(same_cache), ops.convert_to_numpy(cache))
 
 
 def test_kv_cache_errors():
@@ -991,9 +995,16 @@ def test_self_attention_takes_every_call_argument():
         X, query_mask=QMASK, value_mask=QMASK, attention_mask=mask, use_causal_mask=True,
         return_attention_scores=True, training=False,
     )  # fmt: skip
-    np.testing.assert_allclose(output, expected[0], atol=1e-6)
-    np.testing.assert_allclose(scores, expected[1], atol=1e-6)
-    assert not np.allclose(layer(X, training=True), layer(X, training=False))
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(output), ops.convert_to_numpy(expected[0]), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(scores), ops.convert_to_numpy(expected[1]), atol=1e-6
+    )
+    assert not np.allclose(
+        ops.convert_to_numpy(layer(X, training=True)),
+        ops.convert_to_numpy(layer(X, training=False)),
+    )
     # A cache, step by step.
     layer = keras_attn.SelfAttention(num_heads=2)
     full = ops.convert_to_numpy(layer(X, use_causal_mask=True))
@@ -1027,6 +1038,13 @@ def test_cross_attention_takes_every_call_argument():
     kwargs = dict(attention_mask=mask, return_attention_scores=True, training=False)
     output, scores = layer(X, C, query_mask=QMASK, context_mask=VMASK, **kwargs)
     expected = reference(X, C, query_mask=QMASK, value_mask=VMASK, **kwargs)
-    np.testing.assert_allclose(output, expected[0], atol=1e-6)
-    np.testing.assert_allclose(scores, expected[1], atol=1e-6)
-    assert not np.allclose(layer(X, C, training=True), layer(X, C, training=False))
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(output), ops.convert_to_numpy(expected[0]), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(scores), ops.convert_to_numpy(expected[1]), atol=1e-6
+    )
+    assert not np.allclose(
+        ops.convert_to_numpy(layer(X, C, training=True)),
+        ops.convert_to_numpy(layer(X, C, training=False)),
+    )
