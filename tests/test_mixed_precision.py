@@ -184,6 +184,14 @@ def outputs_and_grads(layer, fn, inputs, upstream):
             [v.value for v in variables], *inputs
         )
         grads = list(grads[1:]) + list(grads[0])
+    elif backend == "torch":
+        import torch
+
+        tensors = [torch.tensor(x, requires_grad=True) for x in inputs]
+        out = ops.cast(fn(*tensors), "float32")
+        total = ops.sum(out * ops.convert_to_tensor(upstream))
+        grads = torch.autograd.grad(total, tensors + [v.value for v in variables])
+        out = out.detach()
     else:
         pytest.skip(f"no gradient helper for backend {backend}")
     return ops.convert_to_numpy(out), [ops.convert_to_numpy(ops.cast(g, "float32")) for g in grads]
