@@ -92,6 +92,12 @@ def _swap(parent, old, new):
     for attr, value in list(vars(parent).items()):
         if value is old:
             object.__setattr__(parent, attr, new)
+    # On PyTorch a layer is a torch.nn.Module, which holds its sublayers in `_modules`.
+    modules = vars(parent).get("_modules")
+    if modules is not None:
+        for attr, value in list(modules.items()):
+            if value is old:
+                modules[attr] = new
     parent._layers[:] = [new if sublayer is old else sublayer for sublayer in parent._layers]
     operations = getattr(parent, "_operations", None)
     if operations is not None and any(op is old for op in operations):
