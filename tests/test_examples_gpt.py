@@ -149,6 +149,48 @@ def test_cached_greedy_equals_uncached_greedy(pattern):
 
 
 @pytest.mark.slow  # compiles several decoding loops (~25 s each on JAX, CPU)
+def test_rope_grouped_query_and_sinks_decode_with_the_cache_as_without():
+    attention = {
+        "position_encoding": "rope",
+        "num_key_value_heads": 1,
+        "normalizer": "sink_softmax",
+    }
+    model = tiny_gpt(attention)
+    layer = model.get_layer("block_0").attention
+    assert (layer.num_key_value_heads, type(layer.position_encoding).name) == (1, "rope")
+    assert layer.cache_shape(2, 24) == (2, 2, 24, 1, 8)  # the cache holds the kv heads only
+    prompt = np.random.default_rng(4).integers(0, VOCAB, (2, 3)).astype("int32")
+    np.testing.assert_array_equal(
+        gpt.generate(model, prompt, 8, use_cache=True), naive_greedy(model, prompt, 8)
+    )
+
+
+def test_modern_attention_flags_reach_the_attention_dict():
+    from examples.common import cli
+    from examples.gpt.__main__ import make_parser
+
+    args = make_parser().parse_args(
+        [
+            "train",
+            "--position-encoding",
+            "rope",
+            "--num-kv-heads",
+            "2",
+            "--normalizer",
+            "sink_softmax",
+        ]
+    )
+    attention = cli.attention_from_args(args)
+    assert attention["position_encoding"] == "rope"
+    assert attention["num_key_value_heads"] == 2
+    assert attention["normalizer"] == "sink_softmax"
+    with pytest.raises(ValueError, match="reference layer.*takes no position_encoding"):
+        gpt.build_gpt(VOCAB, 8, attention={"layer": "keras", "position_encoding": "rope"})
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        gpt.build_gpt(VOCAB, 8, attention={"num_key_value_heads": 0})
+
+
+@pytest.mark.slow  # compiles several decoding loops (~25 s each on JAX, CPU)
 def test_generate_text_slides_past_the_maximum_length():
     model = tiny_gpt(max_length=12)
     prompt = np.array([[1, 2, 3]], "int32")

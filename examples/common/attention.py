@@ -4,14 +4,17 @@
     layer = attention_layer(attention, num_heads=4, key_dim=32, name="block_0_attention")
 
 The dict has the keys ``layer``, ``score``, ``pattern``, ``normalizer`` (a registry
-name, plugins' included, or ``{"name": ..., "config": {...}}``) and ``score_mods``
-(a list of them). ``layer="keras"`` stands for `keras.layers.MultiHeadAttention`,
-the reference the ``compare`` commands train beside.
+name, plugins' included, or ``{"name": ..., "config": {...}}``), ``score_mods``
+(a list of them), ``position_encoding`` (one, e.g. ``"rope"``, or None) and
+``num_key_value_heads`` (grouped-query attention, or None for one per head).
+``layer="keras"`` stands for `keras.layers.MultiHeadAttention`, the reference the
+``compare`` commands train beside.
 """
 
 import keras
 
 from keras_attn import plugins
+from keras_attn import validation
 
 REFERENCE_LAYER = "keras"  # --layer keras: keras.layers.MultiHeadAttention, the reference
 
@@ -23,6 +26,8 @@ def default_attention():
         "pattern": "full",
         "normalizer": "softmax",
         "score_mods": [],
+        "position_encoding": None,
+        "num_key_value_heads": None,
     }
 
 
@@ -40,6 +45,18 @@ def check_attention(attention):
     for mod in attention["score_mods"]:
         plugins.resolve("score_mod", mod)
     attention["score_mods"] = list(attention["score_mods"])
+    if attention["position_encoding"] is not None:
+        plugins.resolve("position_encoding", attention["position_encoding"])
+    validation.positive_int(
+        attention["num_key_value_heads"], "num_key_value_heads", allow_none=True
+    )
+    extras = [k for k in ("position_encoding", "num_key_value_heads") if attention[k] is not None]
+    if layer == REFERENCE_LAYER and extras:
+        raise ValueError(
+            f"The reference layer (--layer {REFERENCE_LAYER}, keras.layers.MultiHeadAttention) "
+            f"takes no {' or '.join(extras)}. Received: "
+            + ", ".join(f"{k}={attention[k]!r}" for k in extras)
+        )
     return attention
 
 
@@ -74,6 +91,9 @@ def attention_layer(attention, num_heads, key_dim, dropout=0.0, name=None, **kwa
         normalizer=attention["normalizer"],
         score_mods=list(attention["score_mods"]),
     )
+    for key in ("position_encoding", "num_key_value_heads"):
+        if attention[key] is not None:
+            arguments[key] = attention[key]
     arguments.update(kwargs)
     arguments.update(config)
     return cls(**arguments)

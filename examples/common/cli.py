@@ -89,7 +89,8 @@ def add_run_arguments(parser, datasets, defaults):
 
 
 def add_attention_arguments(parser, defaults=None):
-    """Add ``--layer --score --pattern --normalizer --score-mod`` to `parser`."""
+    """Add ``--layer --score --pattern --normalizer --score-mod --position-encoding
+    --num-kv-heads`` to `parser`."""
     defaults = defaults or {}
     g = parser.add_argument_group(
         "attention", 'registry names (plugins\' too) or JSON specs {"name": ..., "config": {...}}'
@@ -112,6 +113,19 @@ def add_attention_arguments(parser, defaults=None):
         action="append",
         default=None,
         help="repeat for several",
+    )
+    g.add_argument(
+        "--position-encoding",
+        type=parse_component,
+        default=defaults.get("position_encoding"),
+        help="applied to queries and keys, e.g. rope (default: none)",
+    )
+    g.add_argument(
+        "--num-kv-heads",
+        dest="num_key_value_heads",
+        type=int,
+        default=defaults.get("num_key_value_heads"),
+        help="key/value heads, grouped-query attention (default: one per query head)",
     )
 
 
@@ -148,6 +162,8 @@ def attention_from_args(args):
         "pattern": args.pattern,
         "normalizer": args.normalizer,
         "score_mods": list(args.score_mods or []),
+        "position_encoding": getattr(args, "position_encoding", None),
+        "num_key_value_heads": getattr(args, "num_key_value_heads", None),
     }
 
 
