@@ -409,8 +409,10 @@ def test_minimal_package_of_the_guide_installs_lists_and_saves(tmp_path):
         """
     )
     assert missing.returncode != 0
-    assert "Unknown score 'l1'" in missing.stderr, missing.stderr[-3000:]
-    assert "that plugin is not installed" in missing.stderr
+    # ...and the package the file recorded for it.
+    message = "score 'l1' (provided by package keras-attn-l1 0.1.0)"
+    assert message in missing.stderr, missing.stderr[-3000:]
+    assert "pip install keras-attn-l1" in missing.stderr
 
 
 @pytest.mark.slow
