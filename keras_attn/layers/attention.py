@@ -653,11 +653,11 @@ class Attention(keras.layers.Layer):
         pattern = self._effective_pattern(use_causal_mask)
 
         if self._overrides_compute_attention():
-            output, scores = self._call_overridden(
+            output, weights = self._call_overridden(
                 q, k, v, mask, pattern, query_offset, training, return_attention_scores
             )
         else:
-            output, scores = self._attend(
+            output, weights = self._attend(
                 q, k, v, mask, training, return_attention_scores, pattern, query_offset,
                 score_mods=self._segment_score_mods(call_segments, query_offset),
             )  # fmt: skip
@@ -668,7 +668,7 @@ class Attention(keras.layers.Layer):
             masks.set_keras_mask(output, query_mask)
         result = (output,)
         if return_attention_scores:
-            result += (scores,)
+            result += (weights,)
         if cache is not None:
             result += (cache,)
         return result[0] if len(result) == 1 else result
@@ -817,13 +817,13 @@ class Attention(keras.layers.Layer):
             mask = None
             if attention_mask is not None:
                 mask = shapes.fold_mask(attention_mask, query, key, axes)
-            output, scores = self._attend(
+            output, weights = self._attend(
                 shapes.fold(query, axes), shapes.fold(key, axes), shapes.fold(value, axes),
                 mask, training, return_weights, pattern, query_offset,
             )  # fmt: skip
-            if scores is not None:
-                scores = shapes.unfold_scores(scores, query, key, axes)
-            return shapes.unfold(output, query, axes), scores
+            if weights is not None:
+                weights = shapes.unfold_weights(weights, query, key, axes)
+            return shapes.unfold(output, query, axes), weights
         mask = _heads_mask(attention_mask)  # (B|1, 1|H, Tq, Tk)
         if type(self)._masked_softmax is not Attention._masked_softmax:
             return self._attend_with_masked_softmax(

@@ -21,7 +21,7 @@ __all__ = [
     "projection_equation",
     "resolve_attention_axes",
     "unfold",
-    "unfold_scores",
+    "unfold_weights",
 ]
 
 
@@ -120,7 +120,7 @@ def unfold(output, query_heads, axes):
     return ops.transpose(output, (*inverse, rank - 1, rank))
 
 
-def unfold_scores(scores, query_heads, key_heads, axes):
+def unfold_weights(weights, query_heads, key_heads, axes):
     """``(B', H, Tq, Tk)`` -> Keras's ``(B, *others, H, *query_axes, *key_axes)``."""
     rank = len(query_heads.shape) - 1
     _, others = _order(rank, axes)
@@ -132,7 +132,7 @@ def unfold_scores(scores, query_heads, key_heads, axes):
         + [q_shape[a] for a in axes]
         + [k_shape[a] for a in axes]
     )
-    return ops.reshape(scores, shape)
+    return ops.reshape(weights, shape)
 
 
 def fold_mask(mask, query_heads, key_heads, axes):
