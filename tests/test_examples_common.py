@@ -191,11 +191,19 @@ def test_latest_checkpoint_and_restore(tmp_path):
 
 
 def test_distribute_tpu_without_a_tpu_is_a_clear_error(backend):
+    if backend not in ("tensorflow", "jax"):
+        pytest.skip("--distribute tpu is a TensorFlow and JAX option")
     with pytest.raises(run_lib.RunError, match="tpu"):
         devices.distribution("tpu")
 
 
 def test_distribute_choices_are_checked_per_backend(backend):
+    if backend not in ("tensorflow", "jax"):
+        # PyTorch trains on one device: every option but "none" names the backend.
+        with pytest.raises(run_lib.RunError, match=f"Received: backend={backend}"):
+            devices.distribution("mirrored")
+        assert devices.distribution("none").num_replicas == 1
+        return
     wrong = "data_parallel" if backend == "tensorflow" else "mirrored"
     with pytest.raises(run_lib.RunError, match="Received: distribute="):
         devices.distribution(wrong)
