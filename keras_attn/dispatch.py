@@ -210,10 +210,11 @@ def plan(
     cpu_fused = (
         block_sparse == "auto" and flash_attention is not True and kernels.fused_kernel_is_dense()
     )
+    # Full and causal patterns run as Keras's own layer does (fused, or the whole
+    # matrix on a CPU): no warning. A sparse pattern on whole matrices is quadratic.
     if (
         block_sparse == "auto"
-        and pattern.kernel_form != "full"
-        and (scale is None or cpu_fused)
+        and pattern.kernel_form is None
         and not (_static_int(query_length) and _static_int(key_length))
     ):
         warn_unknown_lengths(name, pattern, query_length, key_length)

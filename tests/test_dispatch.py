@@ -366,8 +366,10 @@ def test_a_sparse_pattern_with_unknown_lengths_warns_once_naming_the_layer():
     assert len([w for w in caught if "unknown_lengths_1" in str(w.message)]) == 1
 
 
-def test_full_patterns_and_known_lengths_do_not_warn(recwarn):
+def test_full_and_causal_patterns_and_known_lengths_do_not_warn(recwarn):
+    # Full and causal attention on whole matrices is what Keras's own layer does.
     dispatch.plan(softmax_components("full"), query_length=None, key_length=None, head_dim=8)
+    dispatch.plan(softmax_components("causal"), query_length=None, key_length=None, head_dim=8)
     dispatch.plan(
         softmax_components(patterns.Local(16)), query_length=64, key_length=64, head_dim=8
     )
