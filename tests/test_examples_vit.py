@@ -134,9 +134,10 @@ def test_short_training_reduces_loss_on_embedded_digits(data_dir):
     args = vit_cli.make_parser().parse_args(["train", "--data-dir", data_dir])
     x, y = vit_data.load_images(args, "train")
     x, y = x[:256].astype("float32"), y[:256]
-    model = vit.compile_vit(vit.build_vit((8, 8, 1), 10, dropout=0.0, **TINY), 3e-3, 40)
+    # 8 epochs of 8 steps: after 5, the loss was 0.6-0.72x the first, by backend and seed.
+    model = vit.compile_vit(vit.build_vit((8, 8, 1), 10, dropout=0.0, **TINY), 3e-3, 64)
     before = model.evaluate(x, y, verbose=0, return_dict=True)["loss"]
-    model.fit(x, y, batch_size=32, epochs=5, verbose=0)
+    model.fit(x, y, batch_size=32, epochs=8, verbose=0)
     after = model.evaluate(x, y, verbose=0, return_dict=True)
     assert after["loss"] < 0.7 * before, (before, after)
     assert after["accuracy"] > 0.3  # chance is 0.1
