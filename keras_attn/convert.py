@@ -109,6 +109,12 @@ def _swap(parent, old, new):
                     node.operation = new
         new._inbound_nodes = old._inbound_nodes
         new._outbound_nodes = old._outbound_nodes
+        # The tensors `old` made (the model's outputs among them) name their maker.
+        for node in new._inbound_nodes:
+            for tensor in node.outputs:
+                history = getattr(tensor, "_keras_history", None)
+                if history is not None and history.operation is old:
+                    tensor._keras_history = history._replace(operation=new)
         # The graph's node keys hold the operation's id.
         prefix = f"{id(old)}_ib-"
         parent._nodes = {

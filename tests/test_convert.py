@@ -156,3 +156,23 @@ def test_convert_is_callable_after_importing_its_module():
     converted = module(functional_model())
     assert isinstance(converted, module.Converted)
     assert isinstance(keras_attn.convert(functional_model()), keras_attn.Converted)
+
+
+@pytest.mark.parametrize("layer", ["mha", "gqa"])
+def test_a_model_whose_output_is_the_attention_saves_and_loads(tmp_path, layer):
+    # The converted layer makes the model's output tensor: that tensor must name it.
+    inputs = keras.Input((5, 8))
+    if layer == "mha":
+        attention = keras.layers.MultiHeadAttention(num_heads=2, key_dim=4)
+    else:
+        attention = keras.layers.GroupQueryAttention(
+            head_dim=4, num_query_heads=2, num_key_value_heads=1
+        )
+    model = keras.Model(inputs, attention(inputs, inputs, use_causal_mask=True))
+    converted = keras_attn.convert(model)
+    x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype("float32")
+    converted.save(tmp_path / "converted.keras")
+    loaded = keras.saving.load_model(tmp_path / "converted.keras")
+    np.testing.assert_allclose(
+        ops.convert_to_numpy(loaded(x)), ops.convert_to_numpy(model(x)), atol=1e-6
+    )
