@@ -47,6 +47,8 @@ def test_attention_flags_take_names_and_json_specs():
         "pattern": {"name": "local", "config": {"window": 64, "causal": True}},
         "normalizer": "hard",
         "score_mods": ["softcap", "relative_position"],
+        "position_encoding": None,
+        "num_key_value_heads": None,
     }
     assert args.dataset == "pydoc_text" and args.distribute == "none" and args.download
 
