@@ -26,7 +26,8 @@ def self_attend(layer, x, mask):
     Only the keys are masked, so no query row is left without a key.
     """
     if isinstance(layer, keras_attn.SelfAttention):
-        return layer(x, value_mask=mask)
+        # Its `mask` pads queries too; the keys alone are masked as (B, 1, T).
+        return layer(x, attention_mask=None if mask is None else keras.ops.expand_dims(mask, 1))
     return layer(x, x, value_mask=mask)
 
 
