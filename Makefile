@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 PYTEST_ARGS ?= -n 2 -q
+# The PyTorch to install: on the CI machines this release's CPU wheel is on disk. Elsewhere,
+# e.g. make TORCH="torch --index-url https://download.pytorch.org/whl/cpu".
+TORCH ?= torch==2.13.0
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: demo test test-tensorflow test-jax test-torch lint bench clean
@@ -14,7 +17,7 @@ $(STAMP): pyproject.toml $(PLUGINS)
 	$(BIN)/pip install --upgrade pip
 # torch pinned: this release has a CPU-only wheel on the CI machines; an unpinned torch
 # pulls the CUDA build (several GB) from the default index.
-	$(BIN)/pip install torch==2.13.0
+	$(BIN)/pip install $(TORCH)
 	$(BIN)/pip install -e ".[tensorflow,jax,examples,viz,tests]" $(foreach p,$(PLUGINS),-e $(dir $(p)))
 	command -v chromedriver >/dev/null || { command -v apt-get >/dev/null && $$([ "$$(id -u)" = 0 ] || echo sudo -n) sh -c 'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver'; } || echo "warning: could not install chromium and chromedriver; the browser tests of keras_attn.viz will be skipped"
 	touch $(STAMP)
