@@ -29,10 +29,17 @@ def check_cache(cache, num_heads, key_dim, value_dim):
             "A key/value cache needs key_dim == value_dim. Received: "
             f"key_dim={key_dim}, value_dim={value_dim}"
         )
-    if len(cache.shape) != 5 or cache.shape[1] != 2:
+    shape = tuple(cache.shape)
+    if (
+        len(shape) != 5
+        or shape[1] != 2
+        or shape[3] not in (None, num_heads)
+        or shape[4] not in (None, key_dim)
+    ):
         raise ValueError(
-            f"`cache` must have shape (B, 2, S, {num_heads}, {key_dim}). "
-            f"Received: cache.shape={cache.shape}"
+            f"`cache` must have shape (B, 2, S, {num_heads}, {key_dim}): keys and values "
+            f"of {num_heads} heads of size {key_dim} (`layer.cache_shape(B, S)` gives it). "
+            f"Received: cache.shape={shape}"
         )
 
 

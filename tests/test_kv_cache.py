@@ -100,3 +100,22 @@ def test_a_layer_decoding_past_the_end_of_its_cache():
     assert np.isnan(ops.convert_to_numpy(out)).all()  # loudly wrong, never silently
     out, _ = compiled(step)(x, cache, np.int32(S - 1))
     assert np.isfinite(ops.convert_to_numpy(out)).all()
+
+
+@pytest.mark.parametrize(
+    "shape", [(B, 2, S, H + 1, D), (B, 2, S, H, D + 1), (B, 3, S, H, D), (B, S, H, D)]
+)
+def test_a_cache_of_the_wrong_shape_says_what_was_expected(shape):
+    with pytest.raises(ValueError, match=rf"\(B, 2, S, {H}, {D}\).*Received: cache.shape="):
+        kv_cache.check_cache(np.zeros(shape, "float32"), H, D, D)
+
+
+def test_a_layer_rejects_a_cache_for_other_heads():
+    layer = keras_attn.Attention(num_heads=2, key_dim=4)
+    x = randn(1, 3, 8)
+    layer(x)
+    wrong = np.zeros((1, 2, 10, 3, 4), "float32")  # 3 heads for a 2-head layer
+    with pytest.raises(ValueError, match=r"\(B, 2, S, 2, 4\).*cache_shape"):
+        layer(x, cache=wrong, cache_update_index=0)
+    right = np.zeros(layer.cache_shape(1, 10), "float32")
+    assert tuple(layer(x, cache=right, cache_update_index=0)[1].shape) == right.shape
