@@ -369,7 +369,7 @@ class Attention(keras.layers.Layer):
                 raise ValueError(
                     f"`query`, `value` and `key` must have one rank, at least 3 "
                     f"(batch, ..., features). Received: query.shape={tuple(query_shape)}, "
-                    f"{arg}.shape={tuple(shape)}"
+                    f"value.shape={tuple(value_shape)}, key.shape={tuple(key_shape)}"
                 )
             if shape[-1] is None:
                 raise ValueError(
