@@ -190,9 +190,15 @@ def convert(model, **attention):
         A `Converted` model, which calls, trains and saves as `model` does.
 
     Raises:
+        TypeError: `model` is not a Keras model.
         ValueError: a subclass of Keras's attention that overrides Keras's code (its
             code would be lost), or no attention layer at all.
     """
+    if not isinstance(model, keras.Model):
+        raise TypeError(
+            "keras_attn.convert takes a Keras model (functional, sequential, or a KerasHub "
+            f"backbone or task). Received: model={model!r} of type {type(model).__name__}"
+        )
     for layer in model._flatten_layers():
         _target_class(layer)  # a foreign subclass fails before anything is copied
     copy = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(model))

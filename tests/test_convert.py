@@ -176,3 +176,8 @@ def test_a_model_whose_output_is_the_attention_saves_and_loads(tmp_path, layer):
     np.testing.assert_allclose(
         ops.convert_to_numpy(loaded(x)), ops.convert_to_numpy(model(x)), atol=1e-6
     )
+
+
+def test_something_else_than_a_model_is_a_clear_error():
+    with pytest.raises(TypeError, match="takes a Keras model.*Received: model='model'"):
+        keras_attn.convert("model")
