@@ -8,7 +8,8 @@ once and hands it to the kernel). The paths, all exact and all agreeing:
 
 - ``native``: the backend's own exact kernel for this pattern (`keras_attn.native`:
   cuDNN's sliding-window flash kernel through ``jax.nn.dot_product_attention`` on a
-  GPU), named in the plan's ``kernel``;
+  GPU; PyTorch's FlexAttention with a BlockMask from the pattern's ``block_mask``
+  where CUDA is visible), named in the plan's ``kernel``;
 - ``fused``: `keras.ops.dot_product_attention` (`keras_attn.kernels.fused_attention`;
   flash kernels on GPU/TPU where the backend has them) when a fused kernel computes
   exactly these components (`Components.fused_scale`);
@@ -222,6 +223,7 @@ def plan(
         components, head_dim=head_dim, value_dim=value_dim, return_weights=return_weights,
         training=training, query_length=query_length, key_length=key_length,
         query_offset=query_offset, block_sparse=block_sparse, has_mask=has_mask, dtype=dtype,
+        flash_attention=flash_attention,
     )  # fmt: skip
     if native_plan is not None:
         return native_plan
@@ -235,15 +237,25 @@ def plan(
 
 
 def _native_plan(components, *, head_dim, value_dim, return_weights, training, query_length,
-                 key_length, query_offset, block_sparse, has_mask, dtype):  # fmt: skip
+                 key_length, query_offset, block_sparse, has_mask, dtype,
+                 flash_attention):  # fmt: skip
     """The native path's plan if a backend kernel computes exactly this, else None."""
     scale = components.softmax_scale(
         head_dim,
         return_weights=return_weights or value_dim != head_dim,
         dropout_active=components.dropout_active(training),
     )
-    window = native.jax_window(components.pattern)
     offset = query_offset
+    if (
+        scale is not None
+        and block_sparse is not True
+        and flash_attention is not False
+        and components.pattern.kernel_form is None  # full and causal: the fused path
+        and all(_static_int(n) for n in (query_length, key_length, offset))
+        and native.flex_attention_is_fast()
+    ):
+        return Plan("native", components, offset, scale=scale, kernel="torch_flex_attention")
+    window = native.jax_window(components.pattern)
     if (
         scale is None
         or window is None
@@ -317,6 +329,12 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
             ops.shape(query)[1], ops.shape(key)[1], query.shape[2], query_offset=offset
         )
 
+    if plan.path == "native" and plan.kernel == "torch_flex_attention":
+        output = native.flex_attention(
+            query, key, value, plan.components.pattern, scale=plan.scale,
+            query_offset=offset, mask=mask,
+        )  # fmt: skip
+        return output, None
     if plan.path == "native":
         output = native.jax_local_attention(query, key, value, scale=plan.scale, window=plan.window)
         return output, None

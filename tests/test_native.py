@@ -1,10 +1,14 @@
 """Tests of keras_attn.native: the backend's own kernels agree with the dense path.
 
-cuDNN's sliding-window kernel runs only on an NVIDIA GPU; here the plan is told that
-it is available (``jax_cudnn_available``), so the same call runs through XLA's
+JAX: cuDNN's sliding-window kernel runs only on an NVIDIA GPU; here the plan is told
+that it is available (``jax_cudnn_available``), so the same call runs through XLA's
 implementation of ``jax.nn.dot_product_attention``: the code path, the window
-arithmetic and the layer's wiring are those of the GPU. `benchmarks/accelerators.py`
-runs the real kernel on a GPU.
+arithmetic and the layer's wiring are those of the GPU.
+
+PyTorch: FlexAttention (torch 2.13) runs forward only on a CPU, so the plan takes it
+there only when a test says it is fast (``flex_attention_is_fast``) with autograd off;
+outputs are checked against the dense path, gradients only where CUDA is visible.
+`benchmarks/accelerators.py` runs the real kernels on a GPU.
 """
 
 import logging
@@ -15,6 +19,7 @@ import pytest
 from keras import ops
 
 import keras_attn
+from keras_attn import block_layout
 from keras_attn import dispatch
 from keras_attn import native
 from keras_attn import normalizers
@@ -23,8 +28,11 @@ from keras_attn import scores
 from keras_attn.components import Components
 from keras_attn.testing import value_and_grads
 
-pytestmark = pytest.mark.skipif(
+jax_only = pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="jax.nn.dot_product_attention is JAX's kernel"
+)
+torch_only = pytest.mark.skipif(
+    not native.has_flex_attention(), reason="FlexAttention is a PyTorch kernel (torch >= 2.5)"
 )
 
 
@@ -52,6 +60,7 @@ def _plan(pattern, **options):
     return dispatch.plan(components, **options)
 
 
+@jax_only
 def test_window_of_each_pattern():
     assert native.jax_window(patterns.Local(4)) == (3, 3)
     assert native.jax_window(patterns.Local(4, causal=True)) == (3, 0)
@@ -66,6 +75,7 @@ def test_window_of_each_pattern():
     assert native.jax_window(Shifted(4)) is None  # overrides the mask: not a plain window
 
 
+@jax_only
 def test_plan_takes_the_native_path_only_where_the_kernel_is_exact(cudnn_here):
     local = patterns.Local(16, causal=True)
     plan = _plan(local)
@@ -87,12 +97,14 @@ def test_plan_takes_the_native_path_only_where_the_kernel_is_exact(cudnn_here):
                          dtype="bfloat16").path != "native"  # fmt: skip
 
 
+@jax_only
 def test_not_native_where_cudnn_is_not_available():
     # This machine has no GPU: cuDNN is not available, whatever the dtype.
     assert not native.jax_cudnn_available("bfloat16")
     assert _plan(patterns.Local(16, causal=True)).path != "native"
 
 
+@jax_only
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("length, window", [(37, 5), (64, 1), (50, 64)])
 def test_native_equals_dense_outputs_and_gradients(monkeypatch, causal, length, window):
@@ -127,6 +139,7 @@ def test_native_equals_dense_outputs_and_gradients(monkeypatch, causal, length, 
         np.testing.assert_allclose(g, w, atol=2e-4)
 
 
+@jax_only
 def test_padding_takes_another_path_and_agrees(cudnn_here, monkeypatch):
     monkeypatch.setattr(
         dispatch,
@@ -143,6 +156,7 @@ def test_padding_takes_another_path_and_agrees(cudnn_here, monkeypatch):
     np.testing.assert_allclose(padded[0], full[0], atol=2e-5)  # no padding in row 0
 
 
+@jax_only
 def test_the_debug_log_names_the_kernel(cudnn_here, monkeypatch, caplog):
     monkeypatch.setattr(
         dispatch,
@@ -153,3 +167,189 @@ def test_the_debug_log_names_the_kernel(cudnn_here, monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG, logger="keras_attn"):
         layer(np.ones((1, 8, 8), "float32"))
     assert "windowed (LocalAttention): native path (jax_cudnn)" in caplog.messages
+
+
+# -- PyTorch: FlexAttention ------------------------------------------------------------
+
+# Full and causal patterns take the fused path (SDPA's flash kernels) instead.
+PATTERNS = {
+    "local": patterns.Local(5),
+    "local_causal_global": patterns.Local(9, causal=True) | patterns.GlobalTokens(2),
+    "dilated": patterns.Dilated(3, 2, causal=True),
+    "strided": patterns.Strided(7),
+    "block_local": patterns.BlockLocal(16) & patterns.Causal(),
+}
+
+
+@pytest.fixture
+def flex_here(monkeypatch):
+    """Let the plan take the native path on this CPU (forward only: no autograd)."""
+    import torch
+
+    monkeypatch.setattr(native, "flex_attention_is_fast", lambda: True)
+    with torch.no_grad():
+        yield
+
+
+def _pair(**kwargs):
+    """The same layer twice: one free to take the native path, one kept off it."""
+    fast = keras_attn.Attention(**kwargs)
+    slow = keras_attn.Attention(flash_attention=False, **kwargs)
+    return fast, slow
+
+
+def _compare(fast, slow, query, value, **call_kwargs):
+    if not fast.built:
+        fast.build(query.shape, value.shape)
+        slow.build(query.shape, value.shape)
+        slow.set_weights(fast.get_weights())
+    got = ops.convert_to_numpy(fast(query, value, **call_kwargs))
+    assert fast.last_path == "native"
+    want = ops.convert_to_numpy(slow(query, value, **call_kwargs))
+    assert slow.last_path != "native"
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+
+
+@torch_only
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("lengths", [(37, 37), (200, 131), (1, 300)])
+def test_native_equals_dense(flex_here, name, lengths):
+    # Odd lengths (blocks of 128 cut short), Tq != Tk, a single query.
+    rng = np.random.default_rng(0)
+    tq, tk = lengths
+    fast, slow = _pair(num_heads=2, key_dim=8, pattern=PATTERNS[name])
+    query = rng.normal(size=(2, tq, 16)).astype("float32")
+    value = rng.normal(size=(2, tk, 16)).astype("float32")
+    _compare(fast, slow, query, value)
+
+
+@torch_only
+def test_padding_and_explicit_masks_fold_into_the_mask_mod(flex_here):
+    rng = np.random.default_rng(1)
+    fast, slow = _pair(num_heads=2, key_dim=8, pattern=patterns.Local(6) | patterns.GlobalTokens(1))
+    query = rng.normal(size=(2, 150, 16)).astype("float32")
+    value = rng.normal(size=(2, 140, 16)).astype("float32")
+    query_mask = np.arange(150)[None, :] < np.array([[150], [97]])
+    value_mask = np.arange(140)[None, :] < np.array([[61], [140]])
+    _compare(fast, slow, query, value, query_mask=query_mask, value_mask=value_mask)
+    attention_mask = rng.random((2, 150, 140)) < 0.5
+    _compare(fast, slow, query, value, attention_mask=attention_mask)
+
+
+@torch_only
+def test_fully_masked_rows_give_zeros(flex_here):
+    rng = np.random.default_rng(2)
+    fast, slow = _pair(
+        num_heads=1, key_dim=8, pattern=patterns.Local(30, causal=True), use_bias=False
+    )
+    query = rng.normal(size=(1, 20, 8)).astype("float32")
+    attention_mask = np.ones((1, 20, 20), bool)
+    attention_mask[:, 5] = False  # query 5 sees no key
+    _compare(fast, slow, query, query, attention_mask=attention_mask)
+
+
+@torch_only
+def test_cache_offsets(flex_here):
+    # Decoding steps at absolute positions: the pattern sees query position `index`.
+    rng = np.random.default_rng(3)
+    pattern = patterns.Local(4, causal=True) | patterns.GlobalTokens(1)
+    fast, slow = _pair(num_heads=2, key_dim=8, pattern=pattern)
+    length, steps = 140, 3
+    x = rng.normal(size=(1, length, 16)).astype("float32")
+    fast.build(x.shape, x.shape)
+    slow.build(x.shape, x.shape)
+    slow.set_weights(fast.get_weights())
+    for index in (0, 129, length - steps):
+        cache = np.zeros((1, 2, length, 2, 8), "float32")
+        step = x[:, index : index + steps]
+        got, _ = fast(step, step, cache=cache, cache_update_index=index)
+        assert fast.last_path == "native"
+        want, _ = slow(step, step, cache=cache, cache_update_index=index)
+        assert slow.last_path != "native"
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(got), ops.convert_to_numpy(want), atol=2e-5, rtol=1e-4
+        )
+
+
+@torch_only
+def test_block_mask_is_the_patterns_own(flex_here):
+    # The BlockMask's blocks are exactly the pattern's closed-form block_mask.
+    pattern = patterns.Dilated(4, 3) | patterns.GlobalTokens(1)
+    tq, tk, offset = 300, 520, 200
+    bm = native.flex_block_mask(pattern, tq, tk, offset)
+    blocks = ops.convert_to_numpy(bm.to_dense())[0, 0].astype(bool)
+    want = pattern.block_mask(tq, tk, native.FLEX_BLOCK_SIZE, offset)
+    np.testing.assert_array_equal(blocks, want)
+    layout = block_layout.block_layout(pattern, tq, tk, native.FLEX_BLOCK_SIZE, offset)
+    np.testing.assert_array_equal(blocks, layout.block_mask)
+
+
+@torch_only
+def test_the_path_and_the_kernel_are_logged(flex_here, caplog):
+    layer = keras_attn.LocalAttention(window=3, num_heads=1, key_dim=4)
+    x = np.zeros((1, 10, 4), "float32")
+    with caplog.at_level(logging.DEBUG, logger="keras_attn"):
+        layer(x, x)
+    assert layer.last_path == "native"
+    assert "native path (torch_flex_attention)" in caplog.text
+
+
+@torch_only
+@pytest.mark.parametrize(
+    "kwargs, call_kwargs",
+    [
+        ({"score": "dot"}, {}),
+        ({"normalizer": "sparsemax"}, {}),
+        ({"score_mods": ["softcap"]}, {}),
+        ({}, {"return_attention_scores": True}),
+        ({"dropout": 0.5}, {"training": True}),
+    ],
+)
+def test_not_taken_where_flex_attention_would_not_compute_exactly_this(
+    flex_here, kwargs, call_kwargs
+):
+    layer = keras_attn.Attention(num_heads=1, key_dim=4, pattern=patterns.Local(3), **kwargs)
+    x = np.zeros((1, 10, 4), "float32")
+    layer(x, x, **call_kwargs)
+    assert layer.last_path in ("block_sparse", "dense")
+
+
+@torch_only
+def test_not_taken_where_flex_attention_is_slow():
+    # On a CPU FlexAttention has no backward pass and forms the whole score matrix.
+    if native.flex_attention_is_fast():
+        pytest.skip("a CUDA device is visible")
+    layer = keras_attn.LocalAttention(window=3, num_heads=1, key_dim=4)
+    x = np.zeros((1, 10, 4), "float32")
+    layer(x, x)
+    assert layer.last_path != "native"
+    assert "native" in dispatch.PATHS
+
+
+@torch_only
+@pytest.mark.skipif(
+    not native.flex_attention_is_fast(),
+    reason="FlexAttention has no backward pass on a CPU (torch 2.13); checked where CUDA is",
+)
+def test_gradients_equal_the_dense_path():
+    from keras_attn.testing import value_and_grads
+
+    rng = np.random.default_rng(4)
+    fast, slow = _pair(
+        num_heads=2, key_dim=8, pattern=patterns.Local(5, causal=True) | patterns.GlobalTokens(1)
+    )
+    query = rng.normal(size=(2, 200, 16)).astype("float32")
+    fast.build(query.shape, query.shape)
+    slow.build(query.shape, query.shape)
+    slow.set_weights(fast.get_weights())
+    cot = rng.normal(size=(2, 200, 16)).astype("float32")
+
+    def loss(layer):
+        return lambda x: ops.sum(ops.multiply(layer(x, x), cot))
+
+    _, got = value_and_grads(loss(fast), query, variables=fast.trainable_variables)
+    assert fast.last_path == "native"
+    _, want = value_and_grads(loss(slow), query, variables=slow.trainable_variables)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-3)
+    assert keras.backend.backend() == "torch"
