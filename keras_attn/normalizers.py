@@ -90,9 +90,7 @@ class TopK(Normalizer):
 
     def __init__(self, k=8, **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(k, int) or isinstance(k, bool) or k <= 0:
-            raise ValueError(f"`k` must be a positive integer. Received: k={k!r}")
-        self.k = k
+        self.k = validation.positive_int(k, "k")
 
     def normalize(self, logits, mask, training):
         length = logits.shape[-1]

@@ -43,6 +43,7 @@ import numpy as np
 from keras import ops
 
 from keras_attn import plugins
+from keras_attn.block_layout import num_blocks
 from keras_attn.hookspecs import hookimpl
 from keras_attn.positions import Positions
 from keras_attn.positions import make_positions
@@ -448,7 +449,7 @@ def _check_block_mask(pattern, what, block_size, tq, tk):
         (tq - 2, tk, block_size + 1),
     ]:
         dense = _dense_mask(pattern, query_length, key_length, H, offset).any(axis=(0, 1))
-        n_q, n_k = -(-query_length // block_size), -(-key_length // block_size)
+        n_q, n_k = num_blocks(query_length, block_size), num_blocks(key_length, block_size)
         padded = np.zeros((n_q * block_size, n_k * block_size), dtype=bool)
         padded[:query_length, :key_length] = dense
         expected = padded.reshape(n_q, block_size, n_k, block_size).any(axis=(1, 3))

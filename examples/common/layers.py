@@ -11,6 +11,7 @@ from keras import ops
 
 import keras_attn
 from examples.common.attention import attention_layer
+from keras_attn import validation
 
 PACKAGE = "keras_attn_examples"  # where the layers below are registered for saving
 
@@ -72,11 +73,7 @@ class PositionEmbedding(keras.layers.Layer):
 
     def __init__(self, max_length, initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(max_length, int) or max_length <= 0:
-            raise ValueError(
-                f"`max_length` must be a positive integer. Received: max_length={max_length!r}"
-            )
-        self.max_length = max_length
+        self.max_length = validation.positive_int(max_length, "max_length")
         self.initializer = keras.initializers.get(initializer)
 
     def build(self, input_shape):

@@ -16,6 +16,7 @@ from keras import ops
 
 import keras_attn
 from examples.gpt.model import model_parts
+from keras_attn import validation
 
 SAMPLING = ("greedy", "top_k", "temperature")
 
@@ -52,10 +53,7 @@ class Generator:
             raise ValueError(
                 f"`prompt` must be int ids (B, T) with T >= 1. Received: prompt.shape={prompt.shape}"
             )
-        if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
-            raise ValueError(
-                f"`max_new_tokens` must be a positive integer. Received: {max_new_tokens!r}"
-            )
+        validation.positive_int(max_new_tokens, "max_new_tokens")
         if prompt.shape[1] + max_new_tokens > self.max_length:
             raise ValueError(
                 f"The prompt plus the new tokens is longer than the model's maximum "

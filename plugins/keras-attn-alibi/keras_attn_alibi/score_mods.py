@@ -11,6 +11,7 @@ import math
 from keras import ops
 
 import keras_attn
+from keras_attn import validation
 
 
 def alibi_slopes(num_heads):
@@ -21,10 +22,7 @@ def alibi_slopes(num_heads):
     largest power of two ``p < n``, followed by every other slope of ``2p`` heads
     until there are n (the paper's reference implementation).
     """
-    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
-        raise ValueError(
-            f"`num_heads` must be a positive integer. Received: num_heads={num_heads!r}"
-        )
+    validation.positive_int(num_heads, "num_heads")
 
     def power_of_two(n):
         return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]
@@ -64,10 +62,8 @@ class Alibi(keras_attn.ScoreMod):
         super().__init__(**kwargs)
         if num_heads is not None:
             alibi_slopes(num_heads)  # validates
-        if not isinstance(causal, bool):
-            raise ValueError(f"`causal` must be a bool. Received: causal={causal!r}")
         self.num_heads = num_heads
-        self.causal = causal
+        self.causal = validation.boolean(causal, "causal")
 
     def build(self, logits_shape=None):
         if self.num_heads is None:
