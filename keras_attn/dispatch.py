@@ -28,6 +28,7 @@ from keras import ops
 from keras_attn import block_layout as block_layout_module
 from keras_attn import kernels
 from keras_attn import native
+from keras_attn import pallas
 from keras_attn.block_sparse import block_sparse_attention
 from keras_attn.masks import combine_masks
 from keras_attn.positions import make_positions
@@ -353,7 +354,16 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
     q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, Tq, D)
     k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, Tk, D)
     v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, Tk, Dv)
-    if plan.path == "block_sparse":
+    if plan.path == "block_sparse" and pallas.applies(
+        plan.components, plan.layout, q.shape[-1], training, return_weights
+    ):
+        # Opt-in (KERAS_ATTN_PALLAS): the same layout on the Pallas kernel.
+        logger.debug("block_sparse path: kernel %s", pallas.KERNEL)
+        output = pallas.block_sparse_attention(
+            q, k, v, plan.layout, plan.components, mask=mask, query_offset=offset
+        )
+        weights = None
+    elif plan.path == "block_sparse":
         output, weights = block_sparse_attention(
             q, k, v, plan.layout, plan.components, get_positions(), mask, training,
             return_weights,
