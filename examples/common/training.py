@@ -18,6 +18,7 @@
 
 import importlib.util
 import os
+import time
 
 import keras
 
@@ -42,6 +43,7 @@ class Data:
     facts = {}
     validate = False
     tokenizer = None
+    tokens_per_step = None  # tokens in one training batch, for ``train_tokens_per_s``
 
     def train_dataset(self, seed, repeat):
         """Batches of ``(inputs, labels[, weights])`` shuffled with `seed`, endless if `repeat`."""
@@ -54,6 +56,42 @@ class Data:
     def steps_per_epoch(self):
         """Steps of one pass over the training data."""
         raise NotImplementedError
+
+
+class Throughput(keras.callbacks.Callback):
+    """Training speed: the wall time of every training step but the first (which compiles).
+
+    Args:
+        tokens_per_step: Tokens in one training batch.
+
+    Attributes:
+        tokens_per_s: Tokens of the timed steps over their total wall time (None
+            before a second step).
+    """
+
+    def __init__(self, tokens_per_step):
+        super().__init__()
+        self.tokens_per_step = tokens_per_step
+        self.seconds, self.steps, self._compiled = 0.0, 0, False
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if logs and "loss" in logs:
+            float(logs["loss"])  # wait for the step: JAX dispatches it asynchronously
+        elapsed = time.perf_counter() - self._start
+        if not self._compiled:
+            self._compiled = True
+            return
+        self.seconds += elapsed
+        self.steps += 1
+
+    @property
+    def tokens_per_s(self):
+        if not self.steps:
+            return None
+        return self.steps * self.tokens_per_step / self.seconds
 
 
 def callbacks(run, save_checkpoints=True):
@@ -154,6 +192,7 @@ def train(
         with dist.scope():
             model, initial_epoch = run.restore() or (build_model(args, attention, data), 0)
             print(f"{example}: {summary(model, data)}; devices: {dist.describe()}")
+            throughput = [Throughput(data.tokens_per_step)] if data.tokens_per_step else []
             history = fit(
                 model,
                 train_ds,
@@ -161,11 +200,15 @@ def train(
                 run,
                 validation_data=test_ds if data.validate else None,
                 initial_epoch=initial_epoch,
+                extra_callbacks=throughput,
             )
             evaluation = model.evaluate(test_ds, verbose=0, return_dict=True)
         metrics = final_metrics(history, model, evaluation)
         metrics.update(data.facts)
         metrics["loss_per_epoch"] = run.history().get("loss", [])
+        if throughput:
+            # Training steps of this session, the first (compiling) one excluded.
+            metrics["train_tokens_per_s"] = throughput[0].tokens_per_s
         if conclude is not None:
             metrics.update(conclude(metrics, data))
         run.save_metrics(metrics)

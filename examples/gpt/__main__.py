@@ -3,6 +3,7 @@
     python -m examples.gpt demo                      # a few minutes on CPU, embedded text
     python -m examples.gpt train --dataset tiny_shakespeare --epochs 10 --output runs/gpt
     python -m examples.gpt train --pattern '{"name": "local", "config": {"window": 32}}'
+    python -m examples.gpt train --pack --position-encoding rope   # documents packed in rows
     python -m examples.gpt generate --output runs/gpt --prompt "The " --top-k 5
     python -m examples.gpt compare                   # keras_attn vs keras.layers.MultiHeadAttention
 
@@ -55,6 +56,7 @@ def new_model(args, attention, data):
         args.hidden_dim,
         dropout=args.dropout,
         attention=attention,
+        packed=bool(getattr(args, "pack", False)),
     )
     return compile_gpt(model, args.learning_rate)
 
@@ -255,6 +257,17 @@ MODEL_DEFAULTS = {
 }
 
 
+PACK_HELP = (
+    "pack the documents of the dataset (one per TFDS example: a topic of pydoc_text; "
+    "tiny_shakespeare has one per split) into full rows of --seq-len tokens, without "
+    "padding, with segment ids: no token attends to another document, positions "
+    "(learned and --position-encoding) restart at each document, and the next-token "
+    "targets that would cross into the next document are left out of the loss. A "
+    "document longer than what is left of a row continues in the next row. Default: "
+    "the documents joined by blank lines into one stream cut into windows"
+)
+
+
 def add_model_arguments(parser, **defaults):
     g = parser.add_argument_group("model")
     g.add_argument(
@@ -285,6 +298,8 @@ def make_parser():
     )
     for name, p in subparsers.items():
         add_model_arguments(p, **MODEL_DEFAULTS.get(name, {}))
+    for name in ("train", "demo"):
+        subparsers[name].add_argument("--pack", action="store_true", help=PACK_HELP)
     subparsers["generate"].add_argument("--top-k", type=int, default=None)
     subparsers["generate"].add_argument("--temperature", type=float, default=None)
     return parser

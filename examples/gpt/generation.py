@@ -16,6 +16,7 @@ from keras import ops
 
 import keras_attn
 from examples.gpt.model import model_parts
+from examples.gpt.model import single_document
 from keras_attn import validation
 
 SAMPLING = ("greedy", "top_k", "temperature")
@@ -191,7 +192,8 @@ class _Decoder(keras.Model):
             buffer = ops.concatenate([prompt, out], axis=1)  # (B, S)
 
             def body(i, token, buffer):
-                logits = self.gpt(buffer)  # (B, S, V); positions after i are ignored
+                # One document per row: a packed model gets all-zero segment ids.
+                logits = self.gpt(single_document(self.gpt, buffer))  # (B, S, V); after i: ignored
                 position = prompt_length + i
                 token = pick(ops.take(logits, position - 1, axis=1), i)
                 buffer = ops.slice_update(buffer, [0, position], token[:, None])

@@ -8,15 +8,21 @@ cache is in `examples.gpt.generation`, the training program in `examples.gpt.__m
 
 The attention of every block is configurable (`attention=` of `build_gpt`): the
 blocks always call it with ``use_causal_mask=True``, so any pattern is
-intersected with causal.
+intersected with causal. ``build_gpt(..., packed=True)`` takes several documents
+per row: its inputs are ``{"token_ids", "segment_ids"}``, no token attends to
+another document, and positions (learned and the attention's position encoding)
+restart at each document.
 """
 
 import keras
 from keras import ops
 
+import keras_attn
+from examples.common.attention import REFERENCE_LAYER
 from examples.common.attention import attention_layer
 from examples.common.attention import check_attention
 from examples.common.attention import default_attention
+from keras_attn import segments
 from keras_attn import validation
 
 # -- blocks --------------------------------------------------------------------------
@@ -35,6 +41,8 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         token_ids: Int ``(B, T)``.
         start_index: Position of the first token (int or scalar tensor); a
             decoding step with a cache starts past the tokens already seen.
+        segment_ids: Optional int ``(B, T)`` of packed documents: positions
+            restart at 0 where the id changes.
 
     Returns:
         ``(B, T, hidden_dim)``.
@@ -56,7 +64,7 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         )
         self.position_embedding.build((None,))
 
-    def call(self, token_ids, start_index=0):
+    def call(self, token_ids, start_index=0, segment_ids=None):
         length = token_ids.shape[1]
         if (
             length is not None
@@ -67,12 +75,13 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
                 f"The sequence is longer than the model's maximum length {self.max_length}. "
                 f"Received: sequence length={start_index + length}"
             )
-        positions = ops.arange(ops.shape(token_ids)[1], dtype="int32") + ops.cast(
-            start_index, "int32"
-        )
-        return (
-            self.token_embedding(token_ids) + self.position_embedding(positions)[None]
-        )  # (B, T, E)
+        positions = (
+            ops.arange(ops.shape(token_ids)[1], dtype="int32")
+            + ops.cast(start_index, "int32")[None]
+        )  # (1, T)
+        if segment_ids is not None:
+            positions = positions - segments.segment_starts(segment_ids)  # (B, T)
+        return self.token_embedding(token_ids) + self.position_embedding(positions)  # (B, T, E)
 
     def compute_output_shape(self, input_shape):
         return (*input_shape, self.hidden_dim)
@@ -95,12 +104,17 @@ class DecoderBlock(keras.layers.Layer):
         attention: The ``attention`` dict (`examples.common.attention.check_attention`).
         dropout: Dropout after attention and MLP (and on the attention weights).
         layer_norm_epsilon: Epsilon of the layer norms.
+        reset_positions: The attention's position encoding and score_mods count
+            positions from the start of each packed document (keras_attn layers'
+            ``reset_positions``).
 
     Call arguments:
         x: ``(B, T, E)``.
         cache: Optional ``(B, 2, S, H, E // H)`` key/value cache of this block.
         cache_update_index: Position of ``x[:, 0]`` in the cache.
         return_attention_weights: Also return the attention weights ``(B, H, T, S)``.
+        segment_ids: Optional int ``(B, T)`` of packed documents: a token attends
+            only to the tokens of its own document.
 
     Returns:
         ``(B, T, E)``; then the weights if asked; then the new cache if given one.
@@ -113,6 +127,7 @@ class DecoderBlock(keras.layers.Layer):
         attention=None,
         dropout=0.0,
         layer_norm_epsilon=1e-5,
+        reset_positions=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -121,6 +136,7 @@ class DecoderBlock(keras.layers.Layer):
         self.attention_config = {**default_attention(), **(attention or {})}
         self.dropout = dropout
         self.layer_norm_epsilon = layer_norm_epsilon
+        self.reset_positions = validation.boolean(reset_positions, "reset_positions")
 
     def build(self, input_shape):
         hidden_dim = input_shape[-1]
@@ -135,6 +151,8 @@ class DecoderBlock(keras.layers.Layer):
             epsilon=eps, dtype=dtype, name="attention_norm"
         )
         self.attention_norm.build(input_shape)
+        # keras.layers.MultiHeadAttention (the reference) takes no reset_positions.
+        reference = self.attention_config["layer"] == REFERENCE_LAYER
         self.attention = attention_layer(
             self.attention_config,
             self.num_heads,
@@ -142,6 +160,7 @@ class DecoderBlock(keras.layers.Layer):
             dropout=self.dropout,
             name="attention",
             dtype=dtype,
+            **({"reset_positions": True} if self.reset_positions and not reference else {}),
         )
         self.attention.build(input_shape, input_shape)
         self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=dtype)
@@ -156,10 +175,20 @@ class DecoderBlock(keras.layers.Layer):
         self.mlp_dropout = keras.layers.Dropout(self.dropout, dtype=dtype)
 
     def call(
-        self, x, cache=None, cache_update_index=None, return_attention_weights=False, training=None
+        self,
+        x,
+        cache=None,
+        cache_update_index=None,
+        return_attention_weights=False,
+        training=None,
+        segment_ids=None,
     ):
         h = self.attention_norm(x)
         kwargs = dict(use_causal_mask=True, training=training)
+        if segment_ids is not None and isinstance(self.attention, keras_attn.Attention):
+            kwargs["segment_ids"] = segment_ids
+        elif segment_ids is not None:  # the reference: the same as a (B, T, T) mask
+            kwargs["attention_mask"] = ops.equal(segment_ids[:, :, None], segment_ids[:, None, :])
         if return_attention_weights:
             kwargs["return_attention_scores"] = True
         if cache is not None:
@@ -171,7 +200,13 @@ class DecoderBlock(keras.layers.Layer):
         return x if len(outputs) == 1 else (x, *outputs[1:])
 
     def compute_output_spec(
-        self, x, cache=None, cache_update_index=None, return_attention_weights=False, training=None
+        self,
+        x,
+        cache=None,
+        cache_update_index=None,
+        return_attention_weights=False,
+        training=None,
+        segment_ids=None,
     ):
         result = (keras.KerasTensor(x.shape, dtype=self.compute_dtype),)
         if return_attention_weights:
@@ -189,6 +224,7 @@ class DecoderBlock(keras.layers.Layer):
             attention=self.attention_config,
             dropout=self.dropout,
             layer_norm_epsilon=self.layer_norm_epsilon,
+            reset_positions=self.reset_positions,
         )
         return config
 
@@ -205,6 +241,7 @@ def build_gpt(
     intermediate_dim=None,
     dropout=0.0,
     attention=None,
+    packed=False,
     name="gpt",
 ):
     """A GPT decoder as a functional `keras.Model`: token ids ``(B, T)`` to logits ``(B, T, V)``.
@@ -221,6 +258,10 @@ def build_gpt(
             ``normalizer``, ``score_mods``: the attention of every block, from
             the registries (plugins' included). ``layer="keras"`` builds the
             reference with `keras.layers.MultiHeadAttention`.
+        packed: Take packed rows: the inputs are ``{"token_ids": (B, T),
+            "segment_ids": (B, T)}`` (int; equal ids = one document), no token
+            attends to another document, and the learned positions and the
+            attention's position encoding restart at each document.
 
     The logits are float32 under mixed precision, for a stable loss.
     """
@@ -240,24 +281,54 @@ def build_gpt(
     attention = check_attention(attention)
     intermediate_dim = intermediate_dim or 4 * hidden_dim
 
+    validation.boolean(packed, "packed")
     token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-    x = TokenAndPositionEmbedding(vocab_size, max_length, hidden_dim, name="embedding")(token_ids)
+    inputs, segment_ids = token_ids, None
+    if packed:
+        segment_ids = keras.Input(shape=(None,), dtype="int32", name="segment_ids")
+        inputs = {"token_ids": token_ids, "segment_ids": segment_ids}
+    embedding = TokenAndPositionEmbedding(vocab_size, max_length, hidden_dim, name="embedding")
+    x = embedding(token_ids, segment_ids=segment_ids)
     for i in range(num_layers):
         x = DecoderBlock(
-            num_heads, intermediate_dim, attention=attention, dropout=dropout, name=f"block_{i}"
-        )(x)
+            num_heads,
+            intermediate_dim,
+            attention=attention,
+            dropout=dropout,
+            reset_positions=packed,
+            name=f"block_{i}",
+        )(x, segment_ids=segment_ids)
     x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
     logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")(x)
-    return keras.Model(token_ids, logits, name=name)
+    return keras.Model(inputs, logits, name=name)
 
 
 def compile_gpt(model, learning_rate=1e-3):
+    # With sample weights (packed rows weigh out the targets across documents) the
+    # loss is the mean over the weighted targets, not over every position.
+    loss = keras.losses.SparseCategoricalCrossentropy(
+        from_logits=True, reduction="mean_with_sample_weight"
+    )
     model.compile(
         optimizer=keras.optimizers.AdamW(learning_rate, weight_decay=0.01, global_clipnorm=1.0),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        loss=loss,
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
     )
     return model
+
+
+def is_packed(model):
+    """Whether `model` (from `build_gpt`) takes packed rows (``{"token_ids", "segment_ids"}``)."""
+    return isinstance(model.input, dict)
+
+
+def single_document(model, token_ids):
+    """The inputs of `model` for int ids ``(B, T)`` holding one document per row: the ids,
+    with all-zero segment ids where the model is packed."""
+    if not is_packed(model):
+        return token_ids
+    token_ids = ops.convert_to_tensor(token_ids, "int32")
+    return {"token_ids": token_ids, "segment_ids": ops.zeros_like(token_ids)}
 
 
 def model_parts(model):
