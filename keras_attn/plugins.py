@@ -19,8 +19,11 @@ found through the layers that name them, whose constructors look them up. Settin
 import dataclasses
 import importlib
 import importlib.metadata
+import inspect
+import json
 import logging
 import os
+import sys
 import threading
 
 import keras
@@ -384,8 +387,36 @@ def register(plugin, name=None):
                 f"@keras_attn.hookimpl functions ({hooks}); this one has none. "
                 f"Received: plugin={plugin!r}"
             )
-        registry.add_plugin(plugin, name)
+        registry.add_plugin(plugin, name, *_distribution_of(plugin))
     return plugin
+
+
+def _distribution_of(plugin):
+    """``(package, version)`` of the installed distribution holding `plugin`'s module.
+
+    ``(None, None)`` for a plugin defined in a script, a notebook or a test file:
+    no installed package provides it, and a ``.keras`` file can then only say so.
+    """
+    module = plugin.__name__ if inspect.ismodule(plugin) else getattr(plugin, "__module__", None)
+    if not isinstance(module, str) or module == "__main__":
+        module = type(plugin).__module__
+    top = module.split(".")[0] if isinstance(module, str) else None
+    if not top or top == "__main__":
+        return None, None
+    source = getattr(sys.modules.get(module), "__file__", None)
+    if not source:
+        return None, None
+    try:
+        source = os.path.realpath(source)
+        for package in importlib.metadata.packages_distributions().get(top) or ():
+            distribution = importlib.metadata.distribution(package)
+            # The module's own file must belong to the distribution (several packages
+            # may ship a top-level `tests`, and a checkout may shadow an install).
+            if any(os.path.realpath(f.locate()) == source for f in distribution.files or ()):
+                return distribution.metadata["Name"], distribution.version
+    except Exception:  # a broken installation must not stop a registration
+        pass
+    return None, None
 
 
 def _hookimpl_names(pm, plugin):
@@ -557,8 +588,8 @@ def serialize(component):
     return spec
 
 
-def check_layer_config(config, owner=None):
-    """`check_installed` on a layer's config, before the layer is built from it.
+def _layer_specs(config):
+    """The component specs of one layer's config, by kind.
 
     The component arguments are those named after a kind: ``score``, ``score_mods``
     (a list), ``pattern``, ``normalizer``, ``position_encoding``, ...
@@ -568,7 +599,136 @@ def check_layer_config(config, owner=None):
         for arg in (kind, kind + "s"):
             if kind != "layer" and config.get(arg) is not None:
                 specs.setdefault(kind, []).append(config[arg])
-    check_installed(specs, owner)
+    return specs
+
+
+def check_layer_config(config, owner=None):
+    """`check_installed` on a layer's config, before the layer is built from it.
+
+    Where the layer is being loaded as part of a model (``keras.saving.load_model``),
+    a missing component makes the error list every missing component of the whole
+    model, with the layers that need each (`check_model_config`), not only this
+    layer's: Keras builds the layers one at a time, and would otherwise stop at the
+    first.
+    """
+    if not missing_components(_layer_specs(config)):
+        return
+    model_config = _config_being_loaded()
+    if model_config is not None:
+        check_model_config(model_config)
+    check_installed(_layer_specs(config), owner)
+
+
+def _config_being_loaded():
+    """The whole config Keras is loading on this thread's stack, or None.
+
+    Read only on the error path (a component is missing), to list all of them: the
+    file's ``config.json`` text where ``keras.saving.load_model`` (or
+    ``model_from_json``) holds it, else the outermost config being deserialized
+    (which Keras may already have taken apart).
+    """
+    text = outermost = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("keras."):
+            for local in ("config_json", "json_string"):
+                if isinstance(frame.f_locals.get(local), (str, bytes)):
+                    text = frame.f_locals[local]
+            config = frame.f_locals.get("config")
+            if frame.f_code.co_name == "deserialize_keras_object" and isinstance(config, dict):
+                outermost = config
+        frame = frame.f_back
+    if text is not None:
+        try:
+            return json.loads(text)
+        except ValueError:
+            pass
+    return outermost
+
+
+def _is_spec(value):
+    return (
+        isinstance(value, dict) and isinstance(value.get("name"), str) and set(value) <= SPEC_KEYS
+    )
+
+
+def _layer_configs(config):
+    """Every ``(layer config, inner config)`` pair in a serialized Keras object, depth first."""
+    if isinstance(config, dict):
+        inner = config.get("config")
+        if isinstance(config.get("class_name"), str) and isinstance(inner, dict):
+            yield config, inner
+        for value in config.values():
+            yield from _layer_configs(value)
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            yield from _layer_configs(value)
+
+
+def check_model_config(config):
+    """Raise one error naming every keras_attn component a serialized model needs but lacks.
+
+    Looks at every layer of `config` (a model's serialized config, as in a ``.keras``
+    file's ``config.json``): the components of keras_attn's layers, and layers that
+    plugins register (Keras names them ``keras_attn.layer>NAME``).
+
+    Raises:
+        MissingComponentsError: listing each missing component once, with its kind, the
+            package the file recorded for it and the layers that need it.
+    """
+    registry = _load()
+    needed_by = {}
+    order = []
+    for outer, inner in _layer_configs(config):
+        layer_name = inner.get("name") if isinstance(inner.get("name"), str) else None
+        registered = outer.get("registered_name")
+        found = []
+        if isinstance(registered, str) and registered.startswith("keras_attn.layer>"):
+            name = registered.split(">", 1)[1]
+            if name not in registry.entries["layer"]:
+                found.append(("layer", name, None, None))
+        # Only what keras_attn wrote: spec dicts (another library's layer may have an
+        # argument called `score` or `pattern` too).
+        specs = {
+            kind: [s for v in values for s in (v if isinstance(v, list) else [v]) if _is_spec(s)]
+            for kind, values in _layer_specs(inner).items()
+        }
+        found += missing_components(specs)
+        for item in found:
+            key = item[:2]
+            if key not in needed_by:
+                order.append(item)
+                needed_by[key] = []
+            if layer_name and layer_name not in needed_by[key]:
+                needed_by[key].append(layer_name)
+    if order:
+        _raise_missing(order, "The model being loaded", needed_by)
+
+
+def _raise_missing(missing, owner, needed_by=None):
+    lines = []
+    for kind, name, package, version in missing:
+        if package:
+            source = f"provided by package {package}" + (f" {version}" if version else "")
+        else:
+            source = "providing package not recorded in the file"
+        layers = (needed_by or {}).get((kind, name))
+        used = f"; used by {', '.join(repr(n) for n in layers)}" if layers else ""
+        lines.append(f"  - {kind} {name!r} ({source}{used})")
+    packages = sorted({p for _, _, p, _ in missing if p})
+    install = (
+        f"install {' '.join(packages)} (pip install {' '.join(packages)})"
+        if packages
+        else "install the packages that provide them"
+    )
+    raise MissingComponentsError(
+        f"{owner} needs {len(missing)} keras_attn component(s) that are not installed:\n"
+        + "\n".join(lines)
+        + f"\nTo load it, {install}, whose keras_attn plugins register these names, "
+        "or register an in-process plugin with keras_attn.plugins.register(...). "
+        f"If they are installed, plugin autoloading may be off ({DISABLE_AUTOLOAD_ENV}).",
+        missing,
+    )
 
 
 # The keys of a serialized component spec (`serialize`).
@@ -637,30 +797,8 @@ def check_installed(specs, owner=None):
         MissingComponentsError: listing each missing component's kind, name and package.
     """
     missing = missing_components(specs)
-    if not missing:
-        return
-    lines = []
-    for kind, name, package, version in missing:
-        if package:
-            source = f"provided by package {package}" + (f" {version}" if version else "")
-        else:
-            source = "providing package not recorded in the file"
-        lines.append(f"  - {kind} {name!r} ({source})")
-    packages = sorted({p for _, _, p, _ in missing if p})
-    install = (
-        f"install {' '.join(packages)} (pip install {' '.join(packages)})"
-        if packages
-        else "install the packages that provide them"
-    )
-    what = owner or "This model"
-    raise MissingComponentsError(
-        f"{what} needs {len(missing)} keras_attn component(s) that are not installed:\n"
-        + "\n".join(lines)
-        + f"\nTo load it, {install}, whose keras_attn plugins register these names, "
-        "or register an in-process plugin with keras_attn.plugins.register(...). "
-        f"If they are installed, plugin autoloading may be off ({DISABLE_AUTOLOAD_ENV}).",
-        missing,
-    )
+    if missing:
+        _raise_missing(missing, owner or "This model")
 
 
 def registry_name(component):

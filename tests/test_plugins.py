@@ -809,8 +809,12 @@ def test_keras_file_loads_in_a_fresh_process_with_the_plugin_installed(dists, tm
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), ops.convert_to_numpy(model(x)))
     # Both missing components, with the package the file recorded for them.
     assert "MissingComponentsError" in done.stdout
-    assert "score 'ep_fresh_half' (provided by package keras-attn-fresh 1.2.3)" in done.stdout
-    assert "score_mod 'ep_shifted' (provided by package keras-attn-fresh 1.2.3)" in done.stdout
+    assert "score 'ep_fresh_half' (provided by package keras-attn-fresh 1.2.3; used by" in (
+        done.stdout
+    )
+    assert "score_mod 'ep_shifted' (provided by package keras-attn-fresh 1.2.3; used by" in (
+        done.stdout
+    )
 
 
 # -- what a .keras file records, and what it says when components are missing ----------
@@ -847,16 +851,71 @@ def test_a_keras_file_missing_several_components_names_all_of_them_at_the_top(
     first_line, *rest = message.splitlines()
     name = model.layers[-1].name
     assert first_line == (
-        f"Attention {name!r} needs 4 keras_attn component(s) that are not installed:"
+        "The model being loaded needs 4 keras_attn component(s) that are not installed:"
     )
     assert rest[:4] == [
-        f"  - {kind} {PLUGIN_NAMES[kind]!r} (providing package not recorded in the file)"
+        f"  - {kind} {PLUGIN_NAMES[kind]!r} (providing package not recorded in the file; "
+        f"used by {name!r})"
         for kind in ("score", "score_mod", "pattern", "normalizer")
     ]
     assert "config=" not in message and len(message) < 1000  # no Keras config dump
     assert [m[:2] for m in info.value.missing] == [
         (kind, PLUGIN_NAMES[kind]) for kind in ("score", "score_mod", "pattern", "normalizer")
     ]
+
+
+def test_a_keras_file_lists_the_missing_components_of_every_layer_at_once(example_plugin, tmp_path):
+    # Three layers, each missing something else (one is a plugin's own layer class),
+    # one sharing a missing normalizer: one error lists all of them, each once, with
+    # the layers that use it, although Keras builds the layers one at a time.
+    inputs = keras.Input((7, 8))
+    x = keras_attn.Attention(num_heads=2, score="test_learned_scale", name="first")(inputs, inputs)
+    x = keras_attn.Attention(num_heads=2, normalizer="test_tempered", name="second")(x, x)
+    residual = plugins.get("layer", PLUGIN_NAMES["layer"])
+    x = residual(num_heads=2, key_dim=4, normalizer="test_tempered", name="third")(x, x)
+    path = tmp_path / "three_layers.keras"
+    keras.Model(inputs, x).save(path)
+    plugins.unregister(example_plugin)
+    with pytest.raises(MissingComponentsError) as info:
+        keras.saving.load_model(path)
+    lines = str(info.value).splitlines()
+    assert lines[0] == (
+        "The model being loaded needs 3 keras_attn component(s) that are not installed:"
+    )
+    assert lines[1:4] == [
+        "  - score 'test_learned_scale' (providing package not recorded in the file; "
+        "used by 'first')",
+        "  - normalizer 'test_tempered' (providing package not recorded in the file; "
+        "used by 'second', 'third')",
+        "  - layer 'test_residual' (providing package not recorded in the file; used by 'third')",
+    ]
+    assert [m[:2] for m in info.value.missing] == [
+        ("score", "test_learned_scale"),
+        ("normalizer", "test_tempered"),
+        ("layer", "test_residual"),
+    ]
+
+
+def test_a_layer_built_from_its_config_alone_names_its_own_missing_components(example_plugin):
+    config = keras_attn.Attention(num_heads=2, score="test_learned_scale").get_config()
+    plugins.unregister(example_plugin)
+    with pytest.raises(MissingComponentsError, match=r"^Attention '.*' needs 1 keras_attn"):
+        keras_attn.Attention.from_config(config)
+
+
+def test_an_in_process_plugin_from_an_installed_package_records_that_package(dists, tmp_path):
+    dists.add("keras-attn-inproc", {}, {"inproc_plugin": SCORE_PLUGIN.format(score="inproc")},
+              version="0.4.0")  # fmt: skip
+    # An installer's RECORD says which files the distribution owns.
+    (dists.root / "keras_attn_inproc-0.4.0.dist-info" / "RECORD").write_text("inproc_plugin.py,,\n")
+    import importlib
+
+    module = importlib.import_module("inproc_plugin")
+    plugins.register(module)
+    spec = plugins.serialize(plugins.resolve("score", "inproc"))
+    assert (spec["package"], spec["version"]) == ("keras-attn-inproc", "0.4.0")
+    # A plugin defined in this test file belongs to no installed package.
+    assert plugins._distribution_of(ExamplePlugin()) == (None, None)
 
 
 def test_a_keras_file_names_the_package_of_a_missing_entry_point_plugin(
@@ -876,8 +935,8 @@ def test_a_keras_file_names_the_package_of_a_missing_entry_point_plugin(
     with pytest.raises(MissingComponentsError) as info:
         keras.saving.load_model(path)
     message = str(info.value)
-    assert message.splitlines()[1] == (
-        "  - score 'ep_saved' (provided by package keras-attn-half 2.0.1)"
+    assert message.splitlines()[1].startswith(
+        "  - score 'ep_saved' (provided by package keras-attn-half 2.0.1; used by 'attention"
     )
     assert "pip install keras-attn-half" in message
     assert info.value.missing == [("score", "ep_saved", "keras-attn-half", "2.0.1")]
