@@ -9,7 +9,8 @@ once and hands it to the kernel). The paths, all exact and all agreeing:
 - ``native``: the backend's own exact kernel for this pattern (`keras_attn.native`:
   cuDNN's sliding-window flash kernel through ``jax.nn.dot_product_attention`` on a
   GPU; PyTorch's FlexAttention with a BlockMask from the pattern's ``block_mask``
-  where CUDA is visible), named in the plan's ``kernel``;
+  where CUDA is visible; Splash attention with a mask made from the pattern on a
+  TPU), named in the plan's ``kernel``;
 - ``fused``: `keras.ops.dot_product_attention` (`keras_attn.kernels.fused_attention`;
   flash kernels on GPU/TPU where the backend has them) when a fused kernel computes
   exactly these components (`Components.fused_scale`);
@@ -32,6 +33,7 @@ from keras_attn import pallas
 from keras_attn.block_sparse import block_sparse_attention
 from keras_attn.masks import combine_masks
 from keras_attn.positions import make_positions
+from keras_attn.segments import segment_mask
 
 logger = logging.getLogger("keras_attn")
 
@@ -62,8 +64,12 @@ class Plan(NamedTuple):
         layout: The `keras_attn.block_layout.BlockLayout` (block-sparse path), or None.
         scale: The fused or native kernel's scale, or None.
         flash_attention: Passed to the fused kernel.
-        kernel: The native kernel's name (``"jax_cudnn"``), or None.
+        kernel: The native kernel's name (``"jax_cudnn"``, ``"jax_splash"``,
+            ``"torch_flex_attention"``), or None.
         window: The native kernel's ``(left, right)`` sliding window, or None.
+        segment_layout: With segment ids on the block-sparse path, the
+            `keras_attn.block_layout.SegmentLayout` that skips the blocks whose
+            segments never meet; None otherwise.
     """
 
     path: str
@@ -74,6 +80,7 @@ class Plan(NamedTuple):
     flash_attention: object = None
     kernel: object = None
     window: object = None
+    segment_layout: object = None
 
 
 def _static_int(value):
@@ -149,6 +156,8 @@ def plan(
     name=None,
     dtype=None,
     has_mask=False,
+    segment_ids=None,
+    max_segment_length=None,
 ):
     """Decide how this attention runs.
 
@@ -170,6 +179,15 @@ def plan(
         name: The caller's name (the layer's), for the warning below.
         dtype: The heads' dtype (the native kernels need 16-bit inputs), or None.
         has_mask: Whether a data mask (padding, explicit, cache) comes with the call.
+        segment_ids: ``(query_ids (B, Tq), key_ids (B, Tk))`` of packed sequences, or
+            None. On the block-sparse path they narrow the layout per batch row
+            (`keras_attn.block_layout.segment_layout`); `attend` then takes them
+            instead of a segment mask.
+        max_segment_length: The layer's bound on segment lengths (tokens), or None.
+
+    On a TPU, scaled_dot + softmax without score_mods, dropout or weights runs
+    natively on Splash attention for any pattern (``kernel="jax_splash"``), with
+    lengths and query offset known when traced and no data mask.
 
     A sliding window (`keras_attn.patterns.Local`) with scaled_dot + softmax runs
     natively, on cuDNN's own sliding-window kernel, where JAX sees an NVIDIA GPU and
@@ -207,7 +225,16 @@ def plan(
         layout = block_layout_module.block_layout(
             pattern, query_length, key_length, block_size, query_offset
         )
-        return Plan("block_sparse", components, query_offset, layout=layout)
+        segment_layout = None
+        if segment_ids is not None:
+            segment_layout = block_layout_module.segment_layout(
+                layout, *segment_ids, max_segment_length=max_segment_length,
+                aligned=segment_ids[0] is segment_ids[1] and query_offset == 0,
+            )  # fmt: skip
+        return Plan(
+            "block_sparse", components, query_offset, layout=layout,
+            segment_layout=segment_layout,
+        )  # fmt: skip
 
     cpu_fused = (
         block_sparse == "auto" and flash_attention is not True and kernels.fused_kernel_is_dense()
@@ -256,6 +283,15 @@ def _native_plan(components, *, head_dim, value_dim, return_weights, training, q
         and native.flex_attention_is_fast()
     ):
         return Plan("native", components, offset, scale=scale, kernel="torch_flex_attention")
+    if (
+        scale is not None
+        and block_sparse is not True
+        and flash_attention is not False
+        and not has_mask  # whole-key/query masks are expressible, but plan sees no shape
+        and all(_static_int(n) for n in (query_length, key_length, offset))
+        and native.splash_attention_available(dtype)
+    ):
+        return Plan("native", components, offset, scale=scale, kernel="jax_splash")
     window = native.jax_window(components.pattern)
     if (
         scale is None
@@ -295,7 +331,7 @@ def warn_unknown_lengths(name, pattern, query_length, key_length):
 
 
 def attend(plan, query, key, value, mask=None, positions=None, training=None,
-           return_weights=False):  # fmt: skip
+           return_weights=False, segment_ids=None):  # fmt: skip
     """Run a `Plan` on projected heads.
 
     Args:
@@ -307,11 +343,15 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
             them from the lengths and the plan's query offset where a path reads them.
         training: Whether dropout (and training-only noise) is active.
         return_weights: Whether to return the weights.
+        segment_ids: ``(query_ids (B, Tq), key_ids (B, Tk))`` of packed sequences,
+            or None: a segment mask on every path, or the plan's ``segment_layout``.
 
     Returns:
         ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None)``.
     """
     offset = plan.query_offset
+    if segment_ids is not None and plan.segment_layout is None:
+        mask = combine_masks(mask, segment_mask(*segment_ids))  # (B, 1, Tq, Tk)
     tq, tk = query.shape[1], key.shape[1]
     if _is_empty(tq, tk):
         # No query, or no key to attend to: zeros on every path (as a row with no
@@ -336,6 +376,11 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
             query_offset=offset, mask=mask,
         )  # fmt: skip
         return output, None
+    if plan.path == "native" and plan.kernel == "jax_splash":
+        output = native.splash_attention(
+            query, key, value, plan.components.pattern, scale=plan.scale, query_offset=offset
+        )
+        return output, None
     if plan.path == "native":
         output = native.jax_local_attention(query, key, value, scale=plan.scale, window=plan.window)
         return output, None
@@ -359,6 +404,8 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
     ):
         # Opt-in (KERAS_ATTN_PALLAS): the same layout on the Pallas kernel.
         logger.debug("block_sparse path: kernel %s", pallas.KERNEL)
+        if segment_ids is not None and plan.segment_layout is not None:
+            mask = combine_masks(mask, segment_mask(*segment_ids))  # (B, 1, Tq, Tk)
         output = pallas.block_sparse_attention(
             q, k, v, plan.layout, plan.components, mask=mask, query_offset=offset
         )
@@ -366,7 +413,7 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
     elif plan.path == "block_sparse":
         output, weights = block_sparse_attention(
             q, k, v, plan.layout, plan.components, get_positions(), mask, training,
-            return_weights,
+            return_weights, plan.segment_layout, segment_ids,
         )  # fmt: skip
     else:
         output, weights = kernels.dense_attention(

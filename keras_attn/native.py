@@ -12,6 +12,12 @@ the dense path computes, or is not chosen.
   `keras_attn.block_layout`, never from a dense Tq x Tk mask), and its ``mask_mod``
   evaluates the pattern's ``mask`` on FlexAttention's index tensors, with the call's
   data mask (padding, explicit masks) folded in.
+- JAX on a TPU: Splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`)
+  for any pattern, with splash's own ``FullMask``, ``CausalMask`` or ``LocalMask``
+  where one is exactly the pattern and otherwise a mask evaluated lazily from the
+  pattern's ``mask``, a row of blocks at a time, within the blocks its ``block_mask``
+  keeps (never a dense Tq x Tk array at once). Whole-key or whole-query masks become
+  splash's segment ids.
 """
 
 import functools
@@ -33,6 +39,12 @@ __all__ = [
     "jax_cudnn_available",
     "jax_local_attention",
     "jax_window",
+    "has_splash_attention",
+    "SPLASH_BLOCK_SIZE",
+    "splash_attention",
+    "splash_attention_available",
+    "splash_attention_is_fast",
+    "splash_mask",
 ]
 
 
@@ -209,3 +221,265 @@ def flex_attention(query, key, value, pattern, *, scale, query_offset=0, mask=No
     v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, Tk, Dv)
     output = kernel(q, k, v, block_mask=block_mask, scale=float(scale))
     return ops.transpose(output, (0, 2, 1, 3))  # (B, Tq, H, Dv)
+
+
+# -- JAX on TPU: Splash attention --------------------------------------------------------
+
+# Splash attention's tile on both axes; lengths are padded up to a multiple of it.
+SPLASH_BLOCK_SIZE = 128
+# Every query row starts from this logit (splash's per-head "sink") with weight 1:
+# exp(it - m) is exactly 0 in float32 for any real logit m above -1e38, so a row with
+# an allowed key gets exactly softmax(logits), and a row with none gets zeros (the
+# dense path's answer) instead of splash's 0 / 0 or an average of masked keys.
+_EMPTY_ROW_LOGIT = -0.35 * float(np.finfo("float32").max)
+
+
+@functools.cache
+def has_splash_attention():
+    """Whether the backend is JAX with Splash attention (`jax.experimental.pallas`)."""
+    if keras.backend.backend() != "jax":
+        return False
+    try:
+        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.cache
+def splash_attention_is_fast():
+    """Whether Splash attention runs as a compiled kernel here: JAX's default backend is a TPU.
+
+    Elsewhere it runs only in Pallas's interpret mode (slow; used by the tests).
+    """
+    if not has_splash_attention():
+        return False
+    import jax
+
+    return jax.default_backend() == "tpu"
+
+
+def _padded(length):
+    return block_layout.num_blocks(length, SPLASH_BLOCK_SIZE) * SPLASH_BLOCK_SIZE
+
+
+def splash_mask(pattern, query_length, key_length, query_offset=0, num_heads=1):
+    """Splash's ``MultiHeadMask`` for `pattern`, over lengths padded to `SPLASH_BLOCK_SIZE`.
+
+    Splash's own computable masks where they are exactly the pattern (``FullMask``,
+    ``CausalMask`` and ``LocalMask``, offset by the first query's position); any other
+    pattern is evaluated lazily, a row of blocks at a time (`_PatternStripes`). Padded
+    keys are not masked here (`splash_attention` gives them a segment of their own).
+    """
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    shape = (_padded(query_length), _padded(key_length))
+    offset = int(query_offset)
+    window = jax_window(pattern)
+    if pattern.kernel_form == "full":
+        head_masks = [sm.FullMask(shape)]
+    elif pattern.kernel_form == "causal":
+        head_masks = [sm.CausalMask(shape, offset=offset)]
+    elif window is not None:
+        head_masks = [sm.LocalMask(shape, window_size=window, offset=offset)]
+    else:
+        stripes = _PatternStripes(pattern, query_length, key_length, offset, num_heads)
+        head_masks = [_splash_pattern_mask(stripes, h) for h in range(stripes.num_masks)]
+    if len(head_masks) == 1:
+        head_masks = head_masks * num_heads
+    return sm.MultiHeadMask(head_masks)
+
+
+class _PatternStripes:
+    """A pattern's mask, a row of `SPLASH_BLOCK_SIZE` queries at a time, in numpy.
+
+    Within a row, only the key blocks the pattern's closed-form ``block_mask`` keeps
+    are evaluated; the last row is kept, since splash reads a row's blocks in turn.
+    ``num_masks`` is 1 for a pattern that does not read ``positions.head``, else H.
+    """
+
+    def __init__(self, pattern, query_length, key_length, query_offset, num_heads):
+        self.pattern = pattern
+        self.lengths = (int(query_length), int(key_length))
+        self.offset = query_offset
+        self.num_heads = num_heads
+        self.padded = (_padded(query_length), _padded(key_length))
+        layout = block_layout.block_layout(
+            pattern, query_length, key_length, SPLASH_BLOCK_SIZE, query_offset
+        )
+        self.block_mask = layout.block_mask  # (nq, nk)
+        # The mask's head axis, from broadcasting alone (one query, one key).
+        probe = self._evaluate_pattern(np.zeros(1, "int32"), np.zeros(1, "int32"))
+        self.num_masks = probe.shape[0]
+        self._last = None
+
+    def _evaluate_pattern(self, query, key):
+        """``(num_masks, len(query), len(key))``: the pattern at these absolute positions."""
+        positions = Positions(
+            query=query.reshape(1, 1, -1, 1),
+            key=key.reshape(1, 1, 1, -1),
+            head=np.arange(self.num_heads, dtype="int32").reshape(1, -1, 1, 1),
+        )
+        m = ops.convert_to_numpy(self.pattern.mask(positions)).astype(bool)
+        while m.ndim < 4:
+            m = m[None]
+        m = np.broadcast_to(m, m.shape[:-2] + (len(query), len(key)))
+        return m.reshape((-1,) + m.shape[-3:]).any(axis=0)
+
+    def rows(self, start, stop):
+        """``(num_masks, stop - start, padded Tk)`` bool: the mask of queries `start:stop`."""
+        if self._last is None or self._last[0] != (start, stop):
+            self._last = ((start, stop), self._evaluate_rows(start, stop))
+        return self._last[1]
+
+    def _evaluate_rows(self, start, stop):
+        tq, tk = self.lengths
+        size = SPLASH_BLOCK_SIZE
+        out = np.zeros((self.num_masks, stop - start, self.padded[1]), bool)
+        real = min(stop, tq) - start
+        if real <= 0:
+            return out  # padded queries: their outputs are dropped
+        kept = np.flatnonzero(self.block_mask[start // size])
+        if not len(kept):
+            return out
+        keys = np.concatenate([np.arange(b * size, min((b + 1) * size, tk)) for b in kept])
+        query = np.arange(start, start + real) + self.offset
+        m = self._evaluate_pattern(query.astype("int32"), keys.astype("int32"))
+        out[:, :real, keys] = m
+        return out
+
+
+@functools.cache
+def _splash_mask_class():
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    class PatternMask(sm.Mask):
+        """One head of a `_PatternStripes` as a lazy splash ``Mask`` (sliced by blocks)."""
+
+        def __init__(self, stripes, head):
+            self.stripes, self.head = stripes, head
+
+        @property
+        def shape(self):
+            return self.stripes.padded
+
+        def __getitem__(self, idx):
+            q_slice, k_slice = idx
+            start = q_slice.start or 0
+            stop = self.shape[0] if q_slice.stop is None else q_slice.stop
+            rows = self.stripes.rows(start, stop)  # (num_masks, rows, Tk')
+            return rows[self.head][:, k_slice]
+
+        def __eq__(self, other):
+            return self is other
+
+        def __hash__(self):
+            return id(self)
+
+    return PatternMask
+
+
+def _splash_pattern_mask(stripes, head):
+    return _splash_mask_class()(stripes, head)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(pattern, query_length, key_length, query_offset, num_heads, interpret):
+    """The splash kernel for this pattern and these lengths (its mask processed once)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    size = SPLASH_BLOCK_SIZE
+    blocks = sk.BlockSizes(
+        block_q=size, block_kv=size, block_kv_compute=size, block_q_dkv=size,
+        block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size,
+    )  # fmt: skip
+    mask = splash_mask(pattern, query_length, key_length, query_offset, num_heads)
+    return sk.make_splash_mha(
+        mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+    )
+
+
+def _segment_ids(mask, batch, query_length, key_length):
+    """``(query (B, Tq'), key (B, Tk'))`` segment ids: 0 where allowed, padded keys 1.
+
+    `mask` (or None) must allow or forbid whole keys ``(B|1, 1, 1, Tk)`` or whole
+    queries ``(B|1, 1, Tq, 1)``: a forbidden key takes segment 1, a forbidden query
+    segment 2 (it sees no key, so it gets zeros).
+    """
+    import jax.numpy as jnp
+
+    pq, pk = _padded(query_length) - query_length, _padded(key_length) - key_length
+    q_ids = jnp.zeros((batch, query_length), "int32")
+    k_ids = jnp.zeros((batch, key_length), "int32")
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        while mask.ndim < 4:
+            mask = mask[None]
+        if mask.shape[1] != 1 or (mask.shape[2] != 1 and mask.shape[3] != 1):
+            raise ValueError(
+                "Splash attention takes a data mask over whole keys (B, 1, 1, Tk) or whole "
+                f"queries (B, 1, Tq, 1) only. Received: mask.shape={tuple(mask.shape)}"
+            )
+        if mask.shape[2] == 1:
+            k_ids = jnp.broadcast_to(jnp.where(mask[:, 0, 0, :], 0, 1), (batch, key_length))
+        else:
+            q_ids = jnp.broadcast_to(jnp.where(mask[:, 0, :, 0], 0, 2), (batch, query_length))
+    q_ids = jnp.pad(q_ids, ((0, 0), (0, pq)))
+    k_ids = jnp.pad(k_ids, ((0, 0), (0, pk)), constant_values=1)
+    return q_ids.astype("int32"), k_ids.astype("int32")
+
+
+def splash_attention(query, key, value, pattern, *, scale, query_offset=0, mask=None):
+    """Splash attention (Pallas, TPU) on projected heads, with a mask made from `pattern`.
+
+    Lengths are padded to `SPLASH_BLOCK_SIZE` (padded keys take a segment of their
+    own); the queries are scaled before the kernel (splash does not scale); the kernel
+    runs per batch element (``vmap``). Compiled on a TPU, in Pallas's interpret mode
+    elsewhere (the tests).
+
+    Args:
+        query: ``(B, Tq, H, D)``; key ``(B, Tk, K, D)``; value ``(B, Tk, K, Dv)``, with
+            ``H`` a multiple of ``K`` (grouped-query attention).
+        pattern: The `keras_attn.Pattern`; query_offset: its first query's position
+            (a Python int).
+        scale: The score's factor (``scaled_dot``: ``1 / sqrt(D)``).
+        mask: None, or a bool mask over whole keys ``(B|1, 1, 1, Tk)`` or whole
+            queries ``(B|1, 1, Tq, 1)`` (`_segment_ids`).
+
+    Returns:
+        ``(B, Tq, H, Dv)`` in the query's dtype; a query with no allowed key gets zeros.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    batch, tq, heads, _ = query.shape
+    tk, groups = key.shape[1], heads // key.shape[2]
+    interpret = jax.default_backend() != "tpu"
+    kernel = _splash_kernel(pattern, tq, tk, int(query_offset), heads, interpret)
+    dtype = query.dtype
+    q = jnp.transpose(query * jnp.asarray(scale, dtype), (0, 2, 1, 3))  # (B, H, Tq, D)
+    k = jnp.transpose(key, (0, 2, 1, 3))  # (B, K, Tk, D)
+    v = jnp.transpose(value, (0, 2, 1, 3))  # (B, K, Tk, Dv)
+    if groups > 1:
+        k = jnp.repeat(k, groups, axis=1)  # (B, H, Tk, D)
+        v = jnp.repeat(v, groups, axis=1)  # (B, H, Tk, Dv)
+    pad_q, pad_k = _padded(tq) - tq, _padded(tk) - tk
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, pad_q), (0, 0)))  # (B, H, Tq', D)
+    k = jnp.pad(k, ((0, 0), (0, 0), (0, pad_k), (0, 0)))  # (B, H, Tk', D)
+    v = jnp.pad(v, ((0, 0), (0, 0), (0, pad_k), (0, 0)))  # (B, H, Tk', Dv)
+    q_ids, k_ids = _segment_ids(mask, batch, tq, tk)
+    sinks = jnp.full((heads,), _EMPTY_ROW_LOGIT, "float32")
+
+    def one(q, k, v, q_ids, k_ids):
+        return kernel(q, k, v, segment_ids=sk.SegmentIds(q_ids, k_ids), sinks=sinks)
+
+    output = jax.vmap(one)(q, k, v, q_ids, k_ids)  # (B, H, Tq', Dv)
+    return jnp.transpose(output[:, :, :tq], (0, 2, 1, 3)).astype(dtype)  # (B, Tq, H, Dv)
+
+
+def splash_attention_available(dtype):
+    """Whether the plan may take Splash attention for heads of `dtype` (a TPU; f32/bf16)."""
+    if dtype is None or not splash_attention_is_fast():
+        return False
+    return keras.backend.standardize_dtype(dtype) in ("float32", "bfloat16")
