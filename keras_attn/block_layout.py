@@ -7,6 +7,11 @@ says how each group's key slab is cut (slices for bands, a gather otherwise). Al
 it is numpy, computed once per pattern and shape, outside any traced function;
 `keras_attn.block_sparse` runs a layout and `keras_attn.dispatch` decides whether to.
 
+With packed sequences (segment ids) a `SegmentLayout` narrows a layout further at run
+time: each batch row and row of query blocks keeps only the layout's key blocks that
+its segments meet (`keras_attn.segments.block_meets`), gathered into a static number
+of slots per group, planned here by `segment_layout`.
+
 The block geometry at the top (`block_bounds`, `distance_bounds`, `holds_multiple`,
 `block_mask_from_mask`) is public: a plugin's pattern uses it to write a closed-form
 ``block_mask`` (see `keras_attn.patterns.Local` and the BigBird plugin).
@@ -20,17 +25,21 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_attn import segments as segments_module
 from keras_attn.positions import Positions
 
 __all__ = [
     "BlockLayout",
     "RowGroup",
+    "SegmentLayout",
     "block_bounds",
     "block_layout",
     "block_mask_from_mask",
     "distance_bounds",
     "holds_multiple",
     "num_blocks",
+    "segment_blocks_bound",
+    "segment_layout",
 ]
 
 
@@ -309,3 +318,105 @@ def block_layout(pattern, query_length, key_length, block_size, query_offset=0):
         return _cached_layout(pattern, *args)
     except TypeError:  # An unhashable pattern: compute without the cache.
         return _make_layout(pattern, *args)
+
+
+# -- segment layouts ---------------------------------------------------------------------
+
+
+class SegmentLayout(NamedTuple):
+    """A `BlockLayout` narrowed by segment ids: the blocks whose segments meet.
+
+    At run time, each batch row and row of query blocks of a group keeps the group's
+    key blocks (``cols`` where ``valid``) whose segments meet its own, and gathers the
+    first ``widths[g]`` of them (a masked dummy block fills the rest), so the slabs are
+    ``(B, H, R, bs, widths[g] * bs)``, batch-dependent but of static shape.
+
+    Attributes:
+        layout: The pattern's `BlockLayout` (its groups and their static blocks).
+        widths: Per group, the key blocks gathered per row (at most the group's width).
+        max_segment_length: The bound the widths come from where the ids were traced,
+            or None. A row that keeps more blocks than its width (the bound was
+            exceeded) gets NaN outputs, never silently fewer blocks.
+        from_data: Whether the widths were measured on concrete ids (then no row
+            keeps more blocks than its width).
+    """
+
+    layout: BlockLayout
+    widths: tuple
+    max_segment_length: object = None
+    from_data: bool = False
+
+    @property
+    def computed_blocks(self):
+        """Blocks computed per batch row, padding included."""
+        return int(
+            sum(len(g.rows) * w for g, w in zip(self.layout.groups, self.widths, strict=True))
+        )
+
+    @property
+    def computed_fraction(self):
+        """Computed blocks per batch row over the blocks of the dense score matrix."""
+        return self.computed_blocks / self.layout.block_mask.size
+
+
+def segment_blocks_bound(max_segment_length, block_size, aligned=True):
+    """Most key blocks one query block can share a segment with, for packed ids.
+
+    Every segment is a run of at most `max_segment_length` (``L``) tokens; a segment
+    that meets a query block lies within ``L - 1`` tokens of it on either side. In
+    self-attention (`aligned`: query block ``i`` covers the tokens of key block
+    ``i``) that reaches ``1 + 2 * ceil((L - 1) / bs)`` blocks; otherwise (the queries
+    written at a cache index, anywhere in a block) the ``bs + 2 * (L - 1)`` tokens
+    reach ``ceil((bs + 2L - 3) / bs) + 1`` blocks.
+    """
+    length, bs = int(max_segment_length), int(block_size)
+    if aligned:
+        return 1 + 2 * num_blocks(length - 1, bs)
+    return num_blocks(bs + 2 * length - 3, bs) + 1
+
+
+def segment_layout(layout, query_ids, key_ids, max_segment_length=None, aligned=True):
+    """Plan the blocks `layout` computes with these segment ids: a `SegmentLayout`.
+
+    Where the ids are concrete (eager calls, numpy input), each group's width is that
+    of its widest row in this batch: the blocks whose segments never meet are skipped,
+    with no setting. Where they are traced, the widths are the groups' own (all the
+    pattern's blocks, computed and masked) unless `max_segment_length` bounds them
+    (`segment_blocks_bound`).
+
+    Args:
+        layout: The pattern's `BlockLayout` for these lengths.
+        query_ids, key_ids: ``(B, Tq)`` and ``(B, Tk)`` integer segment ids.
+        max_segment_length: The longest segment any call carries (tokens), or None.
+        aligned: Whether query ``i`` and key ``i`` are the same token (self-attention
+            without a cache offset), for the bound.
+
+    Raises:
+        ValueError: the ids are concrete and hold a segment longer than
+            `max_segment_length`.
+    """
+    full = tuple(int(g.cols.shape[1]) for g in layout.groups)
+    q, k = segments_module.concrete_ids(query_ids), segments_module.concrete_ids(key_ids)
+    if q is None or k is None:
+        if max_segment_length is None:
+            return SegmentLayout(layout, full)
+        bound = segment_blocks_bound(max_segment_length, layout.block_size, aligned)
+        return SegmentLayout(layout, tuple(min(w, bound) for w in full), int(max_segment_length))
+    if max_segment_length is not None:
+        longest = max(segments_module.longest_segment(q), segments_module.longest_segment(k))
+        if longest > max_segment_length:
+            raise ValueError(
+                "A segment is longer than the layer's `max_segment_length` (the longest "
+                "segment any call will carry, which bounds the key blocks computed when "
+                f"the ids are traced). Received: a segment of {longest} tokens, with "
+                f"max_segment_length={max_segment_length}"
+            )
+    with eager():
+        meets = np.asarray(
+            ops.convert_to_numpy(segments_module.block_meets(q, k, layout.block_size))
+        )  # (B, nq, nk)
+    widths = []
+    for group in layout.groups:
+        kept = meets[:, group.rows[:, None], group.cols] & group.valid  # (B, R, W)
+        widths.append(max(1, int(kept.sum(axis=-1).max(initial=0))))
+    return SegmentLayout(layout, tuple(widths), max_segment_length, from_data=True)

@@ -25,6 +25,7 @@ from keras import ops
 
 from keras_attn.kernels import weighted_sum
 from keras_attn.positions import Positions
+from keras_attn.segments import block_meets as segment_meets
 
 __all__ = ["block_sparse_attention"]
 
@@ -159,19 +160,28 @@ def _group_attention(q, k, v, layout, group, components, positions, mask, traini
     k = _key_slab(k, group)  # (B, H, R, W * bs, D)
     v = _key_slab(v, group)  # (B, H, R, W * bs, Dv)
     block_positions = _block_positions(positions, layout, group)
+    real_queries, real_keys = _padding_masks(layout, group)
+    data_mask = None if mask is None else _block_data_mask(mask, layout, group)
+    return _slab_attention(
+        q, k, v, components, block_positions, (real_queries, real_keys), data_mask, training,
+        return_weights,
+    )  # fmt: skip
+
+
+def _slab_attention(q, k, v, components, block_positions, static_masks, data_mask, training,
+                    return_weights):  # fmt: skip
+    """Score, score_mods, the element mask and the normalizer on one slab."""
     logits = components.score(q, k)  # (B, H, R, bs, W * bs)
     for mod in components.score_mods:
         logits = mod(logits, positions=block_positions)
-    real_queries, real_keys = _padding_masks(layout, group)
     element_mask = None
     if components.pattern.kernel_form != "full":
         element_mask = components.pattern.mask(block_positions)
-    for static in (real_queries, real_keys):
+    for static in static_masks:
         if not static.all():
             static = ops.convert_to_tensor(static)
             element_mask = static if element_mask is None else ops.logical_and(element_mask, static)
-    if mask is not None:
-        data_mask = _block_data_mask(mask, layout, group)
+    if data_mask is not None:
         element_mask = (
             data_mask if element_mask is None else ops.logical_and(element_mask, data_mask)
         )
@@ -200,9 +210,187 @@ def _scatter_weights(weights, layout, batch, heads):
     return dense[:, :, : layout.query_length, : layout.key_length]
 
 
+# -- segments: blocks chosen per batch row ---------------------------------------------
+
+
+def _take_per_batch(x, index):
+    """``x[b, index[b]]``: ``x (B|1, N, ...)`` and int ``index (B, M)`` -> ``(B, M, ...)``."""
+    if x.shape[0] == 1:
+        return ops.take(x[0], index, axis=0)
+    offsets = ops.arange(ops.shape(index)[0], dtype="int32")[:, None] * x.shape[1]  # (B, 1)
+    flat = ops.reshape(x, (-1, *x.shape[2:]))  # (B * N, ...)
+    return ops.take(flat, index + offsets, axis=0)
+
+
+def _segment_cols(meets, group, width):
+    """The key blocks each batch row and row of the group gathers, given `meets`.
+
+    The group's own blocks (``cols`` where ``valid``) whose segments meet the row's,
+    in order, then the others as masked dummies, cut to `width` slots.
+
+    Returns:
+        ``(cols (B, R, W) int32, valid (B, R, W) bool, overflow)``: overflow is bool
+        ``(B, R)``, True where a row keeps more blocks than `width`, or None where it
+        cannot (`width` is the group's own).
+    """
+    rows, full = group.cols.shape
+    nk = meets.shape[2]
+    meets = ops.take(meets, group.rows, axis=1)  # (B, R, nk)
+    index = (np.arange(rows)[:, None] * nk + group.cols).reshape(-1)
+    kept = ops.take(ops.reshape(meets, (-1, rows * nk)), index, axis=1)  # (B, R * Wg)
+    kept = ops.logical_and(ops.reshape(kept, (-1, rows, full)), group.valid)  # (B, R, Wg)
+    # Unique scores, kept blocks first and in order: the top `width` are the slots.
+    slot = np.arange(full, dtype="float32")
+    score = ops.where(kept, full - slot, -slot)
+    top, chosen = ops.top_k(score, k=width)  # (B, R, W)
+    chosen = ops.cast(chosen, "int32") + np.arange(rows, dtype="int32")[:, None] * full
+    cols = ops.take(group.cols.reshape(-1), chosen)  # (B, R, W)
+    overflow = None
+    if width < full:
+        overflow = ops.sum(ops.cast(kept, "int32"), axis=-1) > width  # (B, R)
+    return cols, top > 0, overflow
+
+
+def _segment_key_slab(x, cols):
+    """Key blocks ``(B, nk, H, bs, D)`` -> each batch row's slabs ``(B, H, R, W * bs, D)``."""
+    rows, width = cols.shape[1:]
+    heads, bs, depth = x.shape[2:]
+    x = _take_per_batch(x, ops.reshape(cols, (-1, rows * width)))  # (B, R * W, H, bs, D)
+    x = ops.reshape(x, (-1, rows, width, heads, bs, depth))
+    x = ops.transpose(x, (0, 3, 1, 2, 4, 5))  # (B, H, R, W, bs, D)
+    return ops.reshape(x, (-1, heads, rows, width * bs, depth))
+
+
+def _key_blocks_of(x, layout, cols):
+    """Per-key ``(B|1, Tk)`` -> the slab's keys ``(B, 1, R, 1, W * bs)``."""
+    rows, width = cols.shape[1:]
+    nk, bs = layout.num_key_blocks, layout.block_size
+    x = _pad_axis(x, 1, nk * bs - layout.key_length)
+    x = ops.reshape(x, (-1, nk, bs))
+    x = _take_per_batch(x, ops.reshape(cols, (-1, rows * width)))  # (B, R * W, bs)
+    return ops.reshape(x, (-1, 1, rows, 1, width * bs))
+
+
+def _query_blocks_of(x, layout, group):
+    """Per-query ``(B, Tq)`` -> the slab's queries ``(B, 1, R, bs, 1)``."""
+    nq, bs = layout.num_query_blocks, layout.block_size
+    x = _pad_axis(x, 1, nq * bs - layout.query_length)
+    x = ops.take(ops.reshape(x, (-1, nq, bs)), group.rows, axis=1)  # (B, R, bs)
+    return ops.expand_dims(ops.expand_dims(x, 1), -1)
+
+
+def _segment_positions(positions, layout, group, cols):
+    """Positions of the slab ``(B, H, R, bs, W * bs)``; the keys differ per batch row."""
+    static = _block_positions(positions, layout, group._replace(cols=group.cols[:, :1]))
+    key = ops.cast(positions.key, "int32")
+    if any(d != 1 for d in key.shape[:-1]):
+        raise ValueError(
+            "The segment-aware block-sparse path takes key positions of shape "
+            f"(1, 1, 1, Tk). Received: positions.key.shape={tuple(key.shape)}"
+        )
+    key = _key_blocks_of(ops.reshape(key, (1, layout.key_length)), layout, cols)
+    return Positions(query=static.query, key=key, head=static.head)
+
+
+def _segment_data_mask(mask, layout, group, cols):
+    """A data mask broadcastable to ``(B, 1, Tq, Tk)``, cut to the slab ``(B, h, R, bs, W * bs)``."""
+    mask = ops.cast(mask, "bool")
+    while len(mask.shape) < 4:
+        mask = ops.expand_dims(mask, 0)
+    bs, rows, width = layout.block_size, *cols.shape[1:]
+    nq, nk = layout.num_query_blocks, layout.num_key_blocks
+    heads = mask.shape[1]
+    per_query, per_key = mask.shape[2] != 1, mask.shape[3] != 1
+    if per_query:
+        mask = _pad_axis(mask, 2, nq * bs - layout.query_length, False)
+        mask = ops.reshape(mask, (-1, heads, nq, bs, mask.shape[-1]))
+        mask = ops.take(mask, group.rows, axis=2)  # (b, h, R, bs, Tk or 1)
+    if not per_key:
+        return mask if per_query else ops.expand_dims(mask, 2)  # (b, h, R|1, bs|1, 1)
+    mask = _pad_axis(mask, -1, nk * bs - layout.key_length, False)
+    if not per_query:
+        mask = ops.transpose(ops.reshape(mask, (-1, heads, nk, bs)), (0, 2, 1, 3))  # (b, nk, h, bs)
+        mask = _take_per_batch(mask, ops.reshape(cols, (-1, rows * width)))  # (B, R * W, h, bs)
+        mask = ops.reshape(mask, (-1, rows, width, heads, bs))
+        mask = ops.transpose(mask, (0, 3, 1, 2, 4))  # (B, h, R, W, bs)
+        return ops.reshape(mask, (-1, heads, rows, 1, width * bs))
+    mask = ops.reshape(mask, (-1, heads, rows, bs, nk, bs))
+    mask = ops.transpose(mask, (0, 2, 4, 1, 3, 5))  # (b, R, nk, h, bs, bs)
+    mask = ops.reshape(mask, (-1, rows * nk, heads, bs, bs))
+    index = cols + np.arange(rows, dtype="int32")[:, None] * nk  # (B, R, W)
+    mask = _take_per_batch(mask, ops.reshape(index, (-1, rows * width)))  # (B, R * W, h, bs, bs)
+    mask = ops.reshape(mask, (-1, rows, width, heads, bs, bs))
+    mask = ops.transpose(mask, (0, 3, 1, 4, 2, 5))  # (B, h, R, bs, W, bs)
+    return ops.reshape(mask, (-1, heads, rows, bs, width * bs))
+
+
+def _segment_group_attention(q, k_t, v_t, layout, group, width, meets, segment_ids, components,
+                             positions, mask, training, return_weights):  # fmt: skip
+    """`_group_attention` on each batch row's own key blocks (those its segments meet).
+
+    Returns:
+        ``(output (B, H, R, bs, Dv), weights or None, cols (B, R, W))``; the rows
+        that keep more blocks than `width` are NaN.
+    """
+    query_ids, key_ids = segment_ids
+    cols, valid, overflow = _segment_cols(meets, group, width)
+    q = _take_blocks(q, group.rows)  # (B, H, R, bs, D)
+    k = _segment_key_slab(k_t, cols)  # (B, H, R, W * bs, D)
+    v = _segment_key_slab(v_t, cols)  # (B, H, R, W * bs, Dv)
+    block_positions = _segment_positions(positions, layout, group, cols)
+    real_queries = _padding_masks(layout, group)[0]  # (R, bs, 1)
+    bs = layout.block_size
+    real_keys = ops.logical_and(
+        cols[..., None] * bs + np.arange(bs, dtype="int32") < layout.key_length,
+        valid[..., None],
+    )  # (B, R, W, bs)
+    real_keys = ops.reshape(real_keys, (-1, 1, *cols.shape[1:2], 1, cols.shape[2] * bs))
+    same = ops.equal(
+        _query_blocks_of(ops.cast(query_ids, "int32"), layout, group),
+        _key_blocks_of(ops.cast(key_ids, "int32"), layout, cols),
+    )  # (B, 1, R, bs, W * bs)
+    data_mask = ops.logical_and(real_keys, same)
+    if mask is not None:
+        data_mask = ops.logical_and(data_mask, _segment_data_mask(mask, layout, group, cols))
+    out, w = _slab_attention(
+        q, k, v, components, block_positions, (real_queries,), data_mask, training, return_weights
+    )
+    if overflow is not None:
+        # A row needing more blocks than the bound allows: NaN, never a silent drop.
+        poison = overflow[:, None, :, None, None]  # (B, 1, R, 1, 1)
+        out = ops.where(poison, ops.full_like(out, float("nan")), out)
+        if w is not None:
+            w = ops.where(poison, ops.full_like(w, float("nan")), w)
+    return out, w, cols
+
+
+def _scatter_segment_weights(weights, cols, layout, heads):
+    """Slab weights with per-batch key blocks -> the dense ``(B, H, Tq, Tk)`` matrix."""
+    bs = layout.block_size
+    nq, nk = layout.num_query_blocks, layout.num_key_blocks
+    batch = ops.shape(cols[0])[0]
+    updates, indices = [], []
+    for w, group, c in zip(weights, layout.groups, cols, strict=True):
+        rows, width = c.shape[1:]
+        w = ops.reshape(w, (-1, heads, rows, bs, width, bs))
+        w = ops.transpose(w, (0, 2, 4, 1, 3, 5))  # (B, R, W, H, bs, bs)
+        updates.append(ops.reshape(w, (-1, heads, bs, bs)))
+        b_index = ops.arange(batch, dtype="int32")[:, None, None] + ops.zeros_like(c)
+        r_index = ops.convert_to_tensor(group.rows[:, None].astype("int32")) + ops.zeros_like(c)
+        index = ops.stack([b_index, r_index, c], axis=-1)  # (B, R, W, 3)
+        indices.append(ops.reshape(index, (-1, 3)))
+    updates = updates[0] if len(updates) == 1 else ops.concatenate(updates, axis=0)
+    indices = indices[0] if len(indices) == 1 else ops.concatenate(indices, axis=0)
+    # Dummy slots hold all-zero weights: adding them changes nothing.
+    dense = ops.scatter(indices, updates, (batch, nq, nk, heads, bs, bs))
+    dense = ops.transpose(dense, (0, 3, 1, 4, 2, 5))  # (B, H, nq, bs, nk, bs)
+    dense = ops.reshape(dense, (-1, heads, nq * bs, nk * bs))
+    return dense[:, :, : layout.query_length, : layout.key_length]
+
+
 def block_sparse_attention(
     query, key, value, layout, components, positions, mask=None, training=None,
-    return_weights=False,
+    return_weights=False, segment_layout=None, segment_ids=None,
 ):  # fmt: skip
     """Attention computed only on the blocks `pattern` can reach; equals the dense path.
 
@@ -216,6 +404,13 @@ def block_sparse_attention(
             logits, ``query (..., Tq, 1)``, ``key (..., 1, Tk)``, ``head (..., H, 1, 1)``.
         mask: Bool data mask broadcastable to ``(B, 1, Tq, Tk)``, or None.
         return_weights: Also return the dense weights ``(B, H, Tq, Tk)``.
+        segment_layout: A `keras_attn.block_layout.SegmentLayout` of `layout`, with
+            `segment_ids`, or None. Then each batch row computes only the blocks its
+            segments meet (`keras_attn.segments.block_meets`), and `mask` should not
+            hold the segment mask (it is applied per slab). A row that keeps more
+            blocks than its width (a traced call exceeding ``max_segment_length``)
+            gets NaN outputs and weights.
+        segment_ids: ``(query_ids (B, Tq), key_ids (B, Tk))``, with `segment_layout`.
 
     Returns:
         ``(output (B, H, Tq, Dv), weights (B, H, Tq, Tk) or None)``.
@@ -230,13 +425,26 @@ def block_sparse_attention(
     q = _to_blocks(query, nq, block_size)  # (B, H, nq, bs, D)
     k = _to_blocks(key, nk, block_size)  # (B, H, nk, bs, D)
     v = _to_blocks(value, nk, block_size)  # (B, H, nk, bs, Dv)
-    outputs, weights = [], []
-    for group in layout.groups:
-        out, w = _group_attention(
-            q, k, v, layout, group, components, positions, mask, training, return_weights
-        )
-        outputs.append(out)
-        weights.append(w)
+    outputs, weights, cols = [], [], []
+    if segment_layout is None:
+        for group in layout.groups:
+            out, w = _group_attention(
+                q, k, v, layout, group, components, positions, mask, training, return_weights
+            )
+            outputs.append(out)
+            weights.append(w)
+    else:
+        meets = segment_meets(*segment_ids, block_size)  # (B, nq, nk)
+        k = ops.transpose(k, (0, 2, 1, 3, 4))  # (B, nk, H, bs, D)
+        v = ops.transpose(v, (0, 2, 1, 3, 4))  # (B, nk, H, bs, Dv)
+        for group, width in zip(layout.groups, segment_layout.widths, strict=True):
+            out, w, c = _segment_group_attention(
+                q, k, v, layout, group, width, meets, segment_ids, components, positions,
+                mask, training, return_weights,
+            )  # fmt: skip
+            outputs.append(out)
+            weights.append(w)
+            cols.append(c)
     output = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=2)
     if layout.order is not None:
         output = ops.take(output, layout.order, axis=2)  # rows back in order
@@ -245,4 +453,6 @@ def block_sparse_attention(
     output = _narrow(output, 0, tq)  # (B, H, Tq, Dv)
     if not return_weights:
         return output, None
+    if segment_layout is not None:
+        return output, _scatter_segment_weights(weights, cols, layout, heads)
     return output, _scatter_weights(weights, layout, ops.shape(query)[0], heads)

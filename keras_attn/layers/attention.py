@@ -114,6 +114,21 @@ class Attention(keras.layers.Layer):
             score_mods, so a packed document is encoded as if it were alone.
             Patterns keep absolute positions (the same within a segment for
             patterns of ``query - key``, such as causal and local).
+        max_segment_length: The longest segment (run of equal `segment_ids`, in
+            tokens) any call will carry, or None. On the block-sparse path, key
+            blocks whose segments never meet a query block's are skipped: with ids
+            known when the call runs (eager), by measuring them, with no setting;
+            with traced ids (``jax.jit``, ``tf.function``, a compiled model) shapes
+            must be static, so only this bound lets a traced call skip blocks
+            (each row of query blocks then gathers at most
+            `keras_attn.block_layout.segment_blocks_bound` key blocks). A call
+            whose ids hold a longer segment raises a ``ValueError`` when the ids
+            are known; when they are traced it cannot, and the rows of query
+            blocks that would need more blocks than the bound allows get NaN
+            outputs instead (never silently fewer keys). The bound assumes packed
+            ids (non-decreasing along the row, each document one run); other ids
+            stay exact eagerly and without the bound, but under tracing may need
+            more blocks and then give NaN.
 
     Call arguments:
         query: Query tensor ``(B, Tq, dim)``.
@@ -133,7 +148,10 @@ class Attention(keras.layers.Layer):
             the cache; queries get absolute positions from it.
         segment_ids: Int ``(B, T)`` for packed sequences (self-attention): a query
             attends only to keys with the same id, on every path. Ids are
-            compared, so padding may take an id of its own (or use a mask).
+            compared, so padding may take an id of its own (or use a mask). On
+            the block-sparse path, blocks whose segments never meet are not
+            computed (see `max_segment_length`); ``layer.last_plan.segment_layout``
+            says how many were.
         query_segment_ids: Int ``(B, Tq)``, instead of `segment_ids` (cross
             attention, or the new tokens with a cache).
         key_segment_ids: Int ``(B, Tk)``, instead of `segment_ids`. With a cache it
@@ -176,6 +194,7 @@ class Attention(keras.layers.Layer):
         seed=None,
         position_encoding=None,
         reset_positions=False,
+        max_segment_length=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
@@ -247,12 +266,25 @@ class Attention(keras.layers.Layer):
             )
         )
         self.reset_positions = validation.boolean(reset_positions, "reset_positions")
+        self.max_segment_length = validation.positive_int(
+            max_segment_length, "max_segment_length", allow_none=True
+        )
         self._position_encoding_spec = _Unattached(
             None
             if position_encoding is None
             else plugins.resolve("position_encoding", position_encoding, **layer_defaults)
         )
         self.last_path = None
+        self._last_plan = _Unattached(None)
+
+    @property
+    def last_plan(self):
+        """The `keras_attn.dispatch.Plan` of the last call on the engine, or None.
+
+        Its ``segment_layout`` (with segment ids on the block-sparse path) tells how
+        many key blocks each row of query blocks gathered.
+        """
+        return self._last_plan.value
 
     # -- components ---------------------------------------------------------------
 
@@ -514,9 +546,9 @@ class Attention(keras.layers.Layer):
                 key_ids, key_name, cache.shape[2],
                 "the number of cache slots: with a cache, `key_segment_ids` covers every slot",
             )  # fmt: skip
-        mask = segments.segment_mask(query_ids, key_ids)  # (B, 1, Tq, Tk)
+        self._check_segment_lengths(query_ids, key_ids)
         if not self.reset_positions:
-            return segments.Segments(mask)
+            return segments.Segments(query_ids, key_ids)
         key_starts = segments.segment_starts(key_ids)  # (B, Tk)
         if cache is not None and cache_update_index is not None:
             # Decoding: the queries are the tokens written at the cache index.
@@ -526,7 +558,22 @@ class Attention(keras.layers.Layer):
             )
         else:
             query_starts = segments.segment_starts(query_ids)
-        return segments.Segments(mask, query_starts, key_starts)
+        return segments.Segments(query_ids, key_ids, query_starts, key_starts)
+
+    def _check_segment_lengths(self, query_ids, key_ids):
+        """Raise if concrete ids hold a segment longer than `max_segment_length`."""
+        if self.max_segment_length is None:
+            return
+        for ids in (query_ids, key_ids):
+            known = segments.concrete_ids(ids)
+            longest = None if known is None else segments.longest_segment(known)
+            if longest is not None and longest > self.max_segment_length:
+                raise ValueError(
+                    "A segment is longer than the layer's `max_segment_length` (the longest "
+                    "segment any call will carry, which bounds the key blocks computed when "
+                    f"the ids are traced). Received: a segment of {longest} tokens, with "
+                    f"max_segment_length={self.max_segment_length}"
+                )
 
     def _encode_positions(self, q, k, self_attention, cache, cache_update_index, call_segments):
         """Apply the position encoding to the projected heads ``(B, T, H, D)``.
@@ -647,19 +694,22 @@ class Attention(keras.layers.Layer):
                 _heads_mask(attention_mask),
                 cache_mask,
             )  # (B|1, 1|H, Tq, Tk)
-        if call_segments is not None:
-            mask = masks.combine_masks(mask, call_segments.mask)
         k, v = self._repeat_kv(k), self._repeat_kv(v)  # (B, Tk, H, D)
         pattern = self._effective_pattern(use_causal_mask)
 
         if self._overrides_compute_attention():
+            if call_segments is not None:
+                mask = masks.combine_masks(mask, call_segments.mask)
             output, weights = self._call_overridden(
                 q, k, v, mask, pattern, query_offset, training, return_attention_scores
             )
         else:
+            # The segments travel apart from the mask: on the block-sparse path they
+            # also decide which blocks are computed.
             output, weights = self._attend(
                 q, k, v, mask, training, return_attention_scores, pattern, query_offset,
                 score_mods=self._segment_score_mods(call_segments, query_offset),
+                segments=call_segments,
             )  # fmt: skip
         if gate is not None:
             output = output * gate
@@ -804,7 +854,7 @@ class Attention(keras.layers.Layer):
 
     def _attend(
         self, query, key, value, attention_mask, training, return_weights, pattern, query_offset=0,
-        score_mods=None,
+        score_mods=None, segments=None,
     ):  # fmt: skip
         """Run the attention on heads of any rank; the mask as `_compute_attention` takes it."""
         if len(query.shape) > 4:
@@ -826,6 +876,8 @@ class Attention(keras.layers.Layer):
             return shapes.unfold(output, query, axes), weights
         mask = _heads_mask(attention_mask)  # (B|1, 1|H, Tq, Tk)
         if type(self)._masked_softmax is not Attention._masked_softmax:
+            if segments is not None:
+                mask = masks.combine_masks(mask, segments.mask)
             return self._attend_with_masked_softmax(
                 query, key, value, mask, training, return_weights, pattern, query_offset
             )
@@ -848,12 +900,16 @@ class Attention(keras.layers.Layer):
             flash_attention=self.flash_attention,
             name=self.name,
             dtype=query.dtype,
-            has_mask=mask is not None,
+            has_mask=mask is not None or segments is not None,
+            segment_ids=None if segments is None else (segments.query_ids, segments.key_ids),
+            max_segment_length=self.max_segment_length,
         )
         self._record_path(plan.path, plan.kernel)
+        self._last_plan = _Unattached(plan)
         return dispatch.attend(
-            plan, query, key, value, mask, training=training, return_weights=return_weights
-        )
+            plan, query, key, value, mask, training=training, return_weights=return_weights,
+            segment_ids=None if segments is None else (segments.query_ids, segments.key_ids),
+        )  # fmt: skip
 
     def _attend_with_masked_softmax(
         self, query, key, value, mask, training, return_weights, pattern, query_offset
@@ -983,6 +1039,7 @@ class Attention(keras.layers.Layer):
                     else plugins.serialize(self.position_encoding)
                 ),
                 "reset_positions": self.reset_positions,
+                "max_segment_length": self.max_segment_length,
             }
         )
         return config
