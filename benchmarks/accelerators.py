@@ -1,4 +1,4 @@
-"""keras_attn's attention kernel beside each backend's own kernels, on a GPU.
+"""keras_attn's attention kernel beside each backend's own kernels, on a GPU or TPU.
 
 Run on a machine with a GPU (JAX with CUDA, PyTorch with CUDA, Keras 3):
 
@@ -14,7 +14,8 @@ warm-up pass, each case in its own subprocess. Side by side in one run:
   the case's pattern, on the path the engine chooses (reported);
 - the backend's best kernel for the same pattern: on JAX, cuDNN through
   ``jax.nn.dot_product_attention(implementation="cudnn", local_window_size=...)``
-  (sliding windows only); on PyTorch, FlexAttention with a block mask from
+  (sliding windows only), or on a TPU Splash attention with the mask keras_attn makes
+  from the pattern (`keras_attn.native.splash_mask`); on PyTorch, FlexAttention with a block mask from
   ``create_block_mask`` (which builds a dense mask: out of memory at long lengths);
 - full causal flash attention (cuDNN / PyTorch SDPA), what a dense layer would cost.
 
@@ -136,7 +137,12 @@ def _reference_step(kind, case, length, allow_cpu):
     if keras.backend.backend() == "jax":
         import jax
 
-        implementation = None if allow_cpu and jax.default_backend() == "cpu" else "cudnn"
+        if jax.default_backend() == "tpu":
+            if kind == "best":
+                return _splash_step(case, length)
+            implementation = None  # XLA's attention: cuDNN is for NVIDIA GPUs
+        else:
+            implementation = None if allow_cpu and jax.default_backend() == "cpu" else "cudnn"
         if kind == "best" and case != "local":
             return None  # cuDNN has sliding windows only
         window = (WINDOW - 1, 0) if kind == "best" else None
@@ -174,6 +180,21 @@ def _reference_step(kind, case, length, allow_cpu):
     block_mask = create_block_mask(mask_mod, None, None, length, length, device=device)
     flex = torch.compile(flex_attention) if device == "cuda" else flex_attention
     return _grad_step(lambda q, k, v: flex(q, k, v, block_mask=block_mask), q, k, v)
+
+
+def _splash_step(case, length):
+    """Splash attention (Pallas, TPU) with the mask keras_attn makes from the pattern."""
+    import jax
+
+    from keras_attn import native
+
+    pattern = _pattern(case)
+    q, k, v = (
+        jax.random.normal(jax.random.key(i), (B, length, H, D), "bfloat16") for i in range(3)
+    )
+    return _grad_step(
+        lambda q, k, v: native.splash_attention(q, k, v, pattern, scale=D**-0.5), q, k, v
+    )
 
 
 def _child(spec):
