@@ -25,6 +25,7 @@ from examples.common import cli  # noqa: E402
 from examples.common import devices  # noqa: E402
 from examples.common import heatmaps  # noqa: E402
 from examples.common import run as run_lib  # noqa: E402
+from examples.common import training  # noqa: E402
 
 # -- command line --------------------------------------------------------------------
 
@@ -350,3 +351,14 @@ def test_history_holds_the_epochs_of_resumed_runs(tmp_path):
     with run_lib.Run(resume, "test") as run:
         run.restore()
         assert run.history() == {"loss": [3.0, 2.0]}  # epoch 2 is trained again
+
+
+def test_throughput_counts_the_timed_steps_and_leaves_out_the_compiling_one(monkeypatch):
+    clock = iter([0.0, 5.0, 5.0, 5.5, 6.0, 7.5])  # begin/end of three steps
+    monkeypatch.setattr(training.time, "perf_counter", lambda: next(clock))
+    throughput = training.Throughput(tokens_per_step=100)
+    assert throughput.tokens_per_s is None
+    for step in range(3):
+        throughput.on_train_batch_begin(step)
+        throughput.on_train_batch_end(step, {"loss": 1.0})
+    assert throughput.tokens_per_s == pytest.approx(200 / 2.0)  # steps 2 and 3: 0.5 s + 1.5 s

@@ -384,13 +384,27 @@ def test_tiny_shakespeare_through_tfds_mock_data(tmp_path):
     assert os.path.isdir(out)
 
 
-def test_pack_trains_through_tfds_and_the_run_record_says_so(tmp_path):
-    """--pack with rope through the real TFDS pipeline (mock data: 4 documents per split):
-    fit under jit, held-out loss, metrics, the .keras checkpoint and a cached sample."""
+ROPE_RESET_ON_TF = pytest.mark.xfail(
+    keras.backend.backend() == "tensorflow",
+    reason="library: keras_attn.segments.segment_starts loses its rank in a tf.function "
+    "(ops.associative_scan), so Attention(reset_positions=True) with a position encoding "
+    "fails under fit on TensorFlow",
+    strict=True,
+)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [[], pytest.param(["--position-encoding", "rope"], marks=ROPE_RESET_ON_TF)],
+    ids=["pack", "pack+rope"],
+)
+def test_pack_trains_through_tfds_and_the_run_record_says_so(tmp_path, extra):
+    """--pack through the real TFDS pipeline (mock data: 4 documents per split): fit
+    under jit, held-out loss, metrics, the .keras checkpoint and a cached sample."""
     out = tmp_path / "run"
     small = ["--seq-len", "8", "--batch-size", "2", "--epochs", "1", "--steps", "3"]
     argv = ["train", "--dataset", "tiny_shakespeare", "--output", str(out), "--no-download"]
-    argv += [*TINY, *small, "--pack", "--position-encoding", "rope", "--sample-length", "5"]
+    argv += [*TINY, *small, "--pack", "--sample-length", "5", *extra]
     with tfds.testing.mock_data(num_examples=4):
         metrics = run_main(argv)
     assert np.isfinite(metrics["loss"]) and np.isfinite(metrics["test_loss"])
@@ -402,10 +416,12 @@ def test_pack_trains_through_tfds_and_the_run_record_says_so(tmp_path):
     with open(out / "run.json") as f:
         info = json.load(f)
     assert info["args"]["pack"] is True and info["status"] == "finished"
-    assert info["attention"]["position_encoding"] == "rope"
     assert "warnings" not in info  # the sample and the heatmaps ran
     assert os.path.exists(out / "sample.txt")
     model = keras.models.load_model(str(out / "checkpoints" / "epoch-0001.keras"))
     assert sorted(model.input) == ["segment_ids", "token_ids"]
     layer = model.get_layer("block_0").attention
-    assert layer.reset_positions and type(layer.position_encoding).name == "rope"
+    assert layer.reset_positions
+    if extra:
+        assert info["attention"]["position_encoding"] == "rope"
+        assert type(layer.position_encoding).name == "rope"

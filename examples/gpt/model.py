@@ -80,7 +80,9 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
             + ops.cast(start_index, "int32")[None]
         )  # (1, T)
         if segment_ids is not None:
-            positions = positions - segments.segment_starts(segment_ids)  # (B, T)
+            # The reshape keeps the rank, which TensorFlow's scan leaves unknown.
+            starts = ops.reshape(segments.segment_starts(segment_ids), ops.shape(token_ids))
+            positions = positions - starts  # (B, T)
         return self.token_embedding(token_ids) + self.position_embedding(positions)  # (B, T, E)
 
     def compute_output_shape(self, input_shape):
