@@ -17,7 +17,10 @@ warm-up pass, each case in its own subprocess. Side by side in one run:
   (sliding windows only), or on a TPU Splash attention with the mask keras_attn makes
   from the pattern (`keras_attn.native.splash_mask`); on PyTorch, FlexAttention with a block mask from
   ``create_block_mask`` (which builds a dense mask: out of memory at long lengths);
-- full causal flash attention (cuDNN / PyTorch SDPA), what a dense layer would cost.
+- full causal flash attention (cuDNN / PyTorch SDPA), what a dense layer would cost;
+- ``pallas`` (JAX only): the block-sparse plan (blocks of 128) on keras_attn's opt-in
+  Pallas kernel (`keras_attn.pallas`, ``KERAS_ATTN_PALLAS=1``; interpret mode in a
+  ``--allow-cpu`` dry run), not yet measured on a GPU before this benchmark.
 
 Cases: causal ``local`` (window 256), ``local | global_tokens(1)``, ``dilated``
 (window 128, dilation 2, causal) and ``bigbird`` (the BigBird plugin, blocks of 64).
@@ -105,6 +108,36 @@ def _keras_attn_step(case, length, allow_cpu):
 
     q, k, v = (keras.random.normal((B, length, H, D), seed=i, dtype="bfloat16") for i in range(3))
     return _grad_step(attend, q, k, v), plan.path
+
+
+def _pallas_step(case, length, allow_cpu):
+    """keras_attn's block-sparse plan on its Pallas kernel (JAX), or None where it cannot run."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return None
+    import jax
+
+    from keras_attn import dispatch
+    from keras_attn import normalizers
+    from keras_attn import pallas
+    from keras_attn import scores
+    from keras_attn.components import Components
+
+    on_cpu = jax.default_backend() == "cpu"
+    os.environ[pallas.ENV_VAR] = "interpret" if allow_cpu and on_cpu else "1"
+    components = Components(scores.ScaledDot(), (), _pattern(case), normalizers.Softmax())
+    plan = dispatch.plan(
+        components, query_length=length, key_length=length, head_dim=D, block_sparse=True
+    )
+    if not pallas.applies(components, plan.layout, D):
+        return None
+
+    def attend(q, k, v):
+        return dispatch.attend(plan, q, k, v)[0]
+
+    q, k, v = (keras.random.normal((B, length, H, D), seed=i, dtype="bfloat16") for i in range(3))
+    return _grad_step(attend, q, k, v)
 
 
 def _grad_step(fn, q, k, v):
@@ -203,6 +236,10 @@ def _child(spec):
     try:
         if spec["kind"] == "keras_attn":
             step, result["path"] = _keras_attn_step(spec["case"], spec["length"], spec["allow_cpu"])
+        elif spec["kind"] == "pallas":
+            step = _pallas_step(spec["case"], spec["length"], spec["allow_cpu"])
+            if step is None:
+                return {**result, "skipped": "no Pallas kernel here (JAX only)"}
         else:
             step = _reference_step(spec["kind"], spec["case"], spec["length"], spec["allow_cpu"])
             if step is None:
@@ -253,35 +290,39 @@ def report(results, meta):
             f"## {backend}",
             "",
             "| case | T | keras_attn ms (path) | best kernel ms | ratio | full causal flash ms "
-            "| keras_attn useful TFLOP/s |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
+            "| keras_attn useful TFLOP/s | pallas ms | pallas / best |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for case in meta["cases"]:
             for length in meta["lengths"]:
                 ours = by.get((backend, "keras_attn", case, length), {})
                 best = by.get((backend, "best", case, length), {})
                 flash = by.get((backend, "flash", case, length), {})
+                ours_pallas = by.get((backend, "pallas", case, length), {})
 
                 def ms(r):
                     if "time_s" in r:
                         return f"{1e3 * r['time_s']:.2f}"
                     return r.get("skipped") or r.get("error", "—")
 
-                ratio = (
-                    f"{ours['time_s'] / best['time_s']:.2f}"
-                    if "time_s" in ours and "time_s" in best
-                    else "—"
-                )
+                ratio = _ratio(ours, best)
                 rate = "—"
                 if "time_s" in ours:
                     flops = 3 * allowed_pairs(case, length) * H * 4 * D
                     rate = f"{flops / ours['time_s'] / 1e12:.1f}"
                 lines.append(
                     f"| {case} | {length} | {ms(ours)} ({ours.get('path', '?')}) | {ms(best)} "
-                    f"| {ratio} | {ms(flash)} | {rate} |"
+                    f"| {ratio} | {ms(flash)} | {rate} | {ms(ours_pallas)} "
+                    f"| {_ratio(ours_pallas, best)} |"
                 )
         lines.append("")
     return "\n".join(lines)
+
+
+def _ratio(ours, best):
+    if "time_s" in ours and "time_s" in best:
+        return f"{ours['time_s'] / best['time_s']:.2f}"
+    return "—"
 
 
 def main(argv=None):
@@ -314,7 +355,7 @@ def main(argv=None):
     for backend in meta["backends"]:
         for case in meta["cases"]:
             for length in lengths:
-                for kind in ("keras_attn", "best", "flash"):
+                for kind in ("keras_attn", "best", "flash", "pallas"):
                     spec = dict(
                         backend=backend, kind=kind, case=case, length=length, repeats=repeats,
                         allow_cpu=args.allow_cpu, timeout=args.timeout,

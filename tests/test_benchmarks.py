@@ -108,4 +108,4 @@ def test_accelerators_counts_pairs_and_reports_ratios():
             "repeats": 1}  # fmt: skip
     row = [line for line in accelerators.report(results, meta).splitlines() if "| local |" in line]
     assert row == [f"| local | {t} | 3.00 (native) | 2.00 | 1.50 | OOM | "
-                   f"{3 * want * 16 * 4 * 64 / 0.003 / 1e12:.1f} |"]  # fmt: skip
+                   f"{3 * want * 16 * 4 * 64 / 0.003 / 1e12:.1f} | — | — |"]  # fmt: skip
