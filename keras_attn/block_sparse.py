@@ -18,6 +18,11 @@ form" of `RowGroup`); otherwise they are gathered. Cost grows with the blocks ke
 not with ``Tq * Tk``; gradients follow the same slices or gathers backwards. Plain
 softmax without dropout takes `keras_attn.kernels.softmax_weighted_sum`, whose
 hand-written gradient makes fewer passes over the slabs.
+
+With packed sequences (a `keras_attn.block_layout.SegmentLayout`), each batch row
+gathers only those of a row's key blocks that its segments meet, into a static
+number of slots (a masked dummy block fills the rest): batch-dependent slabs
+``(B, H, R, bs, W * bs)``, the segment mask applied inside them from the ids.
 """
 
 import numpy as np
