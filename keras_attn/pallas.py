@@ -359,30 +359,41 @@ class _Static(NamedTuple):
     data_shape: object  # (Bd, Hd, Tqd, Tk) of the int8 data mask, or None
 
 
-def _specs(static, length, tables_heads):
-    """BlockSpecs: (one block, the whole sequence, a whole table, the data mask)."""
-    import jax.experimental.pallas as pl
+class _Specs:
+    """The BlockSpecs of a ``(B, H, n)`` grid whose last axis walks blocks of `bs` rows."""
 
-    bs = static.bs
+    def __init__(self, static):
+        import jax.experimental.pallas as pl
 
-    def block(depth):
-        return pl.BlockSpec((None, None, bs, depth), lambda b, h, i: (b, h, i, 0))
+        self.pl, self.bs, self.static = pl, static.bs, static
 
-    def whole(depth):
-        return pl.BlockSpec((None, None, length, depth), lambda b, h, i: (b, h, 0, 0))
+    def block(self, depth):
+        """Row block ``i`` of a ``(B, H, T, depth)`` array."""
+        return self.pl.BlockSpec((None, None, self.bs, depth), lambda b, h, i: (b, h, i, 0))
 
-    def table(shape):
-        return pl.BlockSpec(shape, lambda b, h, i: (0,) * len(shape))
+    def sequence(self, length, depth):
+        """All of a ``(B, H, T, depth)`` array (sliced inside the kernel)."""
+        return self.pl.BlockSpec((None, None, length, depth), lambda b, h, i: (b, h, 0, 0))
 
-    data = None
-    if static.data_shape is not None:
-        bd, hd, tqd, tk = static.data_shape
+    def vector(self, size, by_block):
+        """Row block ``i``, or all, of a ``(B, H, T)`` array."""
+        if by_block:
+            return self.pl.BlockSpec((None, None, size), lambda b, h, i: (b, h, i))
+        return self.pl.BlockSpec((None, None, size), lambda b, h, i: (b, h, 0))
 
-        def data_index(b, h, i):
+    def table(self, shape):
+        return self.pl.BlockSpec(shape, lambda b, h, i: (0,) * len(shape))
+
+    def data(self):
+        """The int8 data mask ``(Bd, Hd, Tqd, Tk)``, all of it per batch row and head."""
+        if self.static.data_shape is None:
+            return []
+        bd, hd, tqd, tk = self.static.data_shape
+
+        def index(b, h, i):
             return (b if bd > 1 else 0, h if hd > 1 else 0, 0, 0)
 
-        data = pl.BlockSpec((None, None, tqd, tk), data_index)
-    return block, whole, table, data
+        return [self.pl.BlockSpec((None, None, tqd, tk), index)]
 
 
 def _table_inputs(cols, counts, tiles, masks):
@@ -399,16 +410,8 @@ def _forward(static, tables, q, k, v, data):
 
     batch, heads, tq, depth = q.shape
     tk, dv = k.shape[2], v.shape[-1]
-    block, _, table, data_spec = _specs(static, tk, tables.tiles.shape[0])
+    specs = _Specs(static)
     inputs = _table_inputs(tables.cols, tables.counts, tables.tiles, tables.masks)
-    in_specs = [table(x.shape) for x in inputs]
-    whole_k = pl.BlockSpec((None, None, tk, depth), lambda b, h, i: (b, h, 0, 0))
-    whole_v = pl.BlockSpec((None, None, tk, dv), lambda b, h, i: (b, h, 0, 0))
-    in_specs += [block(depth), whole_k, whole_v]
-    inputs += [q, k, v]
-    if data is not None:
-        in_specs.append(data_spec)
-        inputs.append(data)
     kernel = functools.partial(
         _forward_kernel, scale=static.scale, bs=static.bs, width=tables.cols.shape[1],
         num_query_blocks=tables.cols.shape[0], tile_heads=tables.tiles.shape[0],
@@ -417,18 +420,17 @@ def _forward(static, tables, q, k, v, data):
     return pl.pallas_call(
         kernel,
         grid=(batch, heads, tq // static.bs),
-        in_specs=in_specs,
-        out_specs=[
-            block(dv),
-            pl.BlockSpec((None, None, static.bs), lambda b, h, i: (b, h, i)),
-        ],
+        in_specs=[specs.table(x.shape) for x in inputs]
+        + [specs.block(depth), specs.sequence(tk, depth), specs.sequence(tk, dv)]
+        + specs.data(),
+        out_specs=[specs.block(dv), specs.vector(static.bs, True)],
         out_shape=[
             jax.ShapeDtypeStruct((batch, heads, tq, dv), v.dtype),
-            jax.ShapeDtypeStruct((batch, heads, tq), "float32"),
+            jax.ShapeDtypeStruct((batch, heads, tq), "float32"),  # logsumexp
         ],
         interpret=static.interpret,
         name=KERNEL,
-    )(*inputs)
+    )(*inputs, q, k, v, *([] if data is None else [data]))
 
 
 def _per_query(static):
@@ -447,19 +449,9 @@ def _backward(static, tables, q, k, v, data, output, lse, d_output):
     common = dict(scale=static.scale, bs=bs, tile_heads=tables.tiles.shape[0],
                   data=data is not None, data_per_query=_per_query(static))  # fmt: skip
     extra = [] if data is None else [data]
-
-    def seq(length, depth):
-        return pl.BlockSpec((None, None, length, depth), lambda b, h, i: (b, h, 0, 0))
-
-    def blk(depth):
-        return pl.BlockSpec((None, None, bs, depth), lambda b, h, i: (b, h, i, 0))
-
-    def vec(size, by_block):
-        index = (lambda b, h, i: (b, h, i)) if by_block else (lambda b, h, i: (b, h, 0))
-        return pl.BlockSpec((None, None, size), index)
-
-    _, _, table, data_spec = _specs(static, tk, tables.tiles.shape[0])
-    extra_specs = [] if data is None else [data_spec]
+    specs = _Specs(static)
+    blk, seq, vec, table = specs.block, specs.sequence, specs.vector, specs.table
+    extra_specs = specs.data()
 
     inputs = _table_inputs(tables.cols, tables.counts, tables.tiles, tables.masks)
     dq = pl.pallas_call(
