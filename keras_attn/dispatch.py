@@ -352,6 +352,12 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
     offset = plan.query_offset
     if segment_ids is not None and plan.segment_layout is None:
         mask = combine_masks(mask, segment_mask(*segment_ids))  # (B, 1, Tq, Tk)
+    elif segment_ids is not None and segment_ids[0] is not segment_ids[1]:
+        # The segment-aware layout never forms the segment mask, but a key whose
+        # segment no query has (cross attention, cache slots) is masked for every query
+        # and must have no influence (a NaN there stays out): mask it as padding.
+        seen = ops.any(segment_mask(*segment_ids), axis=2, keepdims=True)  # (B, 1, 1, Tk)
+        mask = combine_masks(mask, seen)
     tq, tk = query.shape[1], key.shape[1]
     if _is_empty(tq, tk):
         # No query, or no key to attend to: zeros on every path (as a row with no

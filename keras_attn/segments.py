@@ -150,7 +150,9 @@ def segment_starts(segment_ids):
     first = ops.concatenate([ops.ones_like(changed[:, :1]), changed], axis=1)  # (B, T)
     # The start of the segment is the last start at or before each index.
     starts = ops.where(first, index, ops.zeros_like(index))
-    return ops.associative_scan(ops.maximum, starts, axis=1)
+    # TensorFlow's scan runs through a tf.cond, whose output loses its static shape
+    # in a tf.function: give it back (the rank is what later ops need).
+    return ops.reshape(ops.associative_scan(ops.maximum, starts, axis=1), ops.shape(ids))
 
 
 def _take_starts(starts, absolute):

@@ -384,18 +384,9 @@ def test_tiny_shakespeare_through_tfds_mock_data(tmp_path):
     assert os.path.isdir(out)
 
 
-ROPE_RESET_ON_TF = pytest.mark.xfail(
-    keras.backend.backend() == "tensorflow",
-    reason="library: keras_attn.segments.segment_starts loses its rank in a tf.function "
-    "(ops.associative_scan), so Attention(reset_positions=True) with a position encoding "
-    "fails under fit on TensorFlow",
-    strict=True,
-)
-
-
 @pytest.mark.parametrize(
     "extra",
-    [[], pytest.param(["--position-encoding", "rope"], marks=ROPE_RESET_ON_TF)],
+    [[], ["--position-encoding", "rope"]],
     ids=["pack", "pack+rope"],
 )
 def test_pack_trains_through_tfds_and_the_run_record_says_so(tmp_path, extra):

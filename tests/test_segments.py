@@ -314,3 +314,40 @@ def test_presets_and_functional_models_take_segment_ids():
         _np(layer(x, segment_ids=SEGMENTS, use_causal_mask=True)),
         atol=1e-5,
     )
+
+
+def test_reset_positions_with_rope_trains_in_a_compiled_model():
+    # TensorFlow's scan lost the rank of the segment starts inside a tf.function, so
+    # rope after restarting positions failed under fit (found by the GPT --pack example).
+    inputs, ids = keras.Input((16, 8)), keras.Input((16,), dtype="int32")
+    layer = keras_attn.Attention(
+        num_heads=2, key_dim=4, position_encoding="rope", reset_positions=True, seed=0
+    )
+    model = keras.Model([inputs, ids], layer(inputs, segment_ids=ids, use_causal_mask=True))
+    model.compile(optimizer="sgd", loss="mse")
+    x = _x((2, 16, 8), 7)
+    history = model.fit([x, SEGMENTS], x, epochs=1, batch_size=2, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    np.testing.assert_allclose(
+        _np(model.predict([x, SEGMENTS], verbose=0)),
+        _np(layer(x, segment_ids=SEGMENTS, use_causal_mask=True)),
+        atol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("block_sparse", [True, False])
+def test_a_nan_in_a_key_of_a_segment_no_query_has_reaches_nothing(block_sparse):
+    # Cross attention: the keys of a document that none of the queries belongs to are
+    # masked for every query, so a NaN there has no influence on any path.
+    x = _x((1, 32, 8), 8)
+    query_ids = np.zeros((1, 32), "int32")
+    key_ids = np.concatenate([np.zeros((1, 16)), np.ones((1, 16))], axis=1).astype("int32")
+    poisoned = x.copy()
+    poisoned[:, 20] = np.nan
+    layer = keras_attn.Attention(
+        num_heads=2, key_dim=4, pattern="causal", block_sparse=block_sparse, block_size=8
+    )
+    clean = layer(x, x, query_segment_ids=query_ids, key_segment_ids=key_ids)
+    dirty = layer(x, poisoned, query_segment_ids=query_ids, key_segment_ids=key_ids)
+    assert (layer.last_path == "block_sparse") == block_sparse
+    np.testing.assert_array_equal(_np(dirty), _np(clean))
