@@ -391,9 +391,7 @@ def segment_layout(layout, query_ids, key_ids, max_segment_length=None, aligned=
         aligned: Whether query ``i`` and key ``i`` are the same token (self-attention
             without a cache offset), for the bound.
 
-    Raises:
-        ValueError: the ids are concrete and hold a segment longer than
-            `max_segment_length`.
+    The layer checks concrete ids against `max_segment_length` before it plans.
     """
     full = tuple(int(g.cols.shape[1]) for g in layout.groups)
     q, k = segments_module.concrete_ids(query_ids), segments_module.concrete_ids(key_ids)
@@ -402,15 +400,6 @@ def segment_layout(layout, query_ids, key_ids, max_segment_length=None, aligned=
             return SegmentLayout(layout, full)
         bound = segment_blocks_bound(max_segment_length, layout.block_size, aligned)
         return SegmentLayout(layout, tuple(min(w, bound) for w in full), int(max_segment_length))
-    if max_segment_length is not None:
-        longest = max(segments_module.longest_segment(q), segments_module.longest_segment(k))
-        if longest > max_segment_length:
-            raise ValueError(
-                "A segment is longer than the layer's `max_segment_length` (the longest "
-                "segment any call will carry, which bounds the key blocks computed when "
-                f"the ids are traced). Received: a segment of {longest} tokens, with "
-                f"max_segment_length={max_segment_length}"
-            )
     with eager():
         meets = np.asarray(
             ops.convert_to_numpy(segments_module.block_meets(q, k, layout.block_size))
@@ -419,4 +408,4 @@ def segment_layout(layout, query_ids, key_ids, max_segment_length=None, aligned=
     for group in layout.groups:
         kept = meets[:, group.rows[:, None], group.cols] & group.valid  # (B, R, W)
         widths.append(max(1, int(kept.sum(axis=-1).max(initial=0))))
-    return SegmentLayout(layout, tuple(widths), max_segment_length, from_data=True)
+    return SegmentLayout(layout, tuple(widths), None, from_data=True)

@@ -350,9 +350,9 @@ def _segment_group_attention(q, k_t, v_t, layout, group, width, meets, segment_i
         valid[..., None],
     )  # (B, R, W, bs)
     real_keys = ops.reshape(real_keys, (-1, 1, *cols.shape[1:2], 1, cols.shape[2] * bs))
+    # The ids in their own dtype: 64-bit ids that differ must stay different.
     same = ops.equal(
-        _query_blocks_of(ops.cast(query_ids, "int32"), layout, group),
-        _key_blocks_of(ops.cast(key_ids, "int32"), layout, cols),
+        _query_blocks_of(query_ids, layout, group), _key_blocks_of(key_ids, layout, cols)
     )  # (B, 1, R, bs, W * bs)
     data_mask = ops.logical_and(real_keys, same)
     if mask is not None:

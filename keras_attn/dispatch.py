@@ -185,6 +185,13 @@ def plan(
             instead of a segment mask.
         max_segment_length: The layer's bound on segment lengths (tokens), or None.
 
+    With segment ids and ``block_sparse="auto"``, the block-sparse path is also taken
+    for full and causal patterns (where no fused kernel would skip work: off a CPU the
+    fused flash kernel is kept) once the blocks whose segments meet are at most
+    `MAX_COMPUTED_FRACTION` (`MAX_FRACTION_OVER_FUSED` against a CPU's fused kernel) of
+    the score matrix: measured on concrete ids, bounded by `max_segment_length` on
+    traced ones.
+
     On a TPU, scaled_dot + softmax without score_mods, dropout or weights runs
     natively on Splash attention for any pattern (``kernel="jax_splash"``), with
     lengths and query offset known when traced and no data mask.
@@ -255,6 +262,16 @@ def plan(
     )  # fmt: skip
     if native_plan is not None:
         return native_plan
+    if segment_ids is not None and block_sparse == "auto" and (scale is None or cpu_fused):
+        # Packed rows: the blocks whose segments never meet are skipped, so even a full
+        # or causal pattern may pay off on the block-sparse path (where the ids are
+        # concrete, or `max_segment_length` bounds them).
+        packed_plan = _packed_plan_if_it_pays_off(
+            block_sparse_plan, query_length, key_length, query_offset, block_size,
+            MAX_COMPUTED_FRACTION if scale is None else MAX_FRACTION_OVER_FUSED,
+        )  # fmt: skip
+        if packed_plan is not None:
+            return packed_plan
     if scale is not None and block_sparse is not True:
         if cpu_fused and sparse(mode="auto", max_fraction=MAX_FRACTION_OVER_FUSED):
             return block_sparse_plan()
@@ -262,6 +279,25 @@ def plan(
     if sparse(mode=block_sparse):
         return block_sparse_plan()
     return Plan("dense", components, query_offset)
+
+
+def _packed_plan_if_it_pays_off(block_sparse_plan, query_length, key_length, query_offset,
+                                block_size, max_fraction):  # fmt: skip
+    """The block-sparse plan with segment ids where it computes at most `max_fraction`."""
+    if not all(_static_int(n) for n in (query_length, key_length, query_offset)) or _is_empty(
+        query_length, key_length
+    ):
+        return None
+    nq = block_layout_module.num_blocks(query_length, block_size)
+    nk = block_layout_module.num_blocks(key_length, block_size)
+    if nq * nk < MIN_BLOCKS:
+        return None
+    candidate = block_sparse_plan()
+    if candidate.segment_layout is not None and (
+        candidate.segment_layout.computed_fraction <= max_fraction
+    ):
+        return candidate
+    return None
 
 
 def _native_plan(components, *, head_dim, value_dim, return_weights, training, query_length,
@@ -355,7 +391,8 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
     elif segment_ids is not None and segment_ids[0] is not segment_ids[1]:
         # The segment-aware layout never forms the segment mask, but a key whose
         # segment no query has (cross attention, cache slots) is masked for every query
-        # and must have no influence (a NaN there stays out): mask it as padding.
+        # and must have no influence (a NaN there stays out): mask it as padding. (The
+        # (B, Tq, Tk) comparison is a transient; with a cache Tq is the few new tokens.)
         seen = ops.any(segment_mask(*segment_ids), axis=2, keepdims=True)  # (B, 1, 1, Tk)
         mask = combine_masks(mask, seen)
     tq, tk = query.shape[1], key.shape[1]
@@ -405,13 +442,13 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
     q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, Tq, D)
     k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, Tk, D)
     v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, Tk, Dv)
-    if plan.path == "block_sparse" and pallas.applies(
-        plan.components, plan.layout, q.shape[-1], training, return_weights
+    if (
+        plan.path == "block_sparse"
+        and segment_ids is None  # packed rows: the keras.ops path skips their blocks
+        and pallas.applies(plan.components, plan.layout, q.shape[-1], training, return_weights)
     ):
         # Opt-in (KERAS_ATTN_PALLAS): the same layout on the Pallas kernel.
         logger.debug("block_sparse path: kernel %s", pallas.KERNEL)
-        if segment_ids is not None and plan.segment_layout is not None:
-            mask = combine_masks(mask, segment_mask(*segment_ids))  # (B, 1, Tq, Tk)
         output = pallas.block_sparse_attention(
             q, k, v, plan.layout, plan.components, mask=mask, query_offset=offset
         )

@@ -16,8 +16,9 @@ the dense path computes, or is not chosen.
   for any pattern, with splash's own ``FullMask``, ``CausalMask`` or ``LocalMask``
   where one is exactly the pattern and otherwise a mask evaluated lazily from the
   pattern's ``mask``, a row of blocks at a time, within the blocks its ``block_mask``
-  keeps (never a dense Tq x Tk array at once). Whole-key or whole-query masks become
-  splash's segment ids.
+  keeps (never a dense Tq x Tk array at once). The plan takes it only for calls with
+  no data mask; `splash_attention` itself also takes whole-key or whole-query masks,
+  as splash's segment ids, which the plan does not use yet.
 """
 
 import functools
@@ -291,10 +292,10 @@ def splash_mask(pattern, query_length, key_length, query_offset=0, num_heads=1):
 
 
 class _PatternStripes:
-    """A pattern's mask, a row of `SPLASH_BLOCK_SIZE` queries at a time, in numpy.
+    """A pattern's mask, evaluated lazily in numpy on the regions splash asks for.
 
-    Within a row, only the key blocks the pattern's closed-form ``block_mask`` keeps
-    are evaluated; the last row is kept, since splash reads a row's blocks in turn.
+    Within each row of `SPLASH_BLOCK_SIZE` queries, only the key blocks the pattern's
+    closed-form ``block_mask`` keeps are evaluated (the rest is False).
     ``num_masks`` is 1 for a pattern that does not read ``positions.head``, else H.
     """
 
@@ -326,26 +327,36 @@ class _PatternStripes:
         m = np.broadcast_to(m, m.shape[:-2] + (len(query), len(key)))
         return m.reshape((-1,) + m.shape[-3:]).any(axis=0)
 
-    def rows(self, start, stop):
-        """``(num_masks, stop - start, padded Tk)`` bool: the mask of queries `start:stop`."""
-        if self._last is None or self._last[0] != (start, stop):
-            self._last = ((start, stop), self._evaluate_rows(start, stop))
+    def region(self, q_start, q_stop, k_start, k_stop):
+        """``(num_masks, q_stop - q_start, k_stop - k_start)`` bool: this part of the mask.
+
+        Only the part asked for is evaluated (splash reads the mask a block or a row
+        of blocks at a time, in several orders), one pattern call per row of blocks
+        it touches; the last region is kept, as splash often asks for it again.
+        """
+        key = (q_start, q_stop, k_start, k_stop)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self._evaluate_region(*key))
         return self._last[1]
 
-    def _evaluate_rows(self, start, stop):
+    def _evaluate_region(self, q_start, q_stop, k_start, k_stop):
         tq, tk = self.lengths
         size = SPLASH_BLOCK_SIZE
-        out = np.zeros((self.num_masks, stop - start, self.padded[1]), bool)
-        real = min(stop, tq) - start
-        if real <= 0:
-            return out  # padded queries: their outputs are dropped
-        kept = np.flatnonzero(self.block_mask[start // size])
-        if not len(kept):
-            return out
-        keys = np.concatenate([np.arange(b * size, min((b + 1) * size, tk)) for b in kept])
-        query = np.arange(start, start + real) + self.offset
-        m = self._evaluate_pattern(query.astype("int32"), keys.astype("int32"))
-        out[:, :real, keys] = m
+        out = np.zeros((self.num_masks, q_stop - q_start, k_stop - k_start), bool)
+        for row in range(q_start // size, -(-q_stop // size)):
+            first, last = max(q_start, row * size), min(q_stop, (row + 1) * size, tq)
+            if last <= first or row >= self.block_mask.shape[0]:
+                continue  # padded queries: their outputs are dropped
+            keys = [
+                np.arange(max(k_start, b * size), min(k_stop, (b + 1) * size, tk))
+                for b in np.flatnonzero(self.block_mask[row])
+            ]
+            keys = np.concatenate(keys) if keys else np.zeros(0, "int64")
+            if not len(keys):
+                continue
+            query = np.arange(first, last) + self.offset
+            m = self._evaluate_pattern(query.astype("int32"), keys.astype("int32"))
+            out[:, first - q_start : last - q_start, keys - k_start] = m
         return out
 
 
@@ -365,10 +376,11 @@ def _splash_mask_class():
 
         def __getitem__(self, idx):
             q_slice, k_slice = idx
-            start = q_slice.start or 0
-            stop = self.shape[0] if q_slice.stop is None else q_slice.stop
-            rows = self.stripes.rows(start, stop)  # (num_masks, rows, Tk')
-            return rows[self.head][:, k_slice]
+            q_start, q_stop, q_step = q_slice.indices(self.shape[0])
+            k_start, k_stop, k_step = k_slice.indices(self.shape[1])
+            if q_step != 1 or k_step != 1:
+                raise NotImplementedError(f"Strided slices of a pattern mask: {idx}")
+            return self.stripes.region(q_start, q_stop, k_start, k_stop)[self.head]
 
         def __eq__(self, other):
             return self is other

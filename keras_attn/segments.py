@@ -66,35 +66,72 @@ def segment_mask(query_ids, key_ids):
     return ops.equal(query_ids[:, None, :, None], key_ids[:, None, None, :])
 
 
-def _block_id_bounds(ids, num_blocks, block_size):
-    """Smallest and largest id of each block, two ``(B, n)`` int32 tensors."""
-    ids = ops.cast(ids, "int32")
-    length = ids.shape[1]
-    pad = num_blocks * block_size - length
-    real = ops.arange(num_blocks * block_size) < length  # (n * bs,)
-    real = ops.reshape(real, (1, num_blocks, block_size))
-    ids = ops.pad(ids, [(0, 0), (0, pad)]) if pad else ids
-    ids = ops.reshape(ids, (-1, num_blocks, block_size))  # (B, n, bs)
+def _in_blocks(x, num_blocks, block_size, fill):
+    """``(B, T)`` -> ``(B, n, bs)``, the end padded with `fill`."""
+    pad = num_blocks * block_size - x.shape[1]
+    x = ops.pad(x, [(0, 0), (0, pad)], constant_values=fill) if pad else x
+    return ops.reshape(x, (-1, num_blocks, block_size))
+
+
+def _block_key_bounds(ids, first, num_blocks, block_size):
+    """Smallest and largest ``(late, id)`` key of each block, lexicographically.
+
+    ``late`` is 1 for an id smaller than `first` (``(B, 1)``: the first key id of
+    the row, for queries and keys alike). Ordering the ids by
+    ``(late, id)`` is a total order of the id values (``late`` depends on the id
+    alone), so two blocks sharing an id have overlapping key intervals; it makes a
+    row whose ids increase and then restart lower (packed documents then padding with
+    id 0, ``[1, 1, 2, 2, 0, 0]``) ordered, whose intervals are then exact.
+
+    Returns:
+        ``(low_late, low_id, high_late, high_id)``, four ``(B, n)`` tensors, the ids in
+        their own dtype (never cast: 64-bit ids that differ stay different).
+    """
+    dtype = keras.backend.standardize_dtype(ids.dtype)
+    info = np.iinfo(dtype)
+    late = ops.cast(ops.less(ids, first), "int32")
     # The padding of the last block takes no part (every block holds a real token).
-    high, low = 2**31 - 1, -(2**31)
-    smallest = ops.min(ops.where(real, ids, high), axis=-1)
-    largest = ops.max(ops.where(real, ids, low), axis=-1)
-    return smallest, largest
+    real = _in_blocks(ops.ones_like(late), num_blocks, block_size, 0) > 0
+    late = _in_blocks(late, num_blocks, block_size, 0)
+    ids = _in_blocks(ids, num_blocks, block_size, 0)  # (B, n, bs)
+    low_late = ops.min(ops.where(real, late, 2), axis=-1)
+    high_late = ops.max(ops.where(real, late, -1), axis=-1)
+    high, low = ops.cast(info.max, dtype), ops.cast(info.min, dtype)
+    at_low = ops.logical_and(real, ops.equal(late, low_late[..., None]))
+    at_high = ops.logical_and(real, ops.equal(late, high_late[..., None]))
+    low_id = ops.min(ops.where(at_low, ids, high), axis=-1)
+    high_id = ops.max(ops.where(at_high, ids, low), axis=-1)
+    return low_late, low_id, high_late, high_id
+
+
+def _key_at_most(a_late, a_id, b_late, b_id):
+    """``(a_late, a_id) <= (b_late, b_id)`` lexicographically, elementwise."""
+    return ops.logical_or(
+        ops.less(a_late, b_late), ops.logical_and(ops.equal(a_late, b_late), a_id <= b_id)
+    )
 
 
 def block_meets(query_ids, key_ids, block_size):
     """Bool ``(B, nq, nk)``: whether a query block and a key block may share a segment.
 
-    True where the intervals ``[min id, max id]`` of the two blocks overlap. Never
-    False for two blocks that share an id; for packed ids (non-decreasing along the
-    row) exactly the blocks that share one.
+    True where the intervals ``[smallest, largest]`` of the two blocks' ids overlap,
+    the ids ordered as in `_block_key_bounds` (each row from its first id up, then
+    the ids below it). Never False for two blocks that share an id; for packed ids
+    (non-decreasing along the row, or non-decreasing then restarting below the first
+    id, as padding with id 0 after documents 1, 2, ...) exactly the blocks that share
+    one.
     """
     nq = -(-query_ids.shape[1] // block_size)
     nk = -(-key_ids.shape[1] // block_size)
-    q_low, q_high = _block_id_bounds(query_ids, nq, block_size)  # (B, nq)
-    k_low, k_high = _block_id_bounds(key_ids, nk, block_size)  # (B, nk)
+    # Query and key rows are ordered by the same key, from the key row's first id (the
+    # start of the stream, where the queries are a later part of it, as with a cache).
+    first = key_ids[:, :1]
+    q = _block_key_bounds(query_ids, ops.cast(first, query_ids.dtype), nq, block_size)
+    k = _block_key_bounds(key_ids, first, nk, block_size)
+    q = [x[:, :, None] for x in q]  # (B, nq, 1)
+    k = [x[:, None, :] for x in k]  # (B, 1, nk)
     return ops.logical_and(
-        q_low[:, :, None] <= k_high[:, None, :], k_low[:, None, :] <= q_high[:, :, None]
+        _key_at_most(q[0], q[1], k[2], k[3]), _key_at_most(k[0], k[1], q[2], q[3])
     )
 
 
@@ -178,12 +215,17 @@ class Segments(NamedTuple):
             starts, or None when positions do not restart at segments.
         key_starts: ``(B, Tk)``: the same for each key (every cache slot with a
             cache), or None.
+        same_stream: Whether queries and keys are tokens of one stream (self
+            attention, or decoding into a cache), so that a segment's queries and
+            keys lie within one segment length of each other; False for cross
+            attention (`max_segment_length` then bounds nothing).
     """
 
     query_ids: object
     key_ids: object
     query_starts: object = None
     key_starts: object = None
+    same_stream: bool = True
 
     @property
     def mask(self):

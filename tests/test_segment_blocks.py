@@ -271,3 +271,117 @@ def test_other_documents_change_nothing(lengths, which, seed):
     out_changed = _np(layer(changed, segment_ids=ids))
     assert layer.last_plan.segment_layout is not None
     np.testing.assert_allclose(out_changed[0, mine], out[0, mine], atol=1e-5)
+
+
+@pytest.mark.parametrize("pattern", ["full", "causal"])
+def test_auto_mode_takes_the_block_sparse_path_when_packing_skips_enough(pattern, monkeypatch):
+    # Many short documents: few blocks meet, so even a full or causal pattern skips
+    # most of the score matrix on the block-sparse path (as on a CPU, where the fused
+    # kernel computes every score); one document per row: nothing more to skip.
+    from keras_attn import kernels
+
+    monkeypatch.setattr(kernels, "fused_kernel_is_dense", lambda: True)
+    ids = np.repeat(np.arange(16), 4)[None].repeat(2, axis=0).astype("int32")  # (2, 64)
+    x = _x((2, 64, 8), 3)
+    layer = keras_attn.Attention(num_heads=2, key_dim=4, pattern=pattern, block_size=8)
+    out = layer(x, segment_ids=ids)
+    assert layer.last_path == "block_sparse"
+    assert layer.last_plan.segment_layout.computed_fraction <= 0.7
+    dense = keras_attn.Attention(num_heads=2, key_dim=4, pattern=pattern, block_sparse=False)
+    dense.build((2, 64, 8))
+    dense.set_weights(layer.get_weights())
+    np.testing.assert_allclose(_np(out), _np(dense(x, segment_ids=ids)), atol=1e-5)
+    layer(x, segment_ids=np.zeros((2, 64), "int32"))
+    # (causal alone already skips enough blocks on a CPU: 36 of 64)
+    assert layer.last_path == ("block_sparse" if pattern == "causal" else "fused")
+
+
+# -- ids as people write them (found in review) ------------------------------------------
+
+
+def _brute_force_meets(query_ids, key_ids, bs):
+    qb = query_ids.reshape(len(query_ids), -1, bs)
+    kb = key_ids.reshape(len(key_ids), -1, bs)
+    return np.array(
+        [[[bool(set(q) & set(k)) for k in kr] for q in qr] for qr, kr in zip(qb, kb, strict=True)]
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    lengths=st.lists(st.integers(1, 9), min_size=1, max_size=6),
+    padding=st.integers(0, 8),
+    first=st.integers(0, 3),
+    pad_id=st.integers(-1, 0),
+)
+def test_block_meets_never_drops_a_shared_id_and_is_exact_for_trailing_padding(
+    lengths, padding, first, pad_id
+):
+    # Documents first, first + 1, ... then padding with id 0 or -1 (the T5X/seqio
+    # habit), cut to 32 tokens: the ordering of `block_meets` makes that row ordered.
+    ids = np.concatenate([np.full(n, first + i) for i, n in enumerate(lengths)])
+    ids = np.concatenate([ids, np.full(padding, pad_id)])
+    ids = np.resize(ids, 32).astype("int32")[None]
+    meets = np.asarray(ops.convert_to_numpy(segments.block_meets(ids, ids, BS)))
+    shares = _brute_force_meets(ids, ids, BS)
+    assert not np.any(shares & ~meets)  # never drops a pair of blocks sharing an id
+    if ids[0, -1] < ids[0, 0] or np.all(np.diff(ids[0]) >= 0):
+        np.testing.assert_array_equal(meets, shares)
+
+
+def test_trailing_padding_with_id_zero_under_a_bound_is_exact_not_nan():
+    # Documents 1..7 then padding 0: under jit with a bound, the last block (ids 7 and
+    # 0) once "met" every earlier block, overflowed the bound and came out NaN.
+    ids = np.array([[1] * 4 + [2] * 4 + [3] * 4 + [4] * 4 + [5] * 4 + [6] * 4 + [7] * 5 + [0] * 3]
+                   * 2, "int32")  # fmt: skip
+    sparse, dense = _pair("causal", max_segment_length=5)
+    x = _x((2, T, 8), 9)
+    out = _np(_compiled(lambda x, ids: sparse(x, segment_ids=ids))(x, ids))
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, _np(dense(x, segment_ids=ids)), atol=1e-5)
+
+
+def test_64_bit_ids_that_differ_by_2_to_the_32_stay_apart():
+    if keras.backend.backend() == "jax":
+        pytest.skip("JAX without x64 holds ids as 32-bit integers on every path")
+    ids = np.array([[0] * 16 + [2**32] * 16] * 2, "int64")
+    sparse, dense = _pair("causal")
+    x = _x((2, T, 8), 10)
+    out = sparse(x, segment_ids=ids)
+    np.testing.assert_allclose(_np(out), _np(dense(x, segment_ids=ids)), atol=1e-5)
+    np.testing.assert_allclose(_np(out)[:, 16:], _np(sparse(x[:, 16:]))[:, :], atol=1e-5)
+
+
+def test_cross_attention_ignores_the_bound_which_speaks_of_one_stream():
+    # Query block 0 holds 8 one-token documents whose keys fill 8 key blocks of 4: no
+    # segment is longer than the bound, and nothing may come out NaN.
+    query_ids = np.repeat(np.arange(8), 4)[None].repeat(2, 0).astype("int32")  # (2, 32)
+    query_ids[:, :8] = np.arange(8)
+    key_ids = np.repeat(np.arange(8), 4)[None].repeat(2, 0).astype("int32")
+    sparse, dense = _pair("full", max_segment_length=4)
+    x = _x((2, T, 8), 11)
+
+    def call(layer, x, q, k):
+        return layer(x, x, query_segment_ids=q, key_segment_ids=k)
+
+    out = _np(_compiled(lambda x, q, k: call(sparse, x, q, k))(x, query_ids, key_ids))
+    assert sparse.last_path == "block_sparse"
+    assert not np.isnan(out).any()
+    np.testing.assert_allclose(out, _np(call(dense, x, query_ids, key_ids)), atol=1e-5)
+
+
+def test_a_cache_with_a_bound_checks_only_the_new_tokens():
+    # Unfilled cache slots share one id in a long run: not a segment longer than the
+    # bound (eagerly, no false error), and the decode step equals the dense path's.
+    layer = keras_attn.Attention(
+        num_heads=2, key_dim=4, pattern="causal", block_sparse=True, block_size=BS,
+        max_segment_length=8,
+    )  # fmt: skip
+    x = _x((1, 1, 8), 12)
+    cache = np.zeros((1, 2, T, 2, 4), "float32")
+    key_ids = np.array([[1] * 6 + [9] * (T - 6)], "int32")  # 6 written, the rest unfilled
+    out, _ = layer(
+        x, x, cache=cache, cache_update_index=5,
+        query_segment_ids=np.array([[1]], "int32"), key_segment_ids=key_ids,
+    )  # fmt: skip
+    assert np.isfinite(_np(out)).all()

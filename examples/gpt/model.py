@@ -78,10 +78,9 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         positions = (
             ops.arange(ops.shape(token_ids)[1], dtype="int32")
             + ops.cast(start_index, "int32")[None]
-        )  # (1, T)
+        )  # (T,)
         if segment_ids is not None:
-            # The reshape keeps the rank, which TensorFlow's scan leaves unknown.
-            starts = ops.reshape(segments.segment_starts(segment_ids), ops.shape(token_ids))
+            starts = segments.segment_starts(segment_ids)  # (B, T)
             positions = positions - starts  # (B, T)
         return self.token_embedding(token_ids) + self.position_embedding(positions)  # (B, T, E)
 

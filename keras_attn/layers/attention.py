@@ -126,9 +126,13 @@ class Attention(keras.layers.Layer):
             are known; when they are traced it cannot, and the rows of query
             blocks that would need more blocks than the bound allows get NaN
             outputs instead (never silently fewer keys). The bound assumes packed
-            ids (non-decreasing along the row, each document one run); other ids
+            ids (each document one run, ids non-decreasing along the row, or
+            non-decreasing and then padding with a smaller id such as 0); other ids
             stay exact eagerly and without the bound, but under tracing may need
-            more blocks and then give NaN.
+            more blocks and then give NaN. It speaks of one stream: it bounds self
+            attention and decoding into a cache (where only the new tokens' ids are
+            checked; give unfilled slots an id of their own), not cross attention
+            (`query_segment_ids` and `key_segment_ids` without a cache).
 
     Call arguments:
         query: Query tensor ``(B, Tq, dim)``.
@@ -546,9 +550,14 @@ class Attention(keras.layers.Layer):
                 key_ids, key_name, cache.shape[2],
                 "the number of cache slots: with a cache, `key_segment_ids` covers every slot",
             )  # fmt: skip
-        self._check_segment_lengths(query_ids, key_ids)
+        # One stream: self attention, or the new tokens written into a cache.
+        same_stream = cache is not None or query_ids is key_ids
+        if same_stream:
+            # With a cache the unfilled slots may hold one long run of one id: only the
+            # new tokens' ids are checked (give unfilled slots an id of their own).
+            self._check_segment_lengths(query_ids if cache is not None else key_ids)
         if not self.reset_positions:
-            return segments.Segments(query_ids, key_ids)
+            return segments.Segments(query_ids, key_ids, same_stream=same_stream)
         key_starts = segments.segment_starts(key_ids)  # (B, Tk)
         if cache is not None and cache_update_index is not None:
             # Decoding: the queries are the tokens written at the cache index.
@@ -558,13 +567,13 @@ class Attention(keras.layers.Layer):
             )
         else:
             query_starts = segments.segment_starts(query_ids)
-        return segments.Segments(query_ids, key_ids, query_starts, key_starts)
+        return segments.Segments(query_ids, key_ids, query_starts, key_starts, same_stream)
 
-    def _check_segment_lengths(self, query_ids, key_ids):
+    def _check_segment_lengths(self, *all_ids):
         """Raise if concrete ids hold a segment longer than `max_segment_length`."""
         if self.max_segment_length is None:
             return
-        for ids in (query_ids, key_ids):
+        for ids in all_ids:
             known = segments.concrete_ids(ids)
             longest = None if known is None else segments.longest_segment(known)
             if longest is not None and longest > self.max_segment_length:
@@ -902,7 +911,10 @@ class Attention(keras.layers.Layer):
             dtype=query.dtype,
             has_mask=mask is not None or segments is not None,
             segment_ids=None if segments is None else (segments.query_ids, segments.key_ids),
-            max_segment_length=self.max_segment_length,
+            # Cross attention: the keys are another stream, which the bound says nothing of.
+            max_segment_length=(
+                self.max_segment_length if segments is not None and segments.same_stream else None
+            ),
         )
         self._record_path(plan.path, plan.kernel)
         self._last_plan = _Unattached(plan)
