@@ -48,6 +48,7 @@ _LAZY = {
     "Positions": "keras_attn.positions",
     "ComponentKindError": "keras_attn.errors",
     "DuplicateComponentError": "keras_attn.errors",
+    "MissingComponentsError": "keras_attn.errors",
     "PluginError": "keras_attn.errors",
     "PluginImportError": "keras_attn.errors",
     "UnknownComponentError": "keras_attn.errors",

@@ -16,6 +16,8 @@ mask allow, i.e. the components whose `Components.softmax_scale` is not None
 (scaled_dot + softmax, no score_mods, no weights returned, no dropout). Everything
 else (other scores, score_mods, normalizers, dropout, weights) stays on the keras.ops
 block-sparse path, which is also the portable fallback (TensorFlow, PyTorch, CPU).
+Packed rows (`segment_ids`) also stay there: this kernel does not skip the blocks
+whose documents never meet, which the keras.ops path does (`keras_attn.dispatch`).
 
 How: a flash-attention kernel. Each program takes one query block (grid
 ``(B, H, nq)``) and loops over the key blocks its row keeps in the layout's

@@ -410,7 +410,7 @@ def test_minimal_package_of_the_guide_installs_lists_and_saves(tmp_path):
     )
     assert missing.returncode != 0
     # ...and the package the file recorded for it.
-    message = "score 'l1' (provided by package keras-attn-l1 0.1.0)"
+    message = "score 'l1' (provided by package keras-attn-l1 0.1.0; used by 'attention')"
     assert message in missing.stderr, missing.stderr[-3000:]
     assert "pip install keras-attn-l1" in missing.stderr
 

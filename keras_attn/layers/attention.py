@@ -74,7 +74,9 @@ class Attention(keras.layers.Layer):
     projects the weighted sum of values back. The weights have the layout of
     `keras.layers.MultiHeadAttention` (query, key, value, attention_output).
 
-    The computation runs on one of three paths, chosen automatically: ``"fused"``
+    The computation runs on one of four paths, chosen automatically: ``"native"``
+    (the backend's own kernel for the pattern: cuDNN sliding windows on a GPU with
+    JAX, FlexAttention with PyTorch on CUDA, Splash attention on a TPU), ``"fused"``
     (`keras.ops.dot_product_attention`) for scaled_dot + softmax with a full or
     causal pattern and ``value_dim == key_dim``, ``"block_sparse"`` for sparse
     patterns on long inputs, and ``"dense"`` for everything else.
@@ -109,13 +111,14 @@ class Attention(keras.layers.Layer):
             heads before the score, on every path (``"rope"``, a config dict, a
             `keras_attn.PositionEncoding` or None). Keys are encoded before they
             are written to a cache, at their absolute positions.
-        reset_positions: With `segment_ids`, count positions from the start of
+        reset_positions: With `segment_ids` (or `query_segment_ids` and
+            `key_segment_ids`), count positions from the start of
             each segment (a run of equal ids) for the position encoding and the
             score_mods, so a packed document is encoded as if it were alone.
             Patterns keep absolute positions (the same within a segment for
             patterns of ``query - key``, such as causal and local).
         max_segment_length: The longest segment (run of equal `segment_ids`, in
-            tokens) any call will carry, or None. On the block-sparse path, key
+            tokens; a run of padding ids counts too) any call will carry, or None. On the block-sparse path, key
             blocks whose segments never meet a query block's are skipped: with ids
             known when the call runs (eager), by measuring them, with no setting;
             with traced ids (``jax.jit``, ``tf.function``, a compiled model) shapes
