@@ -339,12 +339,15 @@ class SegmentLayout(NamedTuple):
             exceeded) gets NaN outputs, never silently fewer blocks.
         from_data: Whether the widths were measured on concrete ids (then no row
             keeps more blocks than its width).
+        meets: Bool ``(B, nq, nk)`` numpy, `keras_attn.segments.block_meets` of those
+            concrete ids (measured once, for the widths and the run), or None.
     """
 
     layout: BlockLayout
     widths: tuple
     max_segment_length: object = None
     from_data: bool = False
+    meets: object = None
 
     @property
     def computed_blocks(self):
@@ -408,4 +411,4 @@ def segment_layout(layout, query_ids, key_ids, max_segment_length=None, aligned=
     for group in layout.groups:
         kept = meets[:, group.rows[:, None], group.cols] & group.valid  # (B, R, W)
         widths.append(max(1, int(kept.sum(axis=-1).max(initial=0))))
-    return SegmentLayout(layout, tuple(widths), None, from_data=True)
+    return SegmentLayout(layout, tuple(widths), None, from_data=True, meets=meets)

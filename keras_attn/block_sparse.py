@@ -439,7 +439,9 @@ def block_sparse_attention(
             outputs.append(out)
             weights.append(w)
     else:
-        meets = segment_meets(*segment_ids, block_size)  # (B, nq, nk)
+        meets = segment_layout.meets  # measured when planned, where the ids were concrete
+        if meets is None:
+            meets = segment_meets(*segment_ids, block_size)  # (B, nq, nk)
         k = ops.transpose(k, (0, 2, 1, 3, 4))  # (B, nk, H, bs, D)
         v = ops.transpose(v, (0, 2, 1, 3, 4))  # (B, nk, H, bs, Dv)
         for group, width in zip(layout.groups, segment_layout.widths, strict=True):

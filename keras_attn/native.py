@@ -22,6 +22,7 @@ the dense path computes, or is not chosen.
 """
 
 import functools
+import importlib
 
 import keras
 import numpy as np
@@ -107,16 +108,21 @@ def jax_local_attention(query, key, value, *, scale, window):
 FLEX_BLOCK_SIZE = 128
 
 
-@functools.cache
-def has_flex_attention():
-    """Whether the backend is PyTorch with FlexAttention (torch >= 2.5)."""
-    if keras.backend.backend() != "torch":
+def _backend_has(backend, module):
+    """Whether Keras runs on `backend` and `module` (that backend's kernel) imports."""
+    if keras.backend.backend() != backend:
         return False
     try:
-        from torch.nn.attention import flex_attention  # noqa: F401
+        importlib.import_module(module)
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def has_flex_attention():
+    """Whether the backend is PyTorch with FlexAttention (torch >= 2.5)."""
+    return _backend_has("torch", "torch.nn.attention.flex_attention")
 
 
 @functools.cache
@@ -238,13 +244,9 @@ _EMPTY_ROW_LOGIT = -0.35 * float(np.finfo("float32").max)
 @functools.cache
 def has_splash_attention():
     """Whether the backend is JAX with Splash attention (`jax.experimental.pallas`)."""
-    if keras.backend.backend() != "jax":
-        return False
-    try:
-        from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _backend_has(
+        "jax", "jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel"
+    )
 
 
 @functools.cache
