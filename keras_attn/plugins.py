@@ -85,7 +85,7 @@ class Entry:
 
 def base_class(kind):
     """The class every component of `kind` subclasses."""
-    _check_kind(kind)
+    check_kind(kind)
     return KINDS[kind][1]
 
 
@@ -111,15 +111,30 @@ def kind_of(obj):
     return None
 
 
-def _check_kind(kind):
+def check_kind(kind):
+    """Raise unless `kind` is one of the component kinds (the keys of `KINDS`).
+
+    Args:
+        kind: A kind name, e.g. ``"score"``.
+
+    Raises:
+        ValueError: `kind` is not one of ``"layer"``, ``"score"``, ``"score_mod"``,
+            ``"pattern"``, ``"normalizer"``, ``"position_encoding"``; the message lists them.
+    """
     if kind not in KINDS:
         raise ValueError(
             f"Unknown component kind. Expected one of {sorted(KINDS)}. Received: kind={kind!r}"
         )
 
 
-class _Registry:
-    """The plugin manager together with what its plugins registered."""
+class Registry:
+    """The plugin manager together with what its plugins registered.
+
+    Attributes:
+        pm: The ``pluggy.PluginManager`` of the ``keras_attn`` project: every
+            registered plugin (built-in, entry point, in-process) under its name.
+        entries: ``{kind: {name: Entry}}``, what the plugins registered.
+    """
 
     def __init__(self):
         self.pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
@@ -288,7 +303,7 @@ _autoloaded = False
 def _builtin_registry():
     from keras_attn import __version__
 
-    registry = _Registry()
+    registry = Registry()
     for module_name in BUILTIN_PLUGINS:
         registry.add_plugin(
             importlib.import_module(module_name), module_name, "keras_attn", __version__
@@ -296,8 +311,21 @@ def _builtin_registry():
     return registry
 
 
-def _load():
-    """The registries, with the entry-point plugins loaded on the first call."""
+def load():
+    """The `Registry`, built on the first call: built-ins, then entry-point plugins.
+
+    Every lookup (`get`, `entries`, `resolve`, ...) goes through it, so a test rarely
+    needs it; a plugin's test may use it to look at the plugin manager, e.g.
+    ``plugins.load().pm.get_plugin("my_plugin")``.
+
+    Returns:
+        The `Registry` (its ``pm`` and ``entries``).
+
+    Raises:
+        PluginImportError: an entry-point plugin failed to import (it is tried again on
+            the next call).
+        PluginError: an entry-point plugin is invalid (see `register`).
+    """
     global _registry, _autoloaded
     with _lock:
         if _registry is None:
@@ -317,11 +345,13 @@ def _autoload_enabled():
     return os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() in ("", "0", "false", "no")
 
 
-def _reset():
+def reset():
     """Forget every plugin but the built-ins; entry points load again on the next lookup.
 
     For tests (of keras_attn and of plugins) that install or remove plugins while
-    running: Keras forgets the classes it was told about by the removed plugins.
+    running, e.g. after adding an entry point to ``importlib.metadata``: Keras
+    forgets the classes it was told about by the removed plugins, and the next lookup
+    loads the entry points that are installed then.
     """
     global _registry, _autoloaded
     with _lock:
@@ -379,7 +409,7 @@ def register(plugin, name=None):
     if not isinstance(name, str) or not name:
         raise PluginError(f"A plugin's `name` must be a non-empty string. Received: name={name!r}")
     with _lock:
-        registry = _load()
+        registry = load()
         if not registry.pm.is_registered(plugin) and not _hookimpl_names(registry.pm, plugin):
             hooks = ", ".join(hook for hook, _ in KINDS.values())
             raise PluginError(
@@ -440,15 +470,15 @@ def unregister(plugin):
     where the plugin is not installed.
     """
     with _lock:
-        _load().remove_plugin(plugin)
+        load().remove_plugin(plugin)
 
 
 def entries(kind=None):
     """Every registered component (of one kind if given), as a list of `Entry`."""
-    registry = _load()
+    registry = load()
     kinds = [kind] if kind is not None else list(KINDS)
     for k in kinds:
-        _check_kind(k)
+        check_kind(k)
     return [e for k in kinds for e in sorted(registry.entries[k].values(), key=lambda e: e.name)]
 
 
@@ -463,8 +493,8 @@ def get(kind, name):
     Raises:
         UnknownComponentError: if there is none; the message lists the names there are.
     """
-    _check_kind(kind)
-    entry = _load().entries[kind].get(name)
+    check_kind(kind)
+    entry = load().entries[kind].get(name)
     if entry is None:
         available = ", ".join(repr(n) for n in names(kind)) or "none"
         raise UnknownComponentError(
@@ -478,7 +508,7 @@ def get(kind, name):
 def get_entry(kind, name):
     """The `Entry` of the registered component of `kind` called `name`."""
     get(kind, name)
-    return _load().entries[kind][name]
+    return load().entries[kind][name]
 
 
 def resolve(kind, spec, **defaults):
@@ -676,7 +706,7 @@ def check_model_config(config):
         MissingComponentsError: listing each missing component once, with its kind, the
             package the file recorded for it and the layers that need it.
     """
-    registry = _load()
+    registry = load()
     needed_by = {}
     order = []
     for outer, inner in _layer_configs(config):
@@ -756,7 +786,7 @@ def missing_components(specs):
         A list of ``(kind, name, package, version)``, in order, without repeats;
         ``package`` and ``version`` are what the spec recorded (or None).
     """
-    registry = _load()
+    registry = load()
     missing = []
 
     def visit(kind, spec):
@@ -777,7 +807,7 @@ def missing_components(specs):
             visit(kind, list((spec.get("config") or {}).get("patterns") or []))
 
     for kind, spec in specs.items():
-        _check_kind(kind)
+        check_kind(kind)
         visit(kind, spec)
     return missing
 

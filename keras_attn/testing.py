@@ -742,7 +742,7 @@ def plugin_for(*classes, **by_kind):
             raise TypeError(f"plugin_for() takes keras_attn component classes. Received: {cls!r}")
         hooks.setdefault(kind, []).append(cls)
     for kind, extra in by_kind.items():
-        plugins._check_kind(kind)
+        plugins.check_kind(kind)
         hooks.setdefault(kind, []).extend(extra)
     plugin = types.SimpleNamespace()
     for kind, group in hooks.items():

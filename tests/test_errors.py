@@ -99,7 +99,7 @@ def registered():
 
 
 def _assert_not_registered(plugin_name, *names):
-    assert plugins._load().pm.get_plugin(plugin_name) is None
+    assert plugins.load().pm.get_plugin(plugin_name) is None
     for kind, name in names:
         assert name not in plugins.names(kind)
 

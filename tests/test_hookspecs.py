@@ -48,7 +48,7 @@ def test_each_hook_is_a_documented_register_callback(name):
 
 @pytest.mark.parametrize("name", HOOKS)
 def test_each_hook_calls_every_implementation(name):
-    caller = getattr(plugins._load().pm.hook, name)
+    caller = getattr(plugins.load().pm.hook, name)
     assert caller.spec is not None and caller.spec.namespace is hookspecs
     assert not caller.spec.opts["firstresult"] and not caller.spec.opts["historic"]
 
@@ -58,7 +58,7 @@ def test_markers_belong_to_the_project():
     assert hookspecs.hookimpl.project_name == "keras_attn"
     assert keras_attn.hookimpl is hookspecs.hookimpl
     assert plugins.ENTRY_POINT_GROUP == "keras_attn"
-    assert plugins._load().pm.project_name == "keras_attn"
+    assert plugins.load().pm.project_name == "keras_attn"
 
 
 def test_module_docstring_states_the_contract():
@@ -102,7 +102,7 @@ def test_a_misspelled_hook_is_an_error_naming_the_plugin_and_the_hooks():
     assert "'typo_plugin'" in message and "register_score'" in message
     for hook in HOOKS:
         assert hook in message
-    assert plugins._load().pm.get_plugin("typo_plugin") is None
+    assert plugins.load().pm.get_plugin("typo_plugin") is None
 
 
 def test_an_implementation_with_the_wrong_argument_is_an_error():
@@ -115,4 +115,4 @@ def test_an_implementation_with_the_wrong_argument_is_an_error():
         plugins.register(Plugin, name="bad_argument_plugin")
     assert isinstance(info.value.__cause__, pluggy.PluginValidationError)
     assert "test_hookspecs_scaled" not in plugins.names("score")
-    assert plugins._load().pm.get_plugin("bad_argument_plugin") is None
+    assert plugins.load().pm.get_plugin("bad_argument_plugin") is None

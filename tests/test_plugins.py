@@ -181,7 +181,7 @@ def example_plugin():
     plugin = ExamplePlugin()
     plugins.register(plugin, name="example_plugin")
     yield plugin
-    if plugins._load().pm.is_registered(plugin):
+    if plugins.load().pm.is_registered(plugin):
         plugins.unregister(plugin)
 
 
@@ -210,7 +210,7 @@ def np_plugin_attention(x, weights, scale, slope, stride, temperature):
 
 
 def test_builtins_are_plugins_of_the_plugin_manager():
-    pm = plugins._load().pm
+    pm = plugins.load().pm
     for module_name in plugins.BUILTIN_PLUGINS:
         plugin = pm.get_plugin(module_name)
         assert plugin is sys.modules[module_name]
@@ -585,7 +585,7 @@ def dists(tmp_path, monkeypatch):
     monkeypatch.delenv(plugins.DISABLE_AUTOLOAD_ENV, raising=False)
     before = set(sys.modules)
     yield Distributions(root)
-    plugins._reset()
+    plugins.reset()
     for name in set(sys.modules) - before:
         if str(getattr(sys.modules[name], "__file__", None) or "").startswith(str(root)):
             del sys.modules[name]
@@ -613,7 +613,7 @@ def test_entry_point_plugin_loads_lazily_and_is_listed(dists):
         {"half": "ep_half_plugin"},
         {"ep_half_plugin": SCORE_PLUGIN.format(score="ep_half")},
     )
-    plugins._reset()
+    plugins.reset()
     assert "ep_half_plugin" not in sys.modules  # nothing imported before the first lookup
     cls = plugins.get("score", "ep_half")
     assert "ep_half_plugin" in sys.modules
@@ -625,7 +625,7 @@ def test_entry_point_plugin_loads_lazily_and_is_listed(dists):
         "1.2.3",
     )
     assert entry.cls is cls
-    assert plugins._load().pm.get_plugin("half") is sys.modules["ep_half_plugin"]
+    assert plugins.load().pm.get_plugin("half") is sys.modules["ep_half_plugin"]
 
     # It is usable by name, like a built-in.
     q = np.random.default_rng(5).normal(size=(2, 3, 4)).astype("float32")
@@ -641,7 +641,7 @@ def test_disable_autoload_skips_entry_points(dists, monkeypatch, value):
         {"ep_off_plugin": SCORE_PLUGIN.format(score="ep_off")},
     )
     monkeypatch.setenv(plugins.DISABLE_AUTOLOAD_ENV, value)
-    plugins._reset()
+    plugins.reset()
     assert "ep_off" not in plugins.names("score")
     assert "ep_off_plugin" not in sys.modules
     with pytest.raises(UnknownComponentError, match=plugins.DISABLE_AUTOLOAD_ENV):
@@ -649,7 +649,7 @@ def test_disable_autoload_skips_entry_points(dists, monkeypatch, value):
     assert BUILTIN_NAMES["score"] <= set(plugins.names("score"))
 
     monkeypatch.setenv(plugins.DISABLE_AUTOLOAD_ENV, "0")
-    plugins._reset()
+    plugins.reset()
     assert "ep_off" in plugins.names("score")
 
 
@@ -663,7 +663,7 @@ def test_disable_autoload_skips_entry_points(dists, monkeypatch, value):
 )
 def test_plugin_failing_to_import_is_reported(dists, monkeypatch, source, error):
     dists.add("keras-attn-broken", {"broken": "ep_broken_plugin"}, {"ep_broken_plugin": source})
-    plugins._reset()
+    plugins.reset()
     with pytest.raises(PluginImportError) as info:
         plugins.get("score", "scaled_dot")
     message = str(info.value)
@@ -686,7 +686,7 @@ def test_plugin_failing_to_import_does_not_double_load_the_others(dists):
         "keras-attn-a", {"a": "ep_ok_plugin"}, {"ep_ok_plugin": SCORE_PLUGIN.format(score="ep_ok")}
     )
     dists.add("keras-attn-b", {"b": "ep_bad_plugin"}, {"ep_bad_plugin": "raise RuntimeError('b')"})
-    plugins._reset()
+    plugins.reset()
     for _ in range(2):
         with pytest.raises(PluginImportError, match="'b'"):
             plugins.names("score")
@@ -703,7 +703,7 @@ def test_two_plugins_registering_one_name(dists):
         {"second": "ep_twin_two"},
         {"ep_twin_two": SCORE_PLUGIN.format(score="ep_twin")},
     )
-    plugins._reset()
+    plugins.reset()
     with pytest.raises(DuplicateComponentError) as info:
         plugins.get("score", "ep_twin")
     message = str(info.value)
@@ -718,7 +718,7 @@ def test_plugin_taking_a_builtin_name(dists):
         {"shadow": "ep_shadow"},
         {"ep_shadow": SCORE_PLUGIN.format(score="cosine")},
     )
-    plugins._reset()
+    plugins.reset()
     with pytest.raises(DuplicateComponentError) as info:
         plugins.names("score")
     message = str(info.value)
@@ -741,7 +741,7 @@ def test_plugin_registering_a_component_of_the_wrong_kind(dists):
             register(Doubled)
     """
     dists.add("keras-attn-wrong", {"wrong": "ep_wrong_kind"}, {"ep_wrong_kind": source})
-    plugins._reset()
+    plugins.reset()
     with pytest.raises(ComponentKindError) as info:
         plugins.names("normalizer")
     message = str(info.value)
@@ -773,7 +773,7 @@ def test_keras_file_loads_in_a_fresh_process_with_the_plugin_installed(dists, tm
         {"fresh": "ep_fresh"},
         {"ep_fresh": source.format(score="ep_fresh_half")},
     )
-    plugins._reset()
+    plugins.reset()
     model = _model(score="ep_fresh_half", score_mods=["ep_shifted"], normalizer="sparsemax")
     _randomize(model, seed=6)
     x = np.random.default_rng(7).normal(size=(2, 7, 8)).astype("float32")
@@ -792,7 +792,7 @@ def test_keras_file_loads_in_a_fresh_process_with_the_plugin_installed(dists, tm
         np.save({str(tmp_path / "y.npy")!r}, keras.ops.convert_to_numpy(
             model(np.load({str(tmp_path / "x.npy")!r}))))
         os.environ[{plugins.DISABLE_AUTOLOAD_ENV!r}] = "1"
-        keras_attn.plugins._reset()
+        keras_attn.plugins.reset()
         try:
             keras.saving.load_model({str(tmp_path / "fresh.keras")!r})
         except Exception as e:
@@ -927,11 +927,11 @@ def test_a_keras_file_names_the_package_of_a_missing_entry_point_plugin(
         {"ep_saved_plugin": SCORE_PLUGIN.format(score="ep_saved")},
         version="2.0.1",
     )
-    plugins._reset()
+    plugins.reset()
     path = tmp_path / "needs_half.keras"
     _model(score="ep_saved", normalizer="softmax").save(path)
     monkeypatch.setenv(plugins.DISABLE_AUTOLOAD_ENV, "1")  # as if it were not installed
-    plugins._reset()
+    plugins.reset()
     with pytest.raises(MissingComponentsError) as info:
         keras.saving.load_model(path)
     message = str(info.value)
