@@ -329,7 +329,7 @@ def _segment_data_mask(mask, layout, group, cols):
     return ops.reshape(mask, (-1, heads, rows, bs, width * bs))
 
 
-def _segment_group_attention(q, k_t, v_t, layout, group, width, meets, segment_ids, components,
+def _segment_group_attention(q, k_t, v_t, layout, group, width, meets, segments, components,
                              positions, mask, training, return_weights):  # fmt: skip
     """`_group_attention` on each batch row's own key blocks (those its segments meet).
 
@@ -337,7 +337,7 @@ def _segment_group_attention(q, k_t, v_t, layout, group, width, meets, segment_i
         ``(output (B, H, R, bs, Dv), weights or None, cols (B, R, W))``; the rows
         that keep more blocks than `width` are NaN.
     """
-    query_ids, key_ids = segment_ids
+    query_ids, key_ids = segments.query_ids, segments.key_ids
     cols, valid, overflow = _segment_cols(meets, group, width)
     q = _take_blocks(q, group.rows)  # (B, H, R, bs, D)
     k = _segment_key_slab(k_t, cols)  # (B, H, R, W * bs, D)
@@ -395,7 +395,7 @@ def _scatter_segment_weights(weights, cols, layout, heads):
 
 def block_sparse_attention(
     query, key, value, layout, components, positions, mask=None, training=None,
-    return_weights=False, segment_layout=None, segment_ids=None,
+    return_weights=False, segment_layout=None, segments=None,
 ):  # fmt: skip
     """Attention computed only on the blocks `pattern` can reach; equals the dense path.
 
@@ -410,12 +410,13 @@ def block_sparse_attention(
         mask: Bool data mask broadcastable to ``(B, 1, Tq, Tk)``, or None.
         return_weights: Also return the dense weights ``(B, H, Tq, Tk)``.
         segment_layout: A `keras_attn.block_layout.SegmentLayout` of `layout`, with
-            `segment_ids`, or None. Then each batch row computes only the blocks its
+            `segments`, or None. Then each batch row computes only the blocks its
             segments meet (`keras_attn.segments.block_meets`), and `mask` should not
             hold the segment mask (it is applied per slab). A row that keeps more
             blocks than its width (a traced call exceeding ``max_segment_length``)
             gets NaN outputs and weights.
-        segment_ids: ``(query_ids (B, Tq), key_ids (B, Tk))``, with `segment_layout`.
+        segments: The call's `keras_attn.segments.Segments` (its ``query_ids``
+            ``(B, Tq)`` and ``key_ids`` ``(B, Tk)``), with `segment_layout`.
 
     Returns:
         ``(output (B, H, Tq, Dv), weights (B, H, Tq, Tk) or None)``.
@@ -441,12 +442,12 @@ def block_sparse_attention(
     else:
         meets = segment_layout.meets  # measured when planned, where the ids were concrete
         if meets is None:
-            meets = segment_meets(*segment_ids, block_size)  # (B, nq, nk)
+            meets = segment_meets(segments.query_ids, segments.key_ids, block_size)  # (B, nq, nk)
         k = ops.transpose(k, (0, 2, 1, 3, 4))  # (B, nk, H, bs, D)
         v = ops.transpose(v, (0, 2, 1, 3, 4))  # (B, nk, H, bs, Dv)
         for group, width in zip(layout.groups, segment_layout.widths, strict=True):
             out, w, c = _segment_group_attention(
-                q, k, v, layout, group, width, meets, segment_ids, components, positions,
+                q, k, v, layout, group, width, meets, segments, components, positions,
                 mask, training, return_weights,
             )  # fmt: skip
             outputs.append(out)

@@ -19,6 +19,7 @@ once and hands it to the kernel). The paths, all exact and all agreeing:
 - ``dense``: the exact masked reference (`keras_attn.kernels.dense_attention`).
 """
 
+import dataclasses
 import logging
 import warnings
 from typing import NamedTuple
@@ -27,17 +28,27 @@ import numpy as np
 from keras import ops
 
 from keras_attn import block_layout as block_layout_module
+from keras_attn import devices
 from keras_attn import kernels
 from keras_attn import native
 from keras_attn import pallas
 from keras_attn.block_sparse import block_sparse_attention
 from keras_attn.masks import combine_masks
 from keras_attn.positions import make_positions
-from keras_attn.segments import segment_mask
 
 logger = logging.getLogger("keras_attn")
 
-__all__ = ["PATHS", "Plan", "attend", "block_sparse_pays_off", "plan"]
+__all__ = [
+    "PATHS",
+    "Call",
+    "Heads",
+    "Plan",
+    "Settings",
+    "attend",
+    "block_sparse_pays_off",
+    "plan",
+    "run",
+]
 
 PATHS = ("native", "fused", "block_sparse", "dense")
 
@@ -91,6 +102,29 @@ def _is_empty(*lengths):
     return any(_static_int(n) and n == 0 for n in lengths)
 
 
+def _block_sparse_decision(pattern, query_length, key_length, mode, block_size, query_offset):
+    """True/False where the answer needs no layout, else None (the layout decides)."""
+    if mode is False:
+        return False
+    static = _static_int(query_length) and _static_int(key_length) and _static_int(query_offset)
+    if mode is True:
+        if not static:
+            raise ValueError(
+                "block_sparse=True needs query and key lengths and a query offset known "
+                "when the function is traced (Python ints), because the blocks to "
+                f"compute are worked out ahead of time. Received: query_length={query_length}, "
+                f"key_length={key_length}, query_offset={query_offset!r}"
+            )
+        return True
+    if not static or pattern.kernel_form == "full":
+        return False
+    nq = block_layout_module.num_blocks(query_length, block_size)
+    nk = block_layout_module.num_blocks(key_length, block_size)
+    if nq * nk < MIN_BLOCKS:
+        return False
+    return None
+
+
 def block_sparse_pays_off(
     pattern,
     query_length,
@@ -111,54 +145,129 @@ def block_sparse_pays_off(
     Raises:
         ValueError: ``mode=True`` with lengths or an offset known only at run time.
     """
-    if mode is False:
-        return False
-    static = _static_int(query_length) and _static_int(key_length) and _static_int(query_offset)
-    if mode is True:
-        if not static:
-            raise ValueError(
-                "block_sparse=True needs query and key lengths and a query offset known "
-                "when the function is traced (Python ints), because the blocks to "
-                f"compute are worked out ahead of time. Received: query_length={query_length}, "
-                f"key_length={key_length}, query_offset={query_offset!r}"
-            )
-        return True
-    if not static or pattern.kernel_form == "full":
-        return False
-    nq = block_layout_module.num_blocks(query_length, block_size)
-    nk = block_layout_module.num_blocks(key_length, block_size)
-    if nq * nk < MIN_BLOCKS:
-        return False
+    decided = _block_sparse_decision(
+        pattern, query_length, key_length, mode, block_size, query_offset
+    )
+    if decided is not None:
+        return decided
     layout = block_layout_module.block_layout(
         pattern, query_length, key_length, block_size, query_offset
     )
     return layout.computed_fraction <= max_fraction
 
 
-def choose_path(components, **options):
+def choose_path(components, call=None, settings=None, machine=None, **facts):
     """The path that runs this attention: one of `PATHS` (``plan(...).path``; same arguments)."""
-    return plan(components, **options).path
+    return plan(components, call, settings, machine, **facts).path
 
 
-def plan(
-    components,
-    *,
-    query_length,
-    key_length,
-    head_dim,
-    value_dim=None,
-    return_weights=False,
-    training=None,
-    block_sparse="auto",
-    block_size=128,
-    query_offset=0,
-    flash_attention=None,
-    name=None,
-    dtype=None,
-    has_mask=False,
-    segment_ids=None,
-    max_segment_length=None,
-):
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """A layer's settings for the planner (fixed when the layer is made).
+
+    Attributes:
+        block_sparse: ``"auto"``, True (insist on the block-sparse path) or False (never).
+        block_size: Block size of the block-sparse path.
+        flash_attention: Passed to the fused kernel (None lets the backend decide;
+            False also rules out the native kernels).
+        max_segment_length: The layer's bound on segment lengths (tokens), or None.
+        name: The caller's name (the layer's), for warnings and the debug log.
+    """
+
+    block_sparse: object = "auto"
+    block_size: int = 128
+    flash_attention: object = None
+    max_segment_length: object = None
+    name: object = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """The facts of one attention call that the plan depends on.
+
+    Attributes:
+        query_length, key_length: Tq and Tk (Python ints, or None/tensors when known
+            only at run time, which rules out the block-sparse path).
+        head_dim: D of queries and keys; value_dim: Dv (None: D).
+        dtype: The heads' dtype (the native kernels need 16-bit inputs), or None.
+        query_offset: Absolute position of the first query (the cache index).
+        has_mask: Whether a data mask (padding, explicit, cache) comes with the call.
+        segments: The call's `keras_attn.segments.Segments` (packed sequences), or None.
+        return_weights: Whether the caller needs the weights.
+        training: Whether dropout is active.
+    """
+
+    query_length: object
+    key_length: object
+    head_dim: int
+    value_dim: object = None
+    dtype: object = None
+    query_offset: object = 0
+    has_mask: bool = False
+    segments: object = None
+    return_weights: bool = False
+    training: object = None
+
+    @classmethod
+    def of(cls, heads, training=None, return_weights=False):
+        """The facts of a call on `Heads`."""
+        return cls(
+            query_length=heads.query.shape[1],
+            key_length=heads.key.shape[1],
+            head_dim=heads.query.shape[-1],
+            value_dim=heads.value.shape[-1],
+            dtype=heads.query.dtype,
+            query_offset=heads.query_offset,
+            has_mask=heads.mask is not None or heads.segments is not None,
+            segments=heads.segments,
+            return_weights=return_weights,
+            training=training,
+        )
+
+
+class Heads(NamedTuple):
+    """Projected heads and what comes with them, as a layer hands them to `run`.
+
+    Attributes:
+        query: ``(B, Tq, H, D)``; key ``(B, Tk, H, D)``; value ``(B, Tk, H, Dv)``
+            (key/value heads already repeated to H).
+        mask: Bool data mask broadcastable to ``(B, H, Tq, Tk)`` (padding, explicit
+            masks, cache validity; `keras_attn.masks`), or None. Not the pattern.
+        segments: `keras_attn.segments.Segments` of packed sequences, or None.
+        query_offset: Absolute position of the first query (int or scalar tensor).
+    """
+
+    query: object
+    key: object
+    value: object
+    mask: object = None
+    segments: object = None
+    query_offset: object = 0
+
+
+def run(components, heads, settings=None, *, training=None, return_weights=False, machine=None):
+    """Plan and run one attention: the engine's single entry for layers.
+
+    Args:
+        components: `keras_attn.components.Components` (the call's pattern, dropout).
+        heads: `Heads`.
+        settings: The layer's `Settings` (defaults: ``Settings()``).
+        training: Whether dropout (and training-only noise) is active.
+        return_weights: Whether to return the weights.
+        machine: The `keras_attn.devices.Machine` to plan for (default: `devices.current()`).
+
+    Returns:
+        ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None, plan)``.
+    """
+    the_plan = plan(components, Call.of(heads, training, return_weights), settings, machine)
+    output, weights = attend(
+        the_plan, heads.query, heads.key, heads.value, heads.mask,
+        segments=heads.segments, training=training, return_weights=return_weights,
+    )  # fmt: skip
+    return output, weights, the_plan
+
+
+def plan(components, call=None, settings=None, machine=None, **facts):
     """Decide how this attention runs.
 
     ``block_sparse=True`` insists on the block-sparse path, even where the fused one
@@ -169,21 +278,12 @@ def plan(
 
     Args:
         components: `keras_attn.components.Components`, with the call's pattern.
-        query_length, key_length: Tq and Tk (Python ints, or None/tensors when
-            known only at run time, which rules out the block-sparse path).
-        head_dim: D of queries and keys; value_dim: Dv (defaults to D).
-        return_weights: Whether the caller needs the weights.
-        training: Whether dropout is active.
-        block_sparse, block_size, flash_attention: The layer's settings.
-        query_offset: Absolute position of the first query (the cache index).
-        name: The caller's name (the layer's), for the warning below.
-        dtype: The heads' dtype (the native kernels need 16-bit inputs), or None.
-        has_mask: Whether a data mask (padding, explicit, cache) comes with the call.
-        segment_ids: ``(query_ids (B, Tq), key_ids (B, Tk))`` of packed sequences, or
-            None. On the block-sparse path they narrow the layout per batch row
-            (`keras_attn.block_layout.segment_layout`); `attend` then takes them
-            instead of a segment mask.
-        max_segment_length: The layer's bound on segment lengths (tokens), or None.
+        call: The call's facts, a `Call`.
+        settings: The layer's `Settings` (default ``Settings()``).
+        machine: The `keras_attn.devices.Machine` (default `keras_attn.devices.current()`).
+        **facts: Instead of `call` and `settings`, their fields by name (for
+            interactive use and tests), e.g. ``plan(c, query_length=64,
+            key_length=64, head_dim=8, block_sparse=True)``.
 
     With segment ids and ``block_sparse="auto"``, the block-sparse path is also taken
     for full and causal patterns (where no fused kernel would skip work: off a CPU the
@@ -196,151 +296,218 @@ def plan(
     natively on Splash attention for any pattern (``kernel="jax_splash"``), with
     lengths and query offset known when traced and no data mask.
 
-    A sliding window (`keras_attn.patterns.Local`) with scaled_dot + softmax runs
-    natively, on cuDNN's own sliding-window kernel, where JAX sees an NVIDIA GPU and
-    the inputs are 16-bit, with no data mask, no cache offset and ``Tq == Tk``.
+    A causal sliding window (`keras_attn.patterns.Local(w, causal=True)`) with
+    scaled_dot + softmax runs natively, on cuDNN's own sliding-window kernel, where
+    JAX sees an NVIDIA GPU and the inputs are 16-bit, with no data mask, no cache
+    offset and ``Tq == Tk``. (cuDNN refuses a right window without its causal mask,
+    so two-sided windows take another path.)
+
+    On the block-sparse path, the opt-in Pallas kernel (`keras_attn.pallas`) is
+    chosen here too (``kernel="pallas_block_sparse"``) where the machine takes it.
 
     Where ``block_sparse="auto"`` would consider the block-sparse path for this
     pattern but the lengths are unknown when the function is traced (TensorFlow
     retraces ``model.fit``/``predict`` with a length of None once it sees a second
     length), the plan falls back to whole ``Tq x Tk`` scores and warns once per
-    `name` (`warn_unknown_lengths`), never silently.
+    layer name (`warn_unknown_lengths`), never silently.
 
     Returns:
         A `Plan`.
+
+    Raises:
+        TypeError: ``facts`` with a name that is neither a `Call` nor a `Settings` field.
     """
-    value_dim = head_dim if value_dim is None else value_dim
-    # keras.ops.dot_product_attention needs one head size for keys and values (the
-    # JAX backend checks it), so value_dim != head_dim rules out the fused path.
-    scale = components.fused_scale(
-        head_dim,
-        return_weights=return_weights or value_dim != head_dim,
-        dropout_active=components.dropout_active(training),
-    )
-    pattern = components.pattern
+    call, settings = _from_facts(call, settings, facts)
+    machine = devices.current() if machine is None else machine
+    return _Planner(components, call, settings, machine).plan()
 
-    def sparse(**kwargs):
-        return block_sparse_pays_off(
-            pattern, query_length, key_length, block_size=block_size,
-            query_offset=query_offset, **kwargs,
-        )  # fmt: skip
 
-    def block_sparse_plan():
-        if _is_empty(query_length, key_length):
-            # No block to compute: `attend` returns zeros without a layout.
-            return Plan("block_sparse", components, query_offset)
-        layout = block_layout_module.block_layout(
-            pattern, query_length, key_length, block_size, query_offset
+def _from_facts(call, settings, facts):
+    call_fields = {f.name for f in dataclasses.fields(Call)}
+    setting_fields = {f.name for f in dataclasses.fields(Settings)}
+    unknown = set(facts) - call_fields - setting_fields
+    if unknown:
+        raise TypeError(
+            f"plan() got unknown facts {sorted(unknown)}; expected fields of "
+            f"dispatch.Call {sorted(call_fields)} or dispatch.Settings {sorted(setting_fields)}"
         )
-        segment_layout = None
-        if segment_ids is not None:
-            segment_layout = block_layout_module.segment_layout(
-                layout, *segment_ids, max_segment_length=max_segment_length,
-                aligned=segment_ids[0] is segment_ids[1] and query_offset == 0,
+    call_facts = {k: v for k, v in facts.items() if k in call_fields}
+    setting_facts = {k: v for k, v in facts.items() if k in setting_fields}
+    if call is None:
+        call = Call(**call_facts)
+    elif call_facts:
+        call = dataclasses.replace(call, **call_facts)
+    settings = Settings() if settings is None else settings
+    if setting_facts:
+        settings = dataclasses.replace(settings, **setting_facts)
+    return call, settings
+
+
+class _Planner:
+    """One decision: the components, the call's facts, the layer's settings, the machine."""
+
+    def __init__(self, components, call, settings, machine):
+        self.components = components
+        self.call = call
+        self.settings = settings
+        self.machine = machine
+        self.pattern = components.pattern
+        self.value_dim = call.head_dim if call.value_dim is None else call.value_dim
+        self._layout = None
+
+    @property
+    def static(self):
+        c = self.call
+        return all(_static_int(n) for n in (c.query_length, c.key_length, c.query_offset))
+
+    def layout(self):
+        """The block layout of the pattern, built once and reused by the plan that runs it."""
+        if self._layout is None:
+            c = self.call
+            self._layout = block_layout_module.block_layout(
+                self.pattern, c.query_length, c.key_length, self.settings.block_size,
+                c.query_offset,
             )  # fmt: skip
+        return self._layout
+
+    def sparse_pays_off(self, mode, max_fraction=MAX_COMPUTED_FRACTION):
+        c = self.call
+        decided = _block_sparse_decision(
+            self.pattern, c.query_length, c.key_length, mode, self.settings.block_size,
+            c.query_offset,
+        )  # fmt: skip
+        if decided is not None:
+            return decided
+        return self.layout().computed_fraction <= max_fraction
+
+    def block_sparse_plan(self):
+        c = self.call
+        if _is_empty(c.query_length, c.key_length):
+            # No block to compute: `attend` returns zeros without a layout.
+            return Plan("block_sparse", self.components, c.query_offset)
+        layout = self.layout()
+        segment_layout = None
+        if c.segments is not None:
+            segs = c.segments
+            segment_layout = block_layout_module.segment_layout(
+                layout, segs.query_ids, segs.key_ids,
+                # Cross attention: the keys are another stream the bound says nothing of.
+                max_segment_length=self.settings.max_segment_length if segs.same_stream else None,
+                aligned=segs.query_ids is segs.key_ids and _static_int(c.query_offset)
+                and c.query_offset == 0,
+            )  # fmt: skip
+        kernel = None
+        if segment_layout is None and self.pallas_applies(layout):
+            kernel = pallas.KERNEL
         return Plan(
-            "block_sparse", components, query_offset, layout=layout,
-            segment_layout=segment_layout,
+            "block_sparse", self.components, c.query_offset, layout=layout,
+            segment_layout=segment_layout, kernel=kernel,
         )  # fmt: skip
 
-    cpu_fused = (
-        block_sparse == "auto" and flash_attention is not True and kernels.fused_kernel_is_dense()
-    )
-    # Full and causal patterns run as Keras's own layer does (fused, or the whole
-    # matrix on a CPU): no warning. A sparse pattern on whole matrices is quadratic.
-    if (
-        block_sparse == "auto"
-        and pattern.kernel_form is None
-        and not (_static_int(query_length) and _static_int(key_length))
-    ):
-        warn_unknown_lengths(name, pattern, query_length, key_length)
-    native_plan = _native_plan(
-        components, head_dim=head_dim, value_dim=value_dim, return_weights=return_weights,
-        training=training, query_length=query_length, key_length=key_length,
-        query_offset=query_offset, block_sparse=block_sparse, has_mask=has_mask, dtype=dtype,
-        flash_attention=flash_attention,
-    )  # fmt: skip
-    if native_plan is not None:
-        return native_plan
-    if segment_ids is not None and block_sparse == "auto" and (scale is None or cpu_fused):
-        # Packed rows: the blocks whose segments never meet are skipped, so even a full
-        # or causal pattern may pay off on the block-sparse path (where the ids are
-        # concrete, or `max_segment_length` bounds them).
-        packed_plan = _packed_plan_if_it_pays_off(
-            block_sparse_plan, query_length, key_length, query_offset, block_size,
-            MAX_COMPUTED_FRACTION if scale is None else MAX_FRACTION_OVER_FUSED,
-        )  # fmt: skip
-        if packed_plan is not None:
-            return packed_plan
-    if scale is not None and block_sparse is not True:
-        if cpu_fused and sparse(mode="auto", max_fraction=MAX_FRACTION_OVER_FUSED):
-            return block_sparse_plan()
-        return Plan("fused", components, query_offset, scale=scale, flash_attention=flash_attention)
-    if sparse(mode=block_sparse):
-        return block_sparse_plan()
-    return Plan("dense", components, query_offset)
+    def pallas_applies(self, layout):
+        c = self.call
+        return self.machine.pallas_block_sparse and pallas.applies(
+            self.components, layout, c.head_dim, c.training, c.return_weights
+        )
 
+    def scale(self, softmax_only=False):
+        c = self.call
+        scale_of = self.components.softmax_scale if softmax_only else self.components.fused_scale
+        # keras.ops.dot_product_attention needs one head size for keys and values (the
+        # JAX backend checks it), so value_dim != head_dim rules out the fused path.
+        return scale_of(
+            c.head_dim,
+            return_weights=c.return_weights or self.value_dim != c.head_dim,
+            dropout_active=self.components.dropout_active(c.training),
+        )
 
-def _packed_plan_if_it_pays_off(block_sparse_plan, query_length, key_length, query_offset,
-                                block_size, max_fraction):  # fmt: skip
-    """The block-sparse plan with segment ids where it computes at most `max_fraction`."""
-    if not all(_static_int(n) for n in (query_length, key_length, query_offset)) or _is_empty(
-        query_length, key_length
-    ):
+    def plan(self):
+        c, s = self.call, self.settings
+        scale = self.scale()
+        cpu_fused = (
+            s.block_sparse == "auto"
+            and s.flash_attention is not True
+            and self.machine.fused_kernel_is_dense
+        )
+        # Full and causal patterns run as Keras's own layer does (fused, or the whole
+        # matrix on a CPU): no warning. A sparse pattern on whole matrices is quadratic.
+        if (
+            s.block_sparse == "auto"
+            and self.pattern.kernel_form is None
+            and not (_static_int(c.query_length) and _static_int(c.key_length))
+        ):
+            warn_unknown_lengths(s.name, self.pattern, c.query_length, c.key_length)
+        native_plan = self.native_plan()
+        if native_plan is not None:
+            return native_plan
+        if c.segments is not None and s.block_sparse == "auto" and (scale is None or cpu_fused):
+            # Packed rows: the blocks whose segments never meet are skipped, so even a
+            # full or causal pattern may pay off on the block-sparse path (where the ids
+            # are concrete, or `max_segment_length` bounds them).
+            packed = self.packed_plan_if_it_pays_off(
+                MAX_COMPUTED_FRACTION if scale is None else MAX_FRACTION_OVER_FUSED
+            )
+            if packed is not None:
+                return packed
+        if scale is not None and s.block_sparse is not True:
+            if cpu_fused and self.sparse_pays_off("auto", MAX_FRACTION_OVER_FUSED):
+                return self.block_sparse_plan()
+            return Plan(
+                "fused", self.components, c.query_offset, scale=scale,
+                flash_attention=s.flash_attention,
+            )  # fmt: skip
+        if self.sparse_pays_off(s.block_sparse):
+            return self.block_sparse_plan()
+        return Plan("dense", self.components, c.query_offset)
+
+    def packed_plan_if_it_pays_off(self, max_fraction):
+        """The block-sparse plan with segment ids where it computes at most `max_fraction`."""
+        c = self.call
+        if not self.static or _is_empty(c.query_length, c.key_length):
+            return None
+        nq = block_layout_module.num_blocks(c.query_length, self.settings.block_size)
+        nk = block_layout_module.num_blocks(c.key_length, self.settings.block_size)
+        if nq * nk < MIN_BLOCKS:
+            return None
+        candidate = self.block_sparse_plan()
+        if candidate.segment_layout is not None and (
+            candidate.segment_layout.computed_fraction <= max_fraction
+        ):
+            return candidate
         return None
-    nq = block_layout_module.num_blocks(query_length, block_size)
-    nk = block_layout_module.num_blocks(key_length, block_size)
-    if nq * nk < MIN_BLOCKS:
-        return None
-    candidate = block_sparse_plan()
-    if candidate.segment_layout is not None and (
-        candidate.segment_layout.computed_fraction <= max_fraction
-    ):
-        return candidate
-    return None
 
-
-def _native_plan(components, *, head_dim, value_dim, return_weights, training, query_length,
-                 key_length, query_offset, block_sparse, has_mask, dtype,
-                 flash_attention):  # fmt: skip
-    """The native path's plan if a backend kernel computes exactly this, else None."""
-    scale = components.softmax_scale(
-        head_dim,
-        return_weights=return_weights or value_dim != head_dim,
-        dropout_active=components.dropout_active(training),
-    )
-    offset = query_offset
-    if (
-        scale is not None
-        and block_sparse is not True
-        and flash_attention is not False
-        and components.pattern.kernel_form is None  # full and causal: the fused path
-        and all(_static_int(n) for n in (query_length, key_length, offset))
-        and native.flex_attention_is_fast()
-    ):
-        return Plan("native", components, offset, scale=scale, kernel="torch_flex_attention")
-    if (
-        scale is not None
-        and block_sparse is not True
-        and flash_attention is not False
-        and not has_mask  # whole-key/query masks are expressible, but plan sees no shape
-        and all(_static_int(n) for n in (query_length, key_length, offset))
-        and native.splash_attention_available(dtype)
-    ):
-        return Plan("native", components, offset, scale=scale, kernel="jax_splash")
-    window = native.jax_window(components.pattern)
-    if (
-        scale is None
-        or window is None
-        or block_sparse is True
-        or has_mask
-        or not (_static_int(offset) and offset == 0)
-        or not (_static_int(query_length) and query_length == key_length)
-        or dtype is None
-        or not native.jax_cudnn_available(dtype)
-    ):
-        return None
-    return Plan("native", components, offset, scale=scale, kernel="jax_cudnn", window=window)
+    def native_plan(self):
+        """The native path's plan if a backend kernel computes exactly this, else None."""
+        c, s, machine = self.call, self.settings, self.machine
+        scale = self.scale(softmax_only=True)
+        if scale is None or s.block_sparse is True or not self.static:
+            return None
+        offset = c.query_offset
+        if (
+            s.flash_attention is not False
+            and self.pattern.kernel_form is None  # full and causal: the fused path
+            and machine.flex_attention_is_fast
+        ):
+            return Plan("native", self.components, offset, scale=scale,
+                        kernel="torch_flex_attention")  # fmt: skip
+        if (
+            s.flash_attention is not False
+            and not c.has_mask  # whole-key/query masks are expressible, but plan sees no shape
+            and machine.splash(c.dtype)
+        ):
+            return Plan("native", self.components, offset, scale=scale, kernel="jax_splash")
+        window = native.jax_window(self.pattern)
+        if (
+            window is None
+            or window[1] != 0  # cuDNN takes a right window only with its causal mask
+            or c.has_mask
+            or offset != 0
+            or c.query_length != c.key_length
+            or not machine.cudnn_window(c.dtype)
+        ):
+            return None
+        return Plan("native", self.components, offset, scale=scale, kernel="jax_cudnn",
+                    window=window)  # fmt: skip
 
 
 _warned_unknown_lengths = set()
@@ -366,8 +533,8 @@ def warn_unknown_lengths(name, pattern, query_length, key_length):
     )
 
 
-def attend(plan, query, key, value, mask=None, positions=None, training=None,
-           return_weights=False, segment_ids=None):  # fmt: skip
+def attend(plan, query, key, value, mask=None, *, segments=None, training=None,
+           return_weights=False):  # fmt: skip
     """Run a `Plan` on projected heads.
 
     Args:
@@ -375,25 +542,23 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
         query: ``(B, Tq, H, D)``; key ``(B, Tk, H, D)``; value ``(B, Tk, H, Dv)``.
         mask: Bool data mask broadcastable to ``(B, H, Tq, Tk)`` (padding, explicit
             masks, cache validity), or None. The pattern is applied here.
-        positions: `keras_attn.positions.Positions` of the logits, or None to make
-            them from the lengths and the plan's query offset where a path reads them.
+        segments: The call's `keras_attn.segments.Segments`, or None: a segment mask
+            on every path, or the plan's ``segment_layout`` on the block-sparse path.
         training: Whether dropout (and training-only noise) is active.
         return_weights: Whether to return the weights.
-        segment_ids: ``(query_ids (B, Tq), key_ids (B, Tk))`` of packed sequences,
-            or None: a segment mask on every path, or the plan's ``segment_layout``.
 
     Returns:
         ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None)``.
     """
     offset = plan.query_offset
-    if segment_ids is not None and plan.segment_layout is None:
-        mask = combine_masks(mask, segment_mask(*segment_ids))  # (B, 1, Tq, Tk)
-    elif segment_ids is not None and segment_ids[0] is not segment_ids[1]:
+    if segments is not None and plan.segment_layout is None:
+        mask = combine_masks(mask, segments.mask)  # (B, 1, Tq, Tk)
+    elif segments is not None and segments.query_ids is not segments.key_ids:
         # The segment-aware layout never forms the segment mask, but a key whose
         # segment no query has (cross attention, cache slots) is masked for every query
         # and must have no influence (a NaN there stays out): mask it as padding. (The
         # (B, Tq, Tk) comparison is a transient; with a cache Tq is the few new tokens.)
-        seen = ops.any(segment_mask(*segment_ids), axis=2, keepdims=True)  # (B, 1, 1, Tk)
+        seen = ops.any(segments.mask, axis=2, keepdims=True)  # (B, 1, 1, Tk)
         mask = combine_masks(mask, seen)
     tq, tk = query.shape[1], key.shape[1]
     if _is_empty(tq, tk):
@@ -405,34 +570,20 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
         return output, weights if return_weights else None
     query, key, value = kernels.drop_masked_positions(query, key, value, mask)
 
-    def get_positions():
+    def positions():
         # Made only where read, so that the fused path's graph is Keras's own.
-        if positions is not None:
-            return positions
         return make_positions(
             ops.shape(query)[1], ops.shape(key)[1], query.shape[2], query_offset=offset
         )
 
-    if plan.path == "native" and plan.kernel == "torch_flex_attention":
-        output = native.flex_attention(
-            query, key, value, plan.components.pattern, scale=plan.scale,
-            query_offset=offset, mask=mask,
-        )  # fmt: skip
-        return output, None
-    if plan.path == "native" and plan.kernel == "jax_splash":
-        output = native.splash_attention(
-            query, key, value, plan.components.pattern, scale=plan.scale, query_offset=offset
-        )
-        return output, None
     if plan.path == "native":
-        output = native.jax_local_attention(query, key, value, scale=plan.scale, window=plan.window)
-        return output, None
+        return _native(plan, query, key, value, mask), None
     if plan.path == "fused":
         pattern = plan.components.pattern
         causal = pattern.kernel_form == "causal"
         if causal and not (isinstance(offset, int) and offset == 0):
             # Absolute positions differ from the kernel's 0-based causal mask.
-            mask = combine_masks(mask, pattern.mask(get_positions()))
+            mask = combine_masks(mask, pattern.mask(positions()))
             causal = False
         output = kernels.fused_attention(
             query, key, value, scale=plan.scale, causal=causal, mask=mask,
@@ -442,25 +593,35 @@ def attend(plan, query, key, value, mask=None, positions=None, training=None,
     q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, Tq, D)
     k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, Tk, D)
     v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, Tk, Dv)
-    if (
-        plan.path == "block_sparse"
-        and segment_ids is None  # packed rows: the keras.ops path skips their blocks
-        and pallas.applies(plan.components, plan.layout, q.shape[-1], training, return_weights)
-    ):
+    if plan.path == "block_sparse" and plan.kernel == pallas.KERNEL:
         # Opt-in (KERAS_ATTN_PALLAS): the same layout on the Pallas kernel.
-        logger.debug("block_sparse path: kernel %s", pallas.KERNEL)
         output = pallas.block_sparse_attention(
             q, k, v, plan.layout, plan.components, mask=mask, query_offset=offset
         )
         weights = None
     elif plan.path == "block_sparse":
         output, weights = block_sparse_attention(
-            q, k, v, plan.layout, plan.components, get_positions(), mask, training,
-            return_weights, plan.segment_layout, segment_ids,
+            q, k, v, plan.layout, plan.components, positions(), mask, training,
+            return_weights, plan.segment_layout, segments,
         )  # fmt: skip
     else:
         output, weights = kernels.dense_attention(
-            q, k, v, plan.components, get_positions(), mask, training, return_weights
+            q, k, v, plan.components, positions(), mask, training, return_weights
         )
     output = ops.transpose(output, (0, 2, 1, 3))  # (B, Tq, H, Dv)
     return output, weights if return_weights else None
+
+
+def _native(plan, query, key, value, mask):
+    """Run the native kernel the plan names: ``(B, Tq, H, Dv)``."""
+    offset = plan.query_offset
+    if plan.kernel == "torch_flex_attention":
+        return native.flex_attention(
+            query, key, value, plan.components.pattern, scale=plan.scale,
+            query_offset=offset, mask=mask,
+        )  # fmt: skip
+    if plan.kernel == "jax_splash":
+        return native.splash_attention(
+            query, key, value, plan.components.pattern, scale=plan.scale, query_offset=offset
+        )
+    return native.jax_local_attention(query, key, value, scale=plan.scale, window=plan.window)

@@ -9,11 +9,10 @@
 `weighted_sum` (normalizer, dropout, matmul) is shared with `keras_attn.block_sparse`.
 """
 
-import functools
-
 import keras
 from keras import ops
 
+from keras_attn import devices
 from keras_attn.components import NEG_INF
 from keras_attn.masks import combine_masks
 from keras_attn.masks import pattern_mask_or_none
@@ -28,27 +27,14 @@ __all__ = [
 ]
 
 
-@functools.cache
 def fused_kernel_is_dense():
     """Whether `keras.ops.dot_product_attention` forms the whole score matrix here.
 
     True on a CPU (every backend's kernel there is the plain masked computation);
     False where a GPU or TPU is visible, whose fused kernels may be flash kernels.
+    (`keras_attn.devices.Machine.fused_kernel_is_dense` of the machine this runs on.)
     """
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.default_backend() == "cpu"
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return not any(tf.config.list_logical_devices(kind) for kind in ("GPU", "TPU"))
-    if backend == "torch":
-        import torch
-
-        return not torch.cuda.is_available()
-    return False
+    return devices.actual().fused_kernel_is_dense
 
 
 def weighted_sum(components, logits, value, mask=None, training=None, return_weights=True):

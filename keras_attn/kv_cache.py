@@ -5,11 +5,13 @@ A cache is one tensor ``(B, 2, S, H, D)``: keys at ``[:, 0]``, values at ``[:, 1
 and values at the cache index and attends over every slot written so far.
 """
 
+from typing import NamedTuple
+
 import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["cache_shape", "check_cache", "concrete_int", "update"]
+__all__ = ["CacheRead", "cache_shape", "check_cache", "concrete_int", "read_write", "update"]
 
 
 def cache_shape(batch_size, max_length, num_heads, head_dim):
@@ -123,3 +125,55 @@ def update(cache, key, value, index):
     filled = index + ops.shape(key)[1] if known is not None else index_end
     valid = ops.arange(ops.shape(cache)[2])[None, None, None, :] < filled  # (1, 1, 1, S)
     return keys, values, cache, valid
+
+
+class CacheRead(NamedTuple):
+    """What attention reads after a cache write (`read_write`).
+
+    Attributes:
+        key: ``(B, S, H, D)`` (or the call's own keys without a cache).
+        value: ``(B, S, H, Dv)``.
+        cache: The updated cache ``(B, 2, S, H, D)``, or None without one.
+        mask: Bool ``(1, 1, 1, S)`` of the slots written so far, or None.
+        query_offset: Absolute position of the first query: the cache index (a
+            Python int where it is known when the call runs), or 0.
+    """
+
+    key: object
+    value: object
+    cache: object = None
+    mask: object = None
+    query_offset: object = 0
+
+
+def read_write(cache, key, value, index, num_heads, key_dim, value_dim):
+    """Write the call's keys and values into `cache` at `index` and read it back.
+
+    Without a cache the call's own keys and values are read. A cache without an
+    index is read as it is (KerasHub's convention for cross-attention: keys and
+    values computed once): nothing is written, every slot counts and the queries'
+    positions are unknown, so a position-dependent component must not run on it
+    (the layer checks that).
+
+    Args:
+        cache: ``(B, 2, S, H, D)`` or None.
+        key: ``(B, T, H, D)``; value ``(B, T, H, Dv)``: the call's new heads.
+        index: Slot of the first new key (int, numpy or scalar tensor), or None.
+        num_heads, key_dim, value_dim: The layer's key/value heads (`check_cache`).
+
+    Returns:
+        A `CacheRead`.
+
+    Raises:
+        ValueError: from `check_cache` and `update`.
+    """
+    if cache is None:
+        return CacheRead(key, value)
+    check_cache(cache, num_heads, key_dim, value_dim)
+    if index is None:
+        return CacheRead(cache[:, 0], cache[:, 1], cache)
+    keys, values, cache, filled = update(cache, key, value, index)
+    # An index known now (numpy, an eager tensor) is a Python int for the planner, so
+    # the block-sparse path plans its blocks from it as from an int.
+    known = concrete_int(index)
+    return CacheRead(keys, values, cache, filled, index if known is None else known)

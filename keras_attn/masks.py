@@ -5,6 +5,8 @@ live in `keras_attn.patterns` and the engine adds them itself. A data mask here 
 True where attention is allowed and broadcastable to the logits ``(B, H, Tq, Tk)``.
 """
 
+from typing import NamedTuple
+
 from keras import ops
 
 try:  # Keras keeps masks on tensors; this is how its own layers read them.
@@ -20,10 +22,15 @@ except ImportError:  # pragma: no cover
 
 
 __all__ = [
+    "Padding",
+    "call_mask",
     "check_attention_mask",
+    "check_call",
     "combine_masks",
     "data_mask",
     "get_keras_mask",
+    "heads_mask",
+    "keras_form",
     "pattern_mask_or_none",
     "set_keras_mask",
     "zero_padded_inputs",
@@ -48,25 +55,142 @@ def pattern_mask_or_none(pattern, positions):
     return pattern.mask(positions)
 
 
-def check_attention_mask(attention_mask, query_length, key_length):
-    """Raise if `attention_mask` is not ``(B, Tq, Tk)`` or ``(Tq, Tk)`` for these lengths.
+def heads_mask(mask):
+    """A Keras attention mask as a bool ``(B|1, 1|H, Tq, Tk)`` tensor (None stays None).
+
+    ``(Tq, Tk)`` and ``(B, Tq, Tk)`` (or anything broadcastable to it) get a head axis
+    of 1, so a batch axis is never read as heads; ``(B, H, Tq, Tk)`` is per head.
+    """
+    if mask is None:
+        return None
+    mask = ops.cast(mask, "bool")
+    if len(mask.shape) == 2:
+        return mask[None, None]
+    if len(mask.shape) == 3:
+        return mask[:, None]
+    return mask
+
+
+def keras_form(mask):
+    """A ``(B|1, 1|H, Tq, Tk)`` mask as Keras's layers pass it: ``(B|1, Tq, Tk)`` unless per head."""
+    if mask is not None and mask.shape[1] == 1:
+        return mask[:, 0]
+    return mask
+
+
+def check_attention_mask(attention_mask, query_length, key_length, num_heads=1):
+    """Raise unless `attention_mask` fits the logits ``(B, H, Tq, Tk)``.
+
+    It may be ``(Tq, Tk)``, ``(B, Tq, Tk)`` or anything broadcastable to it, or
+    ``(B, num_heads, Tq, Tk)`` per head (a head axis of 1 broadcasts).
 
     Raises:
-        ValueError: naming the shape received and the one expected.
+        ValueError: naming the shape received and the lengths expected.
     """
     if attention_mask is None:
         return
     shape = tuple(attention_mask.shape)
     expected = (query_length, key_length)
-    if len(shape) not in (2, 3) or any(
-        a is not None and b is not None and a != b
-        for a, b in zip(shape[-2:], expected, strict=True)
+    heads = shape[1] if len(shape) == 4 else 1
+    if (
+        len(shape) not in (2, 3, 4)
+        or heads not in (1, None, num_heads)
+        or any(
+            a is not None and b is not None and a not in (1, b)
+            for a, b in zip(shape[-2:], expected, strict=True)
+        )
     ):
         raise ValueError(
-            "`attention_mask` must have shape (B, Tq, Tk) or (Tq, Tk), here "
-            f"Tq={expected[0]} and Tk={expected[1]}. "
+            "`attention_mask` must be broadcastable to (B, Tq, Tk) or, per head, be "
+            f"(B, {num_heads}, Tq, Tk); here Tq={expected[0]} and Tk={expected[1]}. "
             f"Received: attention_mask.shape={shape}"
         )
+
+
+class Padding(NamedTuple):
+    """The padding masks of one call: bool ``(B, Tq)`` and ``(B, Tk)``, or None each.
+
+    `of_call` takes the explicit ones, else the inputs' Keras masks (read, never
+    removed: the caller's tensors keep their masks for the next reader).
+    """
+
+    query: object = None
+    value: object = None
+    key: object = None
+
+    @classmethod
+    def of_call(cls, query, value, key, query_mask=None, value_mask=None, key_mask=None):
+        if query_mask is None:
+            query_mask = get_keras_mask(query)
+        if value_mask is None:
+            value_mask = get_keras_mask(value)
+        if key_mask is None and key is not value:
+            key_mask = get_keras_mask(key)
+        return cls(query_mask, value_mask, key_mask)
+
+    @property
+    def any(self):
+        return any(m is not None for m in self)
+
+    def check(self, query, value, key):
+        """Raise unless each mask is ``(B, T)`` for its input, naming the argument.
+
+        Raises:
+            ValueError: a mask whose length is not its input's.
+        """
+        for name, mask, x in (("query_mask", self.query, query),
+                              ("value_mask", self.value, value),
+                              ("key_mask", self.key, key)):  # fmt: skip
+            if mask is None:
+                continue
+            shape, expected = tuple(mask.shape), tuple(x.shape[:2])
+            if len(shape) != 2 or any(
+                a is not None and b is not None and a != b
+                for a, b in zip(shape, expected, strict=True)
+            ):
+                raise ValueError(
+                    f"`{name}` must have shape (B, T) = {expected}, the first two axes of "
+                    f"its input. Received: {name}.shape={shape}"
+                )
+
+    def zero_inputs(self, query, value, key):
+        """`zero_padded_inputs` with these masks."""
+        return zero_padded_inputs(query, value, key, self.query, self.value, self.key)
+
+
+def check_call(query, key, padding, attention_mask, cache, num_heads):
+    """Check one call's masks against its inputs (`Padding` and the attention mask).
+
+    Raises:
+        ValueError: padding masks or a cache with inputs of rank > 3, or a mask of
+            the wrong shape (naming the argument).
+    """
+    if len(query.shape) > 3:
+        if cache is not None or padding.any:
+            raise ValueError(
+                "Padding masks and a cache need (B, T, dim) inputs; for inputs of rank > 3 "
+                f"pass `attention_mask` instead. Received: query.shape={tuple(query.shape)}"
+            )
+        return
+    padding.check(query, key, key)
+    key_length = key.shape[1] if cache is None else cache.shape[2]
+    check_attention_mask(attention_mask, query.shape[1], key_length, num_heads)
+
+
+def call_mask(padding, attention_mask, cache_mask=None, high_rank=False):
+    """The data mask of one call: padding, the explicit mask and the cache's written slots.
+
+    Returns:
+        Bool ``(B|1, 1|H, Tq, Tk)``, or None; for inputs of rank > 3 the
+        `attention_mask` as given (folded later with the attention axes).
+    """
+    if high_rank:
+        return attention_mask
+    return combine_masks(
+        data_mask(padding.query, padding.value, padding.key),
+        heads_mask(attention_mask),
+        cache_mask,
+    )
 
 
 def data_mask(query_mask=None, value_mask=None, key_mask=None, attention_mask=None):

@@ -22,13 +22,12 @@ the dense path computes, or is not chosen.
 """
 
 import functools
-import importlib
 
-import keras
 import numpy as np
 from keras import ops
 
 from keras_attn import block_layout
+from keras_attn import devices
 from keras_attn.patterns import Local
 from keras_attn.positions import Positions
 
@@ -64,13 +63,8 @@ def jax_window(pattern):
 
 
 def jax_cudnn_available(dtype):
-    """Whether cuDNN's kernel can run here for inputs of `dtype` (a GPU, 16-bit inputs)."""
-    if keras.backend.backend() != "jax":
-        return False
-    import jax
-
-    dtype = keras.backend.standardize_dtype(dtype)
-    return jax.default_backend() == "gpu" and dtype in ("float16", "bfloat16")
+    """Whether cuDNN's kernel can run here for inputs of `dtype` (`devices.Machine.cudnn_window`)."""
+    return devices.current().cudnn_window(dtype)
 
 
 def jax_local_attention(query, key, value, *, scale, window):
@@ -91,7 +85,7 @@ def jax_local_attention(query, key, value, *, scale, window):
 
     # cuDNN's kernel on a GPU (where `jax_cudnn_available` let the plan choose this);
     # XLA elsewhere (tests on a CPU).
-    implementation = "cudnn" if jax.default_backend() == "gpu" else None
+    implementation = "cudnn" if devices.actual().cudnn_window(query.dtype) else None
     left, right = window
     return jax.nn.dot_product_attention(
         query,
@@ -108,35 +102,19 @@ def jax_local_attention(query, key, value, *, scale, window):
 FLEX_BLOCK_SIZE = 128
 
 
-def _backend_has(backend, module):
-    """Whether Keras runs on `backend` and `module` (that backend's kernel) imports."""
-    if keras.backend.backend() != backend:
-        return False
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
-
-
-@functools.cache
 def has_flex_attention():
     """Whether the backend is PyTorch with FlexAttention (torch >= 2.5)."""
-    return _backend_has("torch", "torch.nn.attention.flex_attention")
+    machine = devices.current()
+    return machine.backend == "torch" and machine.flex_attention
 
 
-@functools.cache
 def flex_attention_is_fast():
     """Whether FlexAttention runs as a compiled kernel with a backward pass here.
 
     True where a CUDA device is visible. On a CPU (torch 2.13), FlexAttention has no
     backward pass, and outside `torch.compile` it forms the whole score matrix.
     """
-    if not has_flex_attention():
-        return False
-    import torch
-
-    return torch.cuda.is_available()
+    return devices.current().flex_attention_is_fast
 
 
 @functools.cache
@@ -241,25 +219,18 @@ SPLASH_BLOCK_SIZE = 128
 _EMPTY_ROW_LOGIT = -0.35 * float(np.finfo("float32").max)
 
 
-@functools.cache
 def has_splash_attention():
     """Whether the backend is JAX with Splash attention (`jax.experimental.pallas`)."""
-    return _backend_has(
-        "jax", "jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel"
-    )
+    machine = devices.current()
+    return machine.backend == "jax" and machine.splash_attention
 
 
-@functools.cache
 def splash_attention_is_fast():
     """Whether Splash attention runs as a compiled kernel here: JAX's default backend is a TPU.
 
     Elsewhere it runs only in Pallas's interpret mode (slow; used by the tests).
     """
-    if not has_splash_attention():
-        return False
-    import jax
-
-    return jax.default_backend() == "tpu"
+    return has_splash_attention() and devices.current().platform == "tpu"
 
 
 def _padded(length):
@@ -469,7 +440,7 @@ def splash_attention(query, key, value, pattern, *, scale, query_offset=0, mask=
 
     batch, tq, heads, _ = query.shape
     tk, groups = key.shape[1], heads // key.shape[2]
-    interpret = jax.default_backend() != "tpu"
+    interpret = devices.actual().platform != "tpu"
     kernel = _splash_kernel(pattern, tq, tk, int(query_offset), heads, interpret)
     dtype = query.dtype
     q = jnp.transpose(query * jnp.asarray(scale, dtype), (0, 2, 1, 3))  # (B, H, Tq, D)
@@ -494,6 +465,4 @@ def splash_attention(query, key, value, pattern, *, scale, query_offset=0, mask=
 
 def splash_attention_available(dtype):
     """Whether the plan may take Splash attention for heads of `dtype` (a TPU; f32/bf16)."""
-    if dtype is None or not splash_attention_is_fast():
-        return False
-    return keras.backend.standardize_dtype(dtype) in ("float32", "bfloat16")
+    return devices.current().splash(dtype)

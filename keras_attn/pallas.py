@@ -39,14 +39,13 @@ two, at least 16 (`applies` checks), and head sizes are zero-padded to a power o
 """
 
 import functools
-import os
 from typing import NamedTuple
 
-import keras
 import numpy as np
 from keras import ops
 
 from keras_attn import block_layout
+from keras_attn import devices
 from keras_attn.positions import Positions
 
 __all__ = [
@@ -59,7 +58,7 @@ __all__ = [
     "mode",
 ]
 
-ENV_VAR = "KERAS_ATTN_PALLAS"
+ENV_VAR = devices.PALLAS_ENV_VAR
 KERNEL = "pallas_block_sparse"
 MIN_BLOCK_SIZE = 16
 # Masked logits: finite, so that a row with no allowed key never forms inf - inf.
@@ -67,41 +66,23 @@ _MASKED = -1e30
 
 
 def mode():
-    """``None`` (off, the default), ``"gpu"`` or ``"interpret"``, from `ENV_VAR`.
+    """``None`` (off, the default), ``"gpu"`` or ``"interpret"``: `keras_attn.devices.pallas_mode`.
 
     Raises:
-        ValueError: An unknown value.
+        ValueError: An unknown value of `ENV_VAR`.
     """
-    value = os.environ.get(ENV_VAR, "").strip().lower()
-    if value in ("", "0", "false", "off", "no"):
-        return None
-    if value in ("1", "true", "on", "yes", "gpu"):
-        return "gpu"
-    if value == "interpret":
-        return "interpret"
-    raise ValueError(
-        f"{ENV_VAR} must be 0, 1 or interpret (the Pallas block-sparse kernel: off, "
-        f"on where JAX sees a GPU, or also on a CPU in interpret mode). Received: {value!r}"
-    )
-
-
-def _jax_on_gpu():
-    import jax
-
-    return jax.default_backend() == "gpu"
+    return devices.pallas_mode()
 
 
 def applies(components, layout, head_dim, training=None, return_weights=False):
-    """Whether the block-sparse path runs this kernel for these components and layout.
+    """Whether this kernel computes these components on this layout exactly.
 
-    True only when `mode` turns it on (and, in ``"gpu"`` mode, JAX sees a GPU), the
-    backend is JAX, the block size is a power of two of at least `MIN_BLOCK_SIZE`,
-    and the components are ``softmax(scale * q · kᵀ)`` (`Components.softmax_scale`).
+    The machine's side (the opt-in, a GPU) is `keras_attn.devices.Machine.pallas_block_sparse`,
+    which `keras_attn.dispatch.plan` asks first. Here: a layout whose block size is a
+    power of two of at least `MIN_BLOCK_SIZE`, and components that are
+    ``softmax(scale * q · kᵀ)`` (`Components.softmax_scale`).
     """
-    current = mode()
-    if current is None or layout is None or keras.backend.backend() != "jax":
-        return False
-    if current == "gpu" and not _jax_on_gpu():
+    if layout is None:
         return False
     bs = layout.block_size
     if bs < MIN_BLOCK_SIZE or bs & (bs - 1):
@@ -562,7 +543,7 @@ def block_sparse_attention(query, key, value, layout, components, mask=None, que
             f"score_mods={[m.name for m in components.score_mods]}"
         )
     if interpret is None:
-        interpret = not _jax_on_gpu()
+        interpret = devices.actual().pallas_interpret
     tables = kernel_tables(components.pattern, layout, heads, int(query_offset))
     bs = layout.block_size
     tq_pad, tk_pad = layout.num_query_blocks * bs, layout.num_key_blocks * bs

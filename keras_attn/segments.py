@@ -32,8 +32,11 @@ __all__ = [
     "Segments",
     "block_meets",
     "check_segment_ids",
+    "check_segment_lengths",
     "concrete_ids",
+    "for_call",
     "longest_segment",
+    "relative_score_mods",
     "segment_mask",
     "segment_starts",
 ]
@@ -268,3 +271,82 @@ class SegmentRelative:
             head=positions.head,
         )
         return self.score_mod(logits, positions=relative)
+
+
+def for_call(ids, query_length, key_length, cache_slots=None, cache_update_index=None,
+             reset_positions=False, max_segment_length=None):  # fmt: skip
+    """The `Segments` of one attention call, checked, or None without segment ids.
+
+    Args:
+        ids: ``(segment_ids, query_segment_ids, key_segment_ids)`` as the layer got
+            them: `segment_ids` for self-attention, or the other two.
+        query_length: Tq; key_length: Tk (the call's keys).
+        cache_slots: S with a cache (then `key_segment_ids` covers every slot), or None.
+        cache_update_index: The cache index (the queries' first slot), or None.
+        reset_positions: Whether positions restart at each segment (`Segments` then
+            carries the segment starts).
+        max_segment_length: The layer's bound, checked on ids known now.
+
+    Raises:
+        ValueError: only one of query/key ids, ids of the wrong shape or dtype, or
+            a known segment longer than `max_segment_length`.
+    """
+    segment_ids, query_ids, key_ids = ids
+    query_name = "query_segment_ids" if query_ids is not None else "segment_ids"
+    key_name = "key_segment_ids" if key_ids is not None else "segment_ids"
+    query_ids = segment_ids if query_ids is None else query_ids
+    key_ids = segment_ids if key_ids is None else key_ids
+    if query_ids is None and key_ids is None:
+        return None
+    if query_ids is None or key_ids is None:
+        raise ValueError(
+            "Pass `segment_ids` (self-attention), or both `query_segment_ids` and "
+            "`key_segment_ids`. Received: only one of them."
+        )
+    check_segment_ids(query_ids, query_name, query_length, "the query length")
+    if cache_slots is None:
+        check_segment_ids(key_ids, key_name, key_length, "the key length")
+    else:
+        check_segment_ids(
+            key_ids, key_name, cache_slots,
+            "the number of cache slots: with a cache, `key_segment_ids` covers every slot",
+        )  # fmt: skip
+    # One stream: self attention, or the new tokens written into a cache.
+    same_stream = cache_slots is not None or query_ids is key_ids
+    if same_stream:
+        # With a cache the unfilled slots may hold one long run of one id: only the
+        # new tokens' ids are checked (give unfilled slots an id of their own).
+        check_segment_lengths(query_ids if cache_slots is not None else key_ids,
+                              max_segment_length)  # fmt: skip
+    if not reset_positions:
+        return Segments(query_ids, key_ids, same_stream=same_stream)
+    key_starts = segment_starts(key_ids)  # (B, Tk)
+    if cache_slots is not None and cache_update_index is not None:
+        # Decoding: the queries are the tokens written at the cache index.
+        index = ops.arange(ops.shape(query_ids)[1], dtype="int32")
+        query_starts = ops.take(key_starts, index + ops.cast(cache_update_index, "int32"), axis=1)
+    else:
+        query_starts = segment_starts(query_ids)
+    return Segments(query_ids, key_ids, query_starts, key_starts, same_stream)
+
+
+def check_segment_lengths(segment_ids, max_segment_length):
+    """Raise if concrete ids hold a segment longer than `max_segment_length` (None: no bound)."""
+    if max_segment_length is None:
+        return
+    known = concrete_ids(segment_ids)
+    longest = None if known is None else longest_segment(known)
+    if longest is not None and longest > max_segment_length:
+        raise ValueError(
+            "A segment is longer than the layer's `max_segment_length` (the longest "
+            "segment any call will carry, which bounds the key blocks computed when "
+            f"the ids are traced). Received: a segment of {longest} tokens, with "
+            f"max_segment_length={max_segment_length}"
+        )
+
+
+def relative_score_mods(score_mods, segments, query_offset=0):
+    """The score_mods seeing positions restarted at each segment, or None (as they are)."""
+    if segments is None or not segments.reset_positions or not score_mods:
+        return None
+    return tuple(SegmentRelative(m, segments, query_offset) for m in score_mods)

@@ -19,30 +19,15 @@ from keras_attn import kv_cache
 from keras_attn import masks
 from keras_attn import patterns as patterns_module
 from keras_attn import plugins
+from keras_attn import positions as positions_module
 from keras_attn import segments
 from keras_attn import validation
 from keras_attn.components import Components
 from keras_attn.components import builtin
 from keras_attn.layers import shapes
-from keras_attn.positions import make_positions
+from keras_attn.layers.overrides import KerasOverrides
 
 logger = logging.getLogger("keras_attn")
-
-
-def _heads_mask(mask):
-    """A Keras attention mask as a bool ``(B|1, 1|H, Tq, Tk)`` tensor (None stays None).
-
-    ``(Tq, Tk)`` and ``(B, Tq, Tk)`` (or anything broadcastable to it) get a head axis
-    of 1, so a batch axis is never read as heads; ``(B, H, Tq, Tk)`` is per head.
-    """
-    if mask is None:
-        return None
-    mask = ops.cast(mask, "bool")
-    if len(mask.shape) == 2:
-        return mask[None, None]
-    if len(mask.shape) == 3:
-        return mask[:, None]
-    return mask
 
 
 @contextlib.contextmanager
@@ -65,7 +50,7 @@ class _Unattached:
 
 
 @builtin("layer")
-class Attention(keras.layers.Layer):
+class Attention(KerasOverrides, keras.layers.Layer):
     """Attention assembled from a score, score_mods, a pattern and a normalizer.
 
     Projects ``query``, ``key`` and ``value`` into `num_heads` heads, scores every
@@ -528,105 +513,6 @@ class Attention(keras.layers.Layer):
         if not encoding.built:
             encoding.build(heads_shape)
 
-    def _segments(self, query, key, cache, cache_update_index, segment_ids, query_ids, key_ids):
-        """The call's `keras_attn.segments.Segments` (its mask and starts), or None."""
-        query_name = "query_segment_ids" if query_ids is not None else "segment_ids"
-        key_name = "key_segment_ids" if key_ids is not None else "segment_ids"
-        query_ids = segment_ids if query_ids is None else query_ids
-        key_ids = segment_ids if key_ids is None else key_ids
-        if query_ids is None and key_ids is None:
-            return None
-        if query_ids is None or key_ids is None:
-            raise ValueError(
-                "Pass `segment_ids` (self-attention), or both `query_segment_ids` and "
-                "`key_segment_ids`. Received: only one of them."
-            )
-        if len(query.shape) != 3:
-            raise ValueError(
-                f"Segment ids need (B, T, dim) inputs. Received: query.shape={tuple(query.shape)}"
-            )
-        segments.check_segment_ids(query_ids, query_name, query.shape[1], "the query length")
-        if cache is None:
-            segments.check_segment_ids(key_ids, key_name, key.shape[1], "the key length")
-        else:
-            segments.check_segment_ids(
-                key_ids, key_name, cache.shape[2],
-                "the number of cache slots: with a cache, `key_segment_ids` covers every slot",
-            )  # fmt: skip
-        # One stream: self attention, or the new tokens written into a cache.
-        same_stream = cache is not None or query_ids is key_ids
-        if same_stream:
-            # With a cache the unfilled slots may hold one long run of one id: only the
-            # new tokens' ids are checked (give unfilled slots an id of their own).
-            self._check_segment_lengths(query_ids if cache is not None else key_ids)
-        if not self.reset_positions:
-            return segments.Segments(query_ids, key_ids, same_stream=same_stream)
-        key_starts = segments.segment_starts(key_ids)  # (B, Tk)
-        if cache is not None and cache_update_index is not None:
-            # Decoding: the queries are the tokens written at the cache index.
-            index = ops.arange(ops.shape(query_ids)[1], dtype="int32")
-            query_starts = ops.take(
-                key_starts, index + ops.cast(cache_update_index, "int32"), axis=1
-            )
-        else:
-            query_starts = segments.segment_starts(query_ids)
-        return segments.Segments(query_ids, key_ids, query_starts, key_starts, same_stream)
-
-    def _check_segment_lengths(self, *all_ids):
-        """Raise if concrete ids hold a segment longer than `max_segment_length`."""
-        if self.max_segment_length is None:
-            return
-        for ids in all_ids:
-            known = segments.concrete_ids(ids)
-            longest = None if known is None else segments.longest_segment(known)
-            if longest is not None and longest > self.max_segment_length:
-                raise ValueError(
-                    "A segment is longer than the layer's `max_segment_length` (the longest "
-                    "segment any call will carry, which bounds the key blocks computed when "
-                    f"the ids are traced). Received: a segment of {longest} tokens, with "
-                    f"max_segment_length={self.max_segment_length}"
-                )
-
-    def _encode_positions(self, q, k, self_attention, cache, cache_update_index, call_segments):
-        """Apply the position encoding to the projected heads ``(B, T, H, D)``.
-
-        Positions are absolute (from the cache index with a cache, so the keys written
-        to the cache are encoded where they stand), or counted from each token's
-        segment start with `reset_positions`.
-        """
-        encoding = self.position_encoding
-        if encoding is None:
-            return q, k
-        if len(q.shape) != 4:
-            raise ValueError(
-                "A position encoding needs (B, T, dim) inputs (one sequence axis). "
-                f"Received: heads of shape {tuple(q.shape)}"
-            )
-        offset = 0 if cache is None or cache_update_index is None else cache_update_index
-        offset = ops.cast(offset, "int32")
-        query_positions = ops.arange(ops.shape(q)[1], dtype="int32")[None, :] + offset  # (1, Tq)
-        key_positions = ops.arange(ops.shape(k)[1], dtype="int32")[None, :] + offset  # (1, Tk)
-        if cache is None:
-            key_positions = key_positions - offset
-        if call_segments is not None and call_segments.reset_positions:
-            query_positions = call_segments.query_positions(query_positions, offset)  # (B, Tq)
-            key_positions = call_segments.key_positions(key_positions)  # (B, Tk)
-        qh = ops.transpose(q, (0, 2, 1, 3))  # (B, H, Tq, D)
-        kh = ops.transpose(k, (0, 2, 1, 3))  # (B, Hkv, Tk, D)
-        if self_attention:
-            qh, kh = encoding(qh, kh, query_positions[:, None, :])
-        else:
-            qh = encoding(qh, qh, query_positions[:, None, :])[0]
-            kh = encoding(kh, kh, key_positions[:, None, :])[1]
-        return ops.transpose(qh, (0, 2, 1, 3)), ops.transpose(kh, (0, 2, 1, 3))
-
-    def _segment_score_mods(self, call_segments, query_offset):
-        """The score_mods seeing positions restarted at each segment, or None (as they are)."""
-        mods = self.components.score_mods
-        if call_segments is None or not call_segments.reset_positions or not mods:
-            return None
-        return tuple(segments.SegmentRelative(m, call_segments, query_offset) for m in mods)
-
     # -- call -----------------------------------------------------------------------
 
     def _effective_pattern(self, use_causal_mask):
@@ -655,113 +541,92 @@ class Attention(keras.layers.Layer):
         query_segment_ids=None,
         key_segment_ids=None,
     ):
-        if value is None:
-            value = query
-        if key is None:
-            key = value
+        value = query if value is None else value
+        key = value if key is None else key
         self._check_flash_attention(return_attention_scores)
         high_rank = len(query.shape) > 3
-        # Masks not passed explicitly come from the inputs' Keras masks. They are read,
-        # never removed: the caller's tensors keep their masks for the next reader.
-        if query_mask is None:
-            query_mask = masks.get_keras_mask(query)
-        if value_mask is None:
-            value_mask = masks.get_keras_mask(value)
-        if key_mask is None and key is not value:
-            key_mask = masks.get_keras_mask(key)
-        if high_rank and (
-            cache is not None or any(m is not None for m in (query_mask, value_mask, key_mask))
-        ):
-            raise ValueError(
-                "Padding masks and a cache need (B, T, dim) inputs; for inputs of rank > 3 "
-                f"pass `attention_mask` instead. Received: query.shape={tuple(query.shape)}"
-            )
-        if not high_rank:
-            self._check_attention_mask(attention_mask, query.shape[1], key.shape[1], cache)
-            # A padded position has no influence, not even through a gradient's 0 * nan.
-            query, value, key = masks.zero_padded_inputs(
-                query, value, key, query_mask, value_mask, key_mask
-            )
-
+        padding = masks.Padding.of_call(query, value, key, query_mask, value_mask, key_mask)
+        masks.check_call(query, key, padding, attention_mask, cache, self.num_heads)
+        # A padded position has no influence, not even through a gradient's 0 * nan.
+        query, value, key = padding.zero_inputs(query, value, key)
         with _masks_stay_on_inputs():
             q = self._query_dense(query)  # (B, Tq, H, D)
             k = self._key_dense(key)  # (B, Tk, Hkv, D)
             gate = self._gate(query)
             v = self._value_dense(value)  # (B, Tk, Hkv, Dv)
 
-        call_segments = self._segments(
-            query, key, cache, cache_update_index, segment_ids, query_segment_ids, key_segment_ids
-        )
-        q, k = self._encode_positions(q, k, key is query, cache, cache_update_index, call_segments)
-        query_offset, cache_mask = 0, None
-        if cache is not None:
-            k, v, cache, cache_mask, query_offset = self._update_cache(
-                k, v, cache, cache_update_index
+        cache_slots = None if cache is None else cache.shape[2]
+        call_segments = segments.for_call(
+            (segment_ids, query_segment_ids, key_segment_ids), query.shape[1], key.shape[1],
+            cache_slots, cache_update_index, self.reset_positions,
+            self.max_segment_length if not high_rank else None,
+        )  # fmt: skip
+        if call_segments is not None and high_rank:
+            raise ValueError(
+                f"Segment ids need (B, T, dim) inputs. Received: query.shape={tuple(query.shape)}"
             )
-        if high_rank:
-            mask = attention_mask
-        else:
-            mask = masks.combine_masks(
-                masks.data_mask(query_mask, value_mask, key_mask),
-                _heads_mask(attention_mask),
-                cache_mask,
-            )  # (B|1, 1|H, Tq, Tk)
-        k, v = self._repeat_kv(k), self._repeat_kv(v)  # (B, Tk, H, D)
         pattern = self._effective_pattern(use_causal_mask)
-
-        if self._overrides_compute_attention():
-            if call_segments is not None:
-                mask = masks.combine_masks(mask, call_segments.mask)
-            output, weights = self._call_overridden(
-                q, k, v, mask, pattern, query_offset, training, return_attention_scores
-            )
-        else:
-            # The segments travel apart from the mask: on the block-sparse path they
-            # also decide which blocks are computed.
-            output, weights = self._attend(
-                q, k, v, mask, training, return_attention_scores, pattern, query_offset,
-                score_mods=self._segment_score_mods(call_segments, query_offset),
-                segments=call_segments,
-            )  # fmt: skip
+        self._check_positions_known(pattern, cache, cache_update_index)
+        q, k = positions_module.encode_heads(
+            self.position_encoding, q, k, self_attention=key is query,
+            query_offset=0 if cache_update_index is None else cache_update_index,
+            cached=cache is not None, segments=call_segments,
+        )  # fmt: skip
+        read = kv_cache.read_write(
+            cache, k, v, cache_update_index, self.num_key_value_heads, self._key_dim,
+            self._value_dim,
+        )  # fmt: skip
+        heads = dispatch.Heads(
+            q, self._repeat_kv(read.key), self._repeat_kv(read.value),  # (B, Tk, H, D)
+            masks.call_mask(padding, attention_mask, read.mask, high_rank),
+            call_segments, read.query_offset,
+        )  # fmt: skip
+        output, weights = self._attention(heads, pattern, training, return_attention_scores)
         if gate is not None:
             output = output * gate
         output = self._output_dense(output)  # (B, Tq, E)
-        if query_mask is not None:
-            masks.set_keras_mask(output, query_mask)
+        if padding.query is not None:
+            masks.set_keras_mask(output, padding.query)
         result = (output,)
         if return_attention_scores:
             result += (weights,)
         if cache is not None:
-            result += (cache,)
+            result += (read.cache,)
         return result[0] if len(result) == 1 else result
+
+    def _check_positions_known(self, pattern, cache, cache_update_index):
+        """Raise where the queries' positions are unknown but a component needs them.
+
+        A cache read without `cache_update_index` (KerasHub's cross-attention
+        convention) says nothing of where the queries stand, so a pattern other than
+        full, a score_mod or a position encoding would run at made-up positions.
+
+        Raises:
+            ValueError: naming the components that need positions.
+        """
+        if cache is None or cache_update_index is not None:
+            return
+        needs = []
+        if pattern.kernel_form != "full":
+            needs.append(f"pattern {plugins.registry_name(pattern)!r}")
+        needs += [f"score_mod {plugins.registry_name(m)!r}" for m in self.components.score_mods]
+        if self.position_encoding is not None:
+            needs.append(f"position_encoding {plugins.registry_name(self.position_encoding)!r}")
+        if needs:
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r} was given a `cache` without "
+                "`cache_update_index`: the cache is read as it is (KerasHub's convention "
+                "for cross-attention) and the queries' positions are unknown, but "
+                f"{', '.join(needs)} need(s) them. Pass `cache_update_index` (the position "
+                "of the first query), or use a full pattern without position-dependent "
+                "components for this layer (e.g. convert only self-attention layers)."
+            )
 
     def _check_flash_attention(self, return_attention_scores):
         if self.flash_attention and return_attention_scores:
             raise ValueError(
                 "Returning attention scores is not supported when flash attention is "
                 "enabled. Please disable flash attention to access attention scores."
-            )
-
-    def _check_attention_mask(self, attention_mask, query_length, key_length, cache):
-        if attention_mask is None:
-            return
-        if cache is not None:
-            key_length = cache.shape[2]
-        shape = tuple(attention_mask.shape)
-        expected = (query_length, key_length)
-        heads = shape[1] if len(shape) == 4 else 1
-        if (
-            len(shape) not in (2, 3, 4)
-            or heads not in (1, None, self.num_heads)
-            or any(
-                a is not None and b is not None and a not in (1, b)
-                for a, b in zip(shape[-2:], expected, strict=True)
-            )
-        ):
-            raise ValueError(
-                "`attention_mask` must be broadcastable to (B, Tq, Tk) or, per head, be "
-                f"(B, {self.num_heads}, Tq, Tk); here Tq={expected[0]} and Tk={expected[1]}. "
-                f"Received: attention_mask.shape={shape}"
             )
 
     def _gate(self, query):
@@ -771,182 +636,56 @@ class Attention(keras.layers.Layer):
         repeats = self.num_heads // self.num_key_value_heads
         return heads if repeats == 1 else ops.repeat(heads, repeats, axis=-2)
 
-    def _update_cache(self, k, v, cache, cache_update_index):
-        kv_cache.check_cache(cache, self.num_key_value_heads, self._key_dim, self._value_dim)
-        if cache_update_index is None:
-            # KerasHub's convention: a cache without an index is read as it is (e.g. the
-            # keys and values of a cross-attention, computed once).
-            return cache[:, 0], cache[:, 1], cache, None, 0
-        k, v, cache, filled = kv_cache.update(cache, k, v, cache_update_index)
-        return k, v, cache, filled, cache_update_index
-
-    # -- Keras's override contract --------------------------------------------------
-
-    def _overrides_compute_attention(self):
-        return type(self)._compute_attention is not Attention._compute_attention
-
-    def _call_overridden(
-        self, q, k, v, mask, pattern, query_offset, training, return_attention_scores
-    ):
-        """Call a subclass's `_compute_attention` as Keras's layer calls it.
-
-        The mask it receives holds everything: padding, the explicit mask, the cache,
-        the pattern and the causal mask, as ``(B, Tq, Tk)`` (``(B, H, Tq, Tk)`` for a
-        per-head mask), like Keras's. A `super()._compute_attention` from there does
-        not apply the pattern again (at the wrong positions, in a cache).
-        """
-        if len(q.shape) > 4:
-            if pattern.kernel_form != "full":
-                raise ValueError(
-                    "A subclass that overrides `_compute_attention` gets patterns and "
-                    "causal masks of (B, T, dim) inputs only."
-                )
-        else:
-            positions = make_positions(
-                ops.shape(q)[1], ops.shape(k)[1], self.num_heads, query_offset=query_offset
-            )
-            mask = masks.combine_masks(mask, masks.pattern_mask_or_none(pattern, positions))
-            if mask is not None and mask.shape[1] == 1:
-                mask = mask[:, 0]  # (B|1, Tq, Tk)
-        self._pattern_in_mask = True
-        try:
-            return self._invoke_compute_attention(q, k, v, mask, training, return_attention_scores)
-        finally:
-            self._pattern_in_mask = False
-
-    def _invoke_compute_attention(self, q, k, v, mask, training, return_attention_scores):
-        # Keras's MultiHeadAttention passes these positionally.
-        return self._compute_attention(q, k, v, mask, training, return_attention_scores)
-
-    def _compute_attention(
-        self,
-        query,
-        key,
-        value,
-        attention_mask=None,
-        training=None,
-        return_attention_scores=False,
-        use_causal_mask=False,
-    ):
-        """Attention over projected heads, as in Keras; override it to change the computation.
-
-        Args:
-            query: ``(B, Tq, H, D)``; key ``(B, Tk, H, D)``; value ``(B, Tk, H, Dv)``
-                (key/value heads already repeated to `num_heads`).
-            attention_mask: Bool (or 0/1) mask broadcastable to ``(B, Tq, Tk)``, or
-                ``(B, H, Tq, Tk)`` per head, or None. A rank-3 mask is never read as
-                per-head. The layer's pattern is applied as well.
-            training: Whether dropout is active.
-            return_attention_scores: Whether to return the weights.
-            use_causal_mask: Also apply a causal mask.
-
-        Returns:
-            ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None)``.
-        """
-        self._check_flash_attention(return_attention_scores)
-        if getattr(self, "_pattern_in_mask", False):
-            # Called from a subclass's override within `call`: the mask holds the pattern.
-            pattern = patterns_module.Causal() if use_causal_mask else patterns_module.Full()
-        else:
-            pattern = self._effective_pattern(use_causal_mask)
-        return self._attend(
-            query, key, value, attention_mask, training, return_attention_scores, pattern
-        )
-
-    def _masked_softmax(self, attention_scores, attention_mask=None):
-        """The layer's normalizer over the keys a mask allows (Keras's override point).
-
-        Args:
-            attention_scores: Logits ``(B, H, Tq, Tk)``.
-            attention_mask: Broadcastable to ``(B, Tq, Tk)`` (expanded at the head
-                axis, as Keras does) or ``(B, H, Tq, Tk)``, or None.
-        """
-        mask = _heads_mask(attention_mask)
-        return self.components.normalizer(attention_scores, mask=mask)
-
-    def _attend(
-        self, query, key, value, attention_mask, training, return_weights, pattern, query_offset=0,
-        score_mods=None, segments=None,
-    ):  # fmt: skip
-        """Run the attention on heads of any rank; the mask as `_compute_attention` takes it."""
-        if len(query.shape) > 4:
-            axes = self._attention_axes
-            if len(axes) > 1 and pattern.kernel_form != "full":
-                raise ValueError(
-                    "A pattern (or use_causal_mask) orders keys along one axis, so it cannot "
-                    f"apply to attention over several axes. Received: attention_axes={axes}"
-                )
-            mask = None
-            if attention_mask is not None:
-                mask = shapes.fold_mask(attention_mask, query, key, axes)
-            output, weights = self._attend(
-                shapes.fold(query, axes), shapes.fold(key, axes), shapes.fold(value, axes),
-                mask, training, return_weights, pattern, query_offset,
-            )  # fmt: skip
-            if weights is not None:
-                weights = shapes.unfold_weights(weights, query, key, axes)
-            return shapes.unfold(output, query, axes), weights
-        mask = _heads_mask(attention_mask)  # (B|1, 1|H, Tq, Tk)
-        if type(self)._masked_softmax is not Attention._masked_softmax:
-            if segments is not None:
-                mask = masks.combine_masks(mask, segments.mask)
-            return self._attend_with_masked_softmax(
-                query, key, value, mask, training, return_weights, pattern, query_offset
-            )
+    def _engine(self, heads, pattern, training, return_weights):
+        """The attention on `keras_attn.dispatch.Heads` of any rank, through `dispatch.run`."""
+        if len(heads.query.shape) > 4:
+            return self._engine_over_axes(heads, pattern, training, return_weights)
         components = self.components.replace(
             pattern=pattern, dropout=self._dropout_layer if self.dropout else None
         )
-        if score_mods is not None:  # restarted at each segment (`reset_positions`)
-            components = components.replace(score_mods=score_mods)
-        plan = dispatch.plan(
-            components,
-            query_length=query.shape[1],
-            key_length=key.shape[1],
-            head_dim=query.shape[-1],
-            value_dim=value.shape[-1],
-            return_weights=return_weights,
-            training=training,
-            block_sparse=self.block_sparse,
-            block_size=self.block_size,
-            query_offset=query_offset,
-            flash_attention=self.flash_attention,
-            name=self.name,
-            dtype=query.dtype,
-            has_mask=mask is not None or segments is not None,
-            segment_ids=None if segments is None else (segments.query_ids, segments.key_ids),
-            # Cross attention: the keys are another stream, which the bound says nothing of.
-            max_segment_length=(
-                self.max_segment_length if segments is not None and segments.same_stream else None
-            ),
+        # Score_mods see positions restarted at each segment (`reset_positions`).
+        relative = segments.relative_score_mods(
+            components.score_mods, heads.segments, heads.query_offset
         )
+        if relative is not None:
+            components = components.replace(score_mods=relative)
+        output, weights, plan = dispatch.run(
+            components, heads._replace(mask=masks.heads_mask(heads.mask)), self._settings,
+            training=training, return_weights=return_weights,
+        )  # fmt: skip
         self._record_path(plan.path, plan.kernel)
         self._last_plan = _Unattached(plan)
-        return dispatch.attend(
-            plan, query, key, value, mask, training=training, return_weights=return_weights,
-            segment_ids=None if segments is None else (segments.query_ids, segments.key_ids),
-        )  # fmt: skip
+        return output, weights
 
-    def _attend_with_masked_softmax(
-        self, query, key, value, mask, training, return_weights, pattern, query_offset
-    ):
-        # A subclass's `_masked_softmax` is used, so the weights are formed here.
-        q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, Tq, D)
-        k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, Tk, D)
-        v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, Tk, Dv)
-        positions = make_positions(
-            ops.shape(q)[2], ops.shape(k)[2], self.num_heads, query_offset=query_offset
+    def _engine_over_axes(self, heads, pattern, training, return_weights):
+        # Heads (B, *axes, H, D) of inputs of rank > 3: folded into one sequence axis.
+        axes = self._attention_axes
+        query, key, value = heads.query, heads.key, heads.value
+        if len(axes) > 1 and pattern.kernel_form != "full":
+            raise ValueError(
+                "A pattern (or use_causal_mask) orders keys along one axis, so it cannot "
+                f"apply to attention over several axes. Received: attention_axes={axes}"
+            )
+        mask = heads.mask
+        if mask is not None:
+            mask = shapes.fold_mask(mask, query, key, axes)
+        folded = dispatch.Heads(
+            shapes.fold(query, axes), shapes.fold(key, axes), shapes.fold(value, axes), mask
         )
-        logits = self.components.score(q, k)
-        for mod in self.components.score_mods:
-            logits = mod(logits, positions=positions)
-        mask = masks.combine_masks(mask, masks.pattern_mask_or_none(pattern, positions))
-        if mask is not None and mask.shape[1] == 1:
-            mask = mask[:, 0]  # (B|1, Tq, Tk), as Keras passes it
-        weights = self._masked_softmax(logits, mask)
-        dropped = self._dropout_layer(weights, training=training) if self.dropout else weights
-        output = ops.matmul(ops.cast(dropped, v.dtype), v)  # (B, H, Tq, Dv)
-        self._record_path("dense")
-        return ops.transpose(output, (0, 2, 1, 3)), weights if return_weights else None
+        output, weights = self._engine(folded, pattern, training, return_weights)
+        if weights is not None:
+            weights = shapes.unfold_weights(weights, query, key, axes)
+        return shapes.unfold(output, query, axes), weights
+
+    @property
+    def _settings(self):
+        return dispatch.Settings(
+            block_sparse=self.block_sparse,
+            block_size=self.block_size,
+            flash_attention=self.flash_attention,
+            max_segment_length=self.max_segment_length,
+            name=self.name,
+        )
 
     def _record_path(self, path, kernel=None):
         if path != self.last_path:

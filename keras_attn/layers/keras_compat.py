@@ -244,9 +244,6 @@ class GroupedQueryAttention(_KerasDropIn):
             use_causal_mask=use_causal_mask,
         )
 
-    def _overrides_compute_attention(self):
-        return type(self)._compute_attention is not GroupedQueryAttention._compute_attention
-
     def compute_output_shape(self, query_shape, value_shape=None, key_shape=None):
         value_shape = query_shape if value_shape is None else value_shape
         if query_shape[-1] != value_shape[-1]:
