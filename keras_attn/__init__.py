@@ -2,8 +2,9 @@
 
 Layers (`keras_attn.layers`): `Attention` and its presets `SoftAttention`,
 `HardAttention`, `GlobalAttention`, `LocalAttention`, `SelfAttention`,
-`CrossAttention`, and `MultiHeadAttention` and `GroupedQueryAttention` (drop-ins for
-Keras's).
+`CrossAttention`, and drop-ins for Keras's: `MultiHeadAttention`,
+`GroupedQueryAttention` (also `GroupQueryAttention`), `LuongAttention` (for
+`keras.layers.Attention`) and `BahdanauAttention` (also `AdditiveAttention`).
 
 Components (`keras_attn.components` holds their base classes): `Score`, `ScoreMod`,
 `Pattern`, `Normalizer`, `PositionEncoding`, each a registry of its own that plugins extend through the
@@ -29,14 +30,18 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _LAZY = {
+    "AdditiveAttention": "keras_attn.layers",
     "Attention": "keras_attn.layers",
-    "Converted": "keras_attn.convert",
-    "convert": "keras_attn.convert",
+    "BahdanauAttention": "keras_attn.layers",
+    "Converted": "keras_attn.conversion",
+    "convert": "keras_attn.conversion",
     "CrossAttention": "keras_attn.layers",
     "GlobalAttention": "keras_attn.layers",
+    "GroupQueryAttention": "keras_attn.layers",
     "GroupedQueryAttention": "keras_attn.layers",
     "HardAttention": "keras_attn.layers",
     "LocalAttention": "keras_attn.layers",
+    "LuongAttention": "keras_attn.layers",
     "MultiHeadAttention": "keras_attn.layers",
     "SelfAttention": "keras_attn.layers",
     "SoftAttention": "keras_attn.layers",
@@ -52,6 +57,7 @@ _LAZY = {
     "PluginError": "keras_attn.errors",
     "PluginImportError": "keras_attn.errors",
     "UnknownComponentError": "keras_attn.errors",
+    "check_file": "keras_attn.saving",
 }
 _SUBMODULES = {
     "plugins",
@@ -61,6 +67,7 @@ _SUBMODULES = {
     "normalizers",
     "position_encodings",
     "layers",
+    "saving",
     "testing",
 }
 
@@ -70,7 +77,7 @@ __all__ = sorted([*_LAZY, "hookimpl", "plugins"])
 def __getattr__(name):
     if name in _LAZY:
         if "keras" in sys.modules and not _initializing():
-            importlib.import_module("keras_attn.layers")  # Keras can load .keras files
+            _import_keras_objects()  # Keras can load .keras files
         value = getattr(importlib.import_module(_LAZY[name]), name)
     elif name in _SUBMODULES:
         value = importlib.import_module(f"keras_attn.{name}")
@@ -82,6 +89,12 @@ def __getattr__(name):
 
 def __dir__():
     return sorted({*globals(), *_LAZY, *_SUBMODULES})
+
+
+def _import_keras_objects():
+    """What Keras must know to load a ``.keras`` file: the layers and converted models."""
+    importlib.import_module("keras_attn.layers")
+    importlib.import_module("keras_attn.conversion")
 
 
 def _initializing():
@@ -137,11 +150,11 @@ class _LayersWithKeras(importlib.abc.MetaPathFinder):
     def _import_layers(self):
         if self in sys.meta_path:
             sys.meta_path.remove(self)
-            importlib.import_module("keras_attn.layers")
+            _import_keras_objects()
 
 
 if "keras" in sys.modules:
     if not _initializing():
-        importlib.import_module("keras_attn.layers")
+        _import_keras_objects()
 elif not any(isinstance(f, _LayersWithKeras) for f in sys.meta_path):
     sys.meta_path.insert(0, _LayersWithKeras())
