@@ -20,7 +20,6 @@ import dataclasses
 import importlib
 import importlib.metadata
 import inspect
-import json
 import logging
 import os
 import sys
@@ -37,7 +36,6 @@ from keras_attn.components import Score
 from keras_attn.components import ScoreMod
 from keras_attn.errors import ComponentKindError
 from keras_attn.errors import DuplicateComponentError
-from keras_attn.errors import MissingComponentsError
 from keras_attn.errors import PluginError
 from keras_attn.errors import PluginImportError
 from keras_attn.errors import UnknownComponentError
@@ -57,15 +55,16 @@ KINDS = {
     "position_encoding": ("register_position_encodings", PositionEncoding),
 }
 
-# keras_attn's own plugins, registered through the same hooks as third parties.
-BUILTIN_PLUGINS = (
-    "keras_attn.scores",
-    "keras_attn.score_mods",
-    "keras_attn.patterns",
-    "keras_attn.normalizers",
-    "keras_attn.position_encodings",
-    "keras_attn.layers",
-)
+# keras_attn's own plugins, registered through the same hooks as third parties:
+# plugin name -> the module that implements its hook.
+BUILTIN_PLUGINS = {
+    "keras_attn.scores": "keras_attn.scores",
+    "keras_attn.score_mods": "keras_attn.score_mods",
+    "keras_attn.patterns": "keras_attn.patterns",
+    "keras_attn.normalizers": "keras_attn.normalizers",
+    "keras_attn.position_encodings": "keras_attn.position_encodings",
+    "keras_attn.layers": "keras_attn.layers.plugin",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,9 +303,9 @@ def _builtin_registry():
     from keras_attn import __version__
 
     registry = Registry()
-    for module_name in BUILTIN_PLUGINS:
+    for plugin_name, module_name in BUILTIN_PLUGINS.items():
         registry.add_plugin(
-            importlib.import_module(module_name), module_name, "keras_attn", __version__
+            importlib.import_module(module_name), plugin_name, "keras_attn", __version__
         )
     return registry
 
@@ -618,147 +617,13 @@ def serialize(component):
     return spec
 
 
-def _layer_specs(config):
-    """The component specs of one layer's config, by kind.
-
-    The component arguments are those named after a kind: ``score``, ``score_mods``
-    (a list), ``pattern``, ``normalizer``, ``position_encoding``, ...
-    """
-    specs = {}
-    for kind in KINDS:
-        for arg in (kind, kind + "s"):
-            if kind != "layer" and config.get(arg) is not None:
-                specs.setdefault(kind, []).append(config[arg])
-    return specs
-
-
 def check_layer_config(config, owner=None):
-    """`check_installed` on a layer's config, before the layer is built from it.
+    """Deprecated spelling of `keras_attn.saving.check_layer_config`, which see."""
+    # Kept until `keras_attn.layers.attention` calls `saving.check_layer_config`: until
+    # then the import graph has the cycle plugins -> saving -> plugins.
+    from keras_attn import saving
 
-    Where the layer is being loaded as part of a model (``keras.saving.load_model``),
-    a missing component makes the error list every missing component of the whole
-    model, with the layers that need each (`check_model_config`), not only this
-    layer's: Keras builds the layers one at a time, and would otherwise stop at the
-    first.
-    """
-    if not missing_components(_layer_specs(config)):
-        return
-    model_config = _config_being_loaded()
-    if model_config is not None:
-        check_model_config(model_config)
-    check_installed(_layer_specs(config), owner)
-
-
-def _config_being_loaded():
-    """The whole config Keras is loading on this thread's stack, or None.
-
-    Read only on the error path (a component is missing), to list all of them: the
-    file's ``config.json`` text where ``keras.saving.load_model`` (or
-    ``model_from_json``) holds it, else the outermost config being deserialized
-    (which Keras may already have taken apart).
-    """
-    text = outermost = None
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_globals.get("__name__", "").startswith("keras."):
-            for local in ("config_json", "json_string"):
-                if isinstance(frame.f_locals.get(local), (str, bytes)):
-                    text = frame.f_locals[local]
-            config = frame.f_locals.get("config")
-            if frame.f_code.co_name == "deserialize_keras_object" and isinstance(config, dict):
-                outermost = config
-        frame = frame.f_back
-    if text is not None:
-        try:
-            return json.loads(text)
-        except ValueError:
-            pass
-    return outermost
-
-
-def _is_spec(value):
-    return (
-        isinstance(value, dict) and isinstance(value.get("name"), str) and set(value) <= SPEC_KEYS
-    )
-
-
-def _layer_configs(config):
-    """Every ``(layer config, inner config)`` pair in a serialized Keras object, depth first."""
-    if isinstance(config, dict):
-        inner = config.get("config")
-        if isinstance(config.get("class_name"), str) and isinstance(inner, dict):
-            yield config, inner
-        for value in config.values():
-            yield from _layer_configs(value)
-    elif isinstance(config, (list, tuple)):
-        for value in config:
-            yield from _layer_configs(value)
-
-
-def check_model_config(config):
-    """Raise one error naming every keras_attn component a serialized model needs but lacks.
-
-    Looks at every layer of `config` (a model's serialized config, as in a ``.keras``
-    file's ``config.json``): the components of keras_attn's layers, and layers that
-    plugins register (Keras names them ``keras_attn.layer>NAME``).
-
-    Raises:
-        MissingComponentsError: listing each missing component once, with its kind, the
-            package the file recorded for it and the layers that need it.
-    """
-    registry = load()
-    needed_by = {}
-    order = []
-    for outer, inner in _layer_configs(config):
-        layer_name = inner.get("name") if isinstance(inner.get("name"), str) else None
-        registered = outer.get("registered_name")
-        found = []
-        if isinstance(registered, str) and registered.startswith("keras_attn.layer>"):
-            name = registered.split(">", 1)[1]
-            if name not in registry.entries["layer"]:
-                found.append(("layer", name, None, None))
-        # Only what keras_attn wrote: spec dicts (another library's layer may have an
-        # argument called `score` or `pattern` too).
-        specs = {
-            kind: [s for v in values for s in (v if isinstance(v, list) else [v]) if _is_spec(s)]
-            for kind, values in _layer_specs(inner).items()
-        }
-        found += missing_components(specs)
-        for item in found:
-            key = item[:2]
-            if key not in needed_by:
-                order.append(item)
-                needed_by[key] = []
-            if layer_name and layer_name not in needed_by[key]:
-                needed_by[key].append(layer_name)
-    if order:
-        _raise_missing(order, "The model being loaded", needed_by)
-
-
-def _raise_missing(missing, owner, needed_by=None):
-    lines = []
-    for kind, name, package, version in missing:
-        if package:
-            source = f"provided by package {package}" + (f" {version}" if version else "")
-        else:
-            source = "providing package not recorded in the file"
-        layers = (needed_by or {}).get((kind, name))
-        used = f"; used by {', '.join(repr(n) for n in layers)}" if layers else ""
-        lines.append(f"  - {kind} {name!r} ({source}{used})")
-    packages = sorted({p for _, _, p, _ in missing if p})
-    install = (
-        f"install {' '.join(packages)} (pip install {' '.join(packages)})"
-        if packages
-        else "install the packages that provide them"
-    )
-    raise MissingComponentsError(
-        f"{owner} needs {len(missing)} keras_attn component(s) that are not installed:\n"
-        + "\n".join(lines)
-        + f"\nTo load it, {install}, whose keras_attn plugins register these names, "
-        "or register an in-process plugin with keras_attn.plugins.register(...). "
-        f"If they are installed, plugin autoloading may be off ({DISABLE_AUTOLOAD_ENV}).",
-        missing,
-    )
+    saving.check_layer_config(config, owner)
 
 
 # The keys of a serialized component spec (`serialize`).
@@ -772,63 +637,6 @@ def _provider(entry):
     plugins (`register`), which belong to no installed package.
     """
     return entry.distribution, entry.version
-
-
-def missing_components(specs):
-    """The components named in `specs` that no registered plugin provides.
-
-    Args:
-        specs: A mapping of kind (``"score"``, ``"pattern"``, ...) to one spec or a list
-            of specs, as `resolve` takes them (names, config dicts or instances).
-            Combined patterns (``union``, ``intersection``) are looked into.
-
-    Returns:
-        A list of ``(kind, name, package, version)``, in order, without repeats;
-        ``package`` and ``version`` are what the spec recorded (or None).
-    """
-    registry = load()
-    missing = []
-
-    def visit(kind, spec):
-        if isinstance(spec, (list, tuple)):
-            for s in spec:
-                visit(kind, s)
-            return
-        if isinstance(spec, str):
-            spec = {"name": spec}
-        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            return  # an instance, or not a spec at all (`resolve` will say so)
-        name = spec["name"]
-        if name not in registry.entries[kind]:
-            item = (kind, name, spec.get("package"), spec.get("version"))
-            if item not in missing:
-                missing.append(item)
-        elif kind == "pattern":
-            visit(kind, list((spec.get("config") or {}).get("patterns") or []))
-
-    for kind, spec in specs.items():
-        check_kind(kind)
-        visit(kind, spec)
-    return missing
-
-
-def check_installed(specs, owner=None):
-    """Raise one error naming every component of `specs` that is not installed.
-
-    A layer loaded from a ``.keras`` file calls this before it builds any component,
-    so that the user sees all of them at once, with the packages that provide them
-    where the file recorded them (see `serialize`), instead of the first one only.
-
-    Args:
-        specs: As for `missing_components`.
-        owner: How to name what needs them in the message (e.g. ``"layer 'attention'"``).
-
-    Raises:
-        MissingComponentsError: listing each missing component's kind, name and package.
-    """
-    missing = missing_components(specs)
-    if missing:
-        _raise_missing(missing, owner or "This model")
 
 
 def registry_name(component):

@@ -20,61 +20,124 @@ def _module_name(path):
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _import_time_imports(path, modules):
-    """The keras_attn modules that `path` imports when it is imported (not inside functions)."""
-    tree = ast.parse(path.read_text())
-    found = set()
+def _imports(path, modules):
+    """The keras_attn modules that `path` imports, anywhere: at the top, inside functions,
+    methods and conditionals (a lazy import is an arrow of the graph all the same).
+
+    ``from package import module`` is an arrow to the module and one to the package
+    (it reads the package's namespace: a module inside `package` that does so climbs
+    back up to the package face that imports it); ``import package.module`` and
+    ``from package.module import name`` are arrows to the module only.
+    """
     name = _module_name(path)
-    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
-
-    def visit(nodes):
-        for node in nodes:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-                continue
-            if isinstance(node, ast.Import):
-                found.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
-                    base = f"{base}.{node.module}" if node.module else base
-                # `from package import module` needs only the module (a package is
-                # always imported before its modules); `from module import name`
-                # needs the module.
-                for a in node.names:
-                    found.add(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base)
-            elif isinstance(node, ast.ClassDef):
-                visit(node.body)
-            elif hasattr(node, "body") and isinstance(node.body, list):
-                visit(node.body)
-                visit(getattr(node, "orelse", []))
-                for handler in getattr(node, "handlers", []):
-                    visit(handler.body)
-
-    visit(tree.body)
+    tree = ast.parse(path.read_text())
+    found = _imports_of_tree(tree, name, path.name == "__init__.py")
     return {m for m in found if m in modules and m != name}
 
 
-def test_no_import_cycle_in_keras_attn():
+def _imports_of_tree(tree, name, is_package):
+    package = name if is_package else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return found
+
+
+def _graph():
     paths = sorted(PACKAGE.rglob("*.py"))
     modules = {_module_name(p) for p in paths}
-    graph = {_module_name(p): _import_time_imports(p, modules) for p in paths}
-    assert graph["keras_attn.dispatch"] >= {"keras_attn.kernels", "keras_attn.block_sparse"}
-    state = {}
+    return {_module_name(p): _imports(p, modules) for p in paths}
 
-    def walk(node, stack):
-        state[node] = "open"
+
+def _cycles(graph):
+    """``(one cycle, all its modules)`` for each strongly connected part of `graph` that has
+    a cycle (Tarjan's algorithm)."""
+    index, low, stack, on_stack, cycles = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
         for nxt in sorted(graph[node]):
-            if state.get(nxt) == "open":
-                cycle = stack[stack.index(nxt) :] + [nxt]
-                pytest.fail("import cycle: " + " -> ".join(cycle))
-            if nxt not in state:
-                walk(nxt, [*stack, nxt])
-        state[node] = "done"
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            part = set()
+            while True:
+                top = stack.pop()
+                on_stack.discard(top)
+                part.add(top)
+                if top == node:
+                    break
+            if len(part) > 1:
+                cycles.append((_path_back(graph, part, min(part)), sorted(part)))
 
     for node in sorted(graph):
-        if node not in state:
-            walk(node, [node])
+        if node not in index:
+            visit(node)
+    return cycles
+
+
+def _path_back(graph, part, start):
+    """The shortest path from `start` back to itself inside `part` (breadth first)."""
+    paths = {start: [start]}
+    queue = [start]
+    while queue:
+        node = queue.pop(0)
+        for nxt in sorted(graph[node] & part):
+            if nxt == start:
+                return [*paths[node], start]
+            if nxt not in paths:
+                paths[nxt] = [*paths[node], nxt]
+                queue.append(nxt)
+    raise AssertionError(f"no cycle through {start} in {sorted(part)}")
+
+
+def test_no_import_cycle_in_keras_attn():
+    graph = _graph()
+    assert graph["keras_attn.dispatch"] >= {"keras_attn.kernels", "keras_attn.block_sparse"}
+    cycles = _cycles(graph)
+    assert not cycles, "import cycles:\n" + "\n".join(
+        f"{' -> '.join(cycle)} (modules on cycles there: {', '.join(part)})"
+        for cycle, part in cycles
+    )
+
+
+def test_the_cycle_finder_sees_imports_inside_functions(tmp_path):
+    # A package whose module imports another lazily, inside a method, which imports it
+    # back at the top; and a module that imports its own package's face.
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("class A:\n    def f(self):\n        from pkg.b import B\n")
+    (package / "b.py").write_text("from pkg import a\n")
+    (package / "sub" / "__init__.py").write_text("from pkg.sub.c import C\n")
+    (package / "sub" / "c.py").write_text("from pkg.sub import d\nC = 1\n")
+    (package / "sub" / "d.py").write_text("")
+    paths = sorted(package.rglob("*.py"))
+    names = {
+        p: ".".join(p.relative_to(tmp_path).with_suffix("").parts).removesuffix(".__init__")
+        for p in paths
+    }
+    graph = {
+        name: _imports_of_tree(ast.parse(p.read_text()), name, p.name == "__init__.py")
+        & set(names.values()) - {name}
+        for p, name in names.items()
+    }
+    cycles = sorted(cycle for cycle, _ in _cycles(graph))
+    assert cycles == [["pkg.a", "pkg.b", "pkg.a"], ["pkg.sub", "pkg.sub.c", "pkg.sub"]], cycles
 
 
 def _run(code):

@@ -211,8 +211,8 @@ def np_plugin_attention(x, weights, scale, slope, stride, temperature):
 
 def test_builtins_are_plugins_of_the_plugin_manager():
     pm = plugins.load().pm
-    for module_name in plugins.BUILTIN_PLUGINS:
-        plugin = pm.get_plugin(module_name)
+    for plugin_name, module_name in plugins.BUILTIN_PLUGINS.items():
+        plugin = pm.get_plugin(plugin_name)
         assert plugin is sys.modules[module_name]
         hooks = {caller.name for caller in pm.get_hookcallers(plugin)}
         assert len(hooks) == 1 and hooks <= {hook for hook, _ in plugins.KINDS.values()}

@@ -16,10 +16,13 @@ import zlib
 
 import numpy as np
 
-from keras_attn.viz import page
 from keras_attn.viz.inputs import attention_layers
 from keras_attn.viz.inputs import to_numpy
 from keras_attn.viz.inputs import token_labels
+from keras_attn.viz.page import DOCUMENT
+from keras_attn.viz.page import SCRIPT
+from keras_attn.viz.page import STYLE
+from keras_attn.viz.page import TEMPLATE
 
 IMAGE_SIDE = 384  # pixels along the image's longer side in the page
 
@@ -134,19 +137,19 @@ class AttentionViewer:
         data = data.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
         root_id = root_id or f"ka-viewer-{uuid.uuid4().hex[:12]}"
         hint = "hover a patch" if self._spec["image"] else "hover a token"
-        return page.TEMPLATE.format(
+        return TEMPLATE.format(
             root_id=root_id,
-            style=page.STYLE,
+            style=STYLE,
             hint=f"{hint} to see what it attends to",
             data=data,
-            script=page.SCRIPT.replace("__ROOT_ID__", root_id),
+            script=SCRIPT.replace("__ROOT_ID__", root_id),
         )
 
     @property
     def html(self):
         """The whole page, one self-contained HTML document (the same text each time)."""
         fragment = self.fragment(root_id="ka-viewer")
-        return page.DOCUMENT.format(title=html.escape(self.title), fragment=fragment)
+        return DOCUMENT.format(title=html.escape(self.title), fragment=fragment)
 
     def save(self, path):
         """Write the page to `path` (UTF-8) and return `path`."""
