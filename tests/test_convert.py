@@ -86,7 +86,7 @@ def test_attention_arguments_reach_every_layer():
     mha = keras_attn.MultiHeadAttention(2, 4, pattern=patterns.Local(2), normalizer="sparsemax")
     mha(X, X)
     mha.set_weights(model.get_layer("mha").get_weights())
-    converted_mha = converted.model.get_layer("mha")
+    converted_mha = converted.get_layer("mha")
     np.testing.assert_allclose(numpy(converted_mha(X, X)), numpy(mha(X, X)), atol=1e-6)
 
 
@@ -151,11 +151,14 @@ def test_a_model_without_attention_is_an_error():
         keras_attn.convert(keras.Model(inputs, keras.layers.Dense(2)(inputs)))
 
 
-def test_convert_is_callable_after_importing_its_module():
-    module = importlib.import_module("keras_attn.convert")
-    converted = module(functional_model())
-    assert isinstance(converted, module.Converted)
-    assert isinstance(keras_attn.convert(functional_model()), keras_attn.Converted)
+def test_convert_is_a_function_of_a_plain_module():
+    module = importlib.import_module("keras_attn.conversion")
+    assert type(module) is type(importlib)
+    assert keras_attn.convert is module.convert
+    model = functional_model()
+    converted = keras_attn.convert(model)
+    assert isinstance(converted, keras_attn.Converted)
+    assert isinstance(converted, type(model))
 
 
 @pytest.mark.parametrize("layer", ["mha", "gqa"])

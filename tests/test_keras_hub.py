@@ -152,7 +152,7 @@ def test_gpt2_backbone_and_cached_decoding(batch):
     np.testing.assert_allclose(numpy(converted(inputs)), numpy(backbone(inputs)), atol=1e-5)
 
     theirs = keras_hub.models.GPT2CausalLM(backbone=backbone, preprocessor=None)
-    ours = keras_hub.models.GPT2CausalLM(backbone=converted.model, preprocessor=None)
+    ours = keras_hub.models.GPT2CausalLM(backbone=converted, preprocessor=None)
     for lm in (theirs, ours):
         _, cache = lm._build_cache(inputs["token_ids"])
         logits, hidden, cache = lm.call_with_cache(inputs["token_ids"][:, 2:3], cache, 2)
