@@ -14,17 +14,18 @@ import warnings
 import keras
 from keras import ops
 
+import keras_attn.layers.shapes as shapes
 from keras_attn import dispatch
 from keras_attn import kv_cache
 from keras_attn import masks
 from keras_attn import patterns as patterns_module
 from keras_attn import plugins
 from keras_attn import positions as positions_module
+from keras_attn import saving
 from keras_attn import segments
 from keras_attn import validation
 from keras_attn.components import Components
 from keras_attn.components import builtin
-from keras_attn.layers import shapes
 from keras_attn.layers.overrides import KerasOverrides
 
 logger = logging.getLogger("keras_attn")
@@ -755,7 +756,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
         # Every component the config names is checked before any is built: a file that
         # needs missing plugins names all of them at once, in keras_attn's own error
         # (Keras wraps only TypeErrors, under the whole config).
-        plugins.check_layer_config(config, owner=f"{cls.__name__} {config.get('name')!r}")
+        saving.check_layer_config(config, owner=f"{cls.__name__} {config.get('name')!r}")
         return super().from_config(config)
 
     def get_config(self):
