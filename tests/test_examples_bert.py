@@ -73,7 +73,8 @@ def test_classifier_saves_and_loads_with_identical_outputs(tmp_path, attention, 
     assert os.path.getsize(path) > 0
     loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(_outputs(loaded, inputs), _outputs(model, inputs))
-    assert type(loaded.get_layer("bert_encoder").get_layer("block_0_attention")) is cls
+    assert type(loaded) is bert.BertClassifier and type(loaded.encoder) is bert.BertEncoder
+    assert type(loaded.encoder.blocks[0].attention) is cls
 
 
 def test_pretrainer_saves_and_loads_with_identical_outputs(tmp_path):
@@ -117,7 +118,8 @@ def test_classifier_reuses_the_pretrained_encoder_weights():
     encoder = bert.build_bert_encoder(40, 12, **TINY)
     pretrainer = bert.build_bert_pretrainer(encoder)
     classifier = bert.build_bert_classifier(encoder, 2)
-    assert classifier.get_layer("bert_encoder") is pretrainer.get_layer("bert_encoder")
+    assert classifier.encoder is pretrainer.encoder is encoder
+    assert classifier.encoder.blocks[0] is encoder.blocks[0]
 
 
 def test_sequence_longer_than_max_length_is_a_clear_error():
@@ -234,32 +236,30 @@ def test_short_finetuning_reduces_loss_on_pydoc_order(data_dir, tokenizer):
 # -- the command line -------------------------------------------------------------------------
 
 
-def test_pretrain_then_finetune_from_the_command_line(data_dir, tmp_path):
-    pre, fine = tmp_path / "pre", tmp_path / "fine"
-    common = ["--data-dir", data_dir, "--epochs", "1", "--steps", "2", *TINY_FLAGS]
+@pytest.fixture(scope="module")
+def pretrained(data_dir, tmp_path_factory):
+    """One finished `pretrain` run (hard attention, max_length 48) and its metrics, shared
+    by the tests that fine-tune from it."""
+    out = tmp_path_factory.mktemp("pretrained") / "pre"
     metrics = bert_cli.main(
-        [
-            "pretrain",
-            *common,
-            "--output",
-            str(pre),
-            "--seq-len",
-            "32",
-            "--max-length",
-            "48",
-            "--layer",
-            "hard",
-        ]  # fmt: skip
+        ["pretrain", "--data-dir", data_dir, "--epochs", "1", "--steps", "2", *TINY_FLAGS]
+        + ["--output", str(out), "--seq-len", "32", "--max-length", "48", "--layer", "hard"]
     )
+    return out, metrics
+
+
+def test_pretrain_then_finetune_from_the_command_line(pretrained, data_dir, tmp_path):
+    pre, metrics = pretrained
+    fine = tmp_path / "fine"
     assert np.isfinite(metrics["test_loss"])
     for item in ("metrics.json", "run.json", "tokenizer.json", "checkpoints/epoch-0001.keras"):
         assert (pre / item).exists(), item
     assert json.loads((pre / "run.json").read_text())["status"] == "finished"
     assert len(list((pre / "attention").glob("*.png"))) == 2  # 1 block, 2 examples
     loaded = keras.models.load_model(pre / "checkpoints/epoch-0001.keras")
-    encoder = loaded.get_layer("bert_encoder")
-    assert isinstance(encoder.get_layer("block_0_attention"), keras_attn.HardAttention)
+    assert isinstance(loaded.encoder.blocks[0].attention, keras_attn.HardAttention)
 
+    common = ["--data-dir", data_dir, "--epochs", "1", "--steps", "2", *TINY_FLAGS]
     metrics = bert_cli.main(
         ["finetune", *common, "--output", str(fine), "--pretrained", str(pre), "--batch-size", "8"]
     )
@@ -272,22 +272,18 @@ def test_pretrain_then_finetune_from_the_command_line(data_dir, tmp_path):
 
 
 def test_finetune_pretrained_takes_the_encoders_sizes_and_rejects_others(
-    data_dir, tmp_path, capsys
+    pretrained, tmp_path, capsys
 ):
-    pre = tmp_path / "pre"
-    bert_cli.main(
-        ["pretrain", "--data-dir", data_dir, "--epochs", "1", "--steps", "1"]
-        + ["--seq-len", "16", "--max-length", "24", "--output", str(pre), *TINY_FLAGS]
-    )
+    pre, _ = pretrained
     fine = ["finetune", "--pretrained", str(pre), "--output", str(tmp_path / "fine")]
     _fails([*fine, "--hidden-dim", "32"], capsys, "--hidden-dim 32 differs from the pretrained")
-    _fails([*fine, "--max-length", "64"], capsys, "max_length=24")
-    _fails([*fine, "--layer", "hard"], capsys, "--layer hard differs")
+    _fails([*fine, "--max-length", "64"], capsys, "max_length=48")
+    _fails([*fine, "--layer", "attention"], capsys, "--layer attention differs")
     assert not os.path.exists(tmp_path / "fine.partial")
     args = bert_cli.make_parser().parse_args(fine)
     bert_cli.take_from_pretrained(args)
-    assert (args.max_length, args.num_layers, args.num_heads, args.hidden_dim) == (24, 1, 2, 16)
-    assert args.layer == "attention" and args.score_mods == []
+    assert (args.max_length, args.num_layers, args.num_heads, args.hidden_dim) == (48, 1, 2, 16)
+    assert args.layer == "hard" and args.score_mods == []
 
 
 @pytest.mark.parametrize("name, split", [("imdb_reviews", "test"), ("glue/sst2", "validation")])

@@ -2,6 +2,7 @@
 heatmaps."""
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -42,7 +43,7 @@ def test_attention_flags_take_names_and_json_specs():
         ["train", "--pattern", '{"name": "local", "config": {"window": 64, "causal": true}}']
         + ["--normalizer", "hard", "--score-mod", "softcap", "--score-mod", "relative_position"]
     )
-    assert cli.attention_from_args(args) == {
+    assert cli.attention_from_args(args).to_dict() == {
         "layer": "attention",
         "score": "scaled_dot",
         "pattern": {"name": "local", "config": {"window": 64, "causal": True}},
@@ -72,22 +73,40 @@ def test_resume_and_overwrite_exclude_each_other(capsys):
 # -- attention layers from the flags -------------------------------------------------
 
 
-def test_attention_layer_builds_presets_with_their_config():
-    layer = attention_lib.attention_layer(
-        {"layer": {"name": "local", "config": {"window": 3, "causal": True}}}, 2, 8
+def test_attention_config_builds_presets_with_their_config():
+    config = attention_lib.AttentionConfig.from_dict(
+        {"layer": {"name": "local", "config": {"window": 3, "causal": True}}}
     )
+    layer = config.make_layer(2, 8)
     assert type(layer) is keras_attn.LocalAttention and layer.window == 3 and layer.causal
-    hard = attention_lib.attention_layer({"layer": "hard", "normalizer": "softmax"}, 2, 8)
+    hard = attention_lib.AttentionConfig(layer="hard", normalizer="softmax").make_layer(2, 8)
     assert keras_attn.plugins.registry_name(hard.normalizer) == "hard"  # the preset wins
-    reference = attention_lib.attention_layer({"layer": "keras"}, 2, 8)
+    reference = attention_lib.AttentionConfig(layer="keras").make_layer(2, 8)
     assert type(reference) is keras.layers.MultiHeadAttention
 
 
-def test_check_attention_names_unknown_components_early():
+def test_attention_config_is_checked_once_when_made():
+    AttentionConfig = attention_lib.AttentionConfig
     with pytest.raises(keras_attn.UnknownComponentError, match="no_such_score"):
-        attention_lib.check_attention({"score": "no_such_score"})
+        AttentionConfig(score="no_such_score")
     with pytest.raises(keras_attn.UnknownComponentError, match="no_such_layer"):
-        attention_lib.check_attention({"layer": "no_such_layer"})
+        AttentionConfig.from_dict({"layer": "no_such_layer"})
+    with pytest.raises(ValueError, match=r"Unknown attention keys \['scores'\]"):
+        AttentionConfig.from_dict({"scores": "cosine"})
+    with pytest.raises(ValueError, match="Received: score_mods='softcap'"):
+        AttentionConfig(score_mods="softcap")  # a string, not a list of one
+    with pytest.raises(ValueError, match="Received: pattern=3"):
+        AttentionConfig(pattern=3)
+    # Defaults are filled in one place; a config goes back and forth through its dict.
+    config = AttentionConfig.from_dict({"score_mods": ["softcap"], "pattern": "causal"})
+    assert config == AttentionConfig(pattern="causal", score_mods=("softcap",))
+    assert config.to_dict()["normalizer"] == "softmax"
+    assert AttentionConfig.from_dict(config.to_dict()) == config
+    assert AttentionConfig.from_dict(config) is config and AttentionConfig.from_dict(None) == (
+        AttentionConfig()
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.score = "cosine"
 
 
 class Halved(keras_attn.Normalizer):
@@ -108,8 +127,7 @@ def test_a_plugin_component_is_usable_from_the_flags():
     keras_attn.plugins.register(plugin, name="test_examples_plugin")
     try:
         args = parse(["train", "--normalizer", "test_halved_softmax"])
-        attention = attention_lib.check_attention(cli.attention_from_args(args))
-        layer = attention_lib.attention_layer(attention, 1, 4)
+        layer = cli.attention_from_args(args).make_layer(1, 4)
         x = np.random.default_rng(0).normal(size=(1, 3, 4)).astype("float32")
         _, weights = layer(x, x, return_attention_scores=True)
         np.testing.assert_allclose(keras.ops.convert_to_numpy(weights).sum(-1), 0.5, rtol=1e-5)
@@ -276,24 +294,38 @@ def test_two_devices_give_the_loss_of_one(backend):
 # -- attention pictures --------------------------------------------------------------
 
 
-def test_attention_weights_of_a_functional_model(tmp_path):
-    inputs = keras.Input((5, 8))
-    x = keras.layers.Dense(8, name="proj")(inputs)
-    layer = keras_attn.Attention(num_heads=2, name="attn")
-    outputs = layer(x, x, use_causal_mask=True)
-    model = keras.Model(inputs, outputs)
-    data = np.random.default_rng(0).normal(size=(3, 5, 8)).astype("float32")
-    weights_by_layer = heatmaps.attention_weights(model, data)
-    assert list(weights_by_layer) == ["attn"]
-    weights = weights_by_layer["attn"]
-    assert weights.shape == (3, 2, 5, 5)
-    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
-    assert np.all(np.triu(np.ones((5, 5)), 1)[None, None] * weights == 0)  # causal kept
-    # The same as calling the layer by hand on the projected inputs.
-    projected = model.get_layer("proj")(data)
-    _, expected = layer(projected, projected, use_causal_mask=True, return_attention_scores=True)
-    np.testing.assert_allclose(weights, keras.ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-6)
-    paths = heatmaps.save_attention_heatmaps(model, data, str(tmp_path), examples=2)
+def test_attention_weights_are_those_of_the_models_own_blocks(tmp_path):
+    """`attention_weights` runs the model's blocks on its embedding: each block's weights
+    are its attention layer's on that block's input, and the blocks end where the model
+    does."""
+    from examples import gpt
+
+    keras.utils.set_random_seed(0)
+    model = gpt.build_gpt(11, 8, num_layers=2, num_heads=2, hidden_dim=8)
+    ids = np.random.default_rng(0).integers(0, 11, (3, 5)).astype("int32")
+    weights_by_block = heatmaps.attention_weights(model, ids)
+    assert list(weights_by_block) == ["block_0", "block_1"]
+    x, _ = model.embed(keras.ops.convert_to_tensor(ids))
+    for block in model.blocks:
+        weights = weights_by_block[block.name]
+        assert weights.shape == (3, 2, 5, 5)
+        np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+        assert np.all(np.triu(np.ones((5, 5)), 1)[None, None] * weights == 0)  # causal kept
+        # The same as calling the block's attention layer by hand on its (normed) input.
+        h = block.attention_norm(x)
+        _, expected = block.attention(h, h, use_causal_mask=True, return_attention_scores=True)
+        np.testing.assert_allclose(
+            weights, keras.ops.convert_to_numpy(expected), rtol=1e-5, atol=1e-6
+        )
+        x = block(x)
+    # The last block's output is the model's own, before its final norm and head.
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model.head(model.final_norm(x))),
+        keras.ops.convert_to_numpy(model(ids)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    paths = heatmaps.save_attention_heatmaps(model, ids, str(tmp_path), examples=2)
     names = [os.path.basename(p) for p in paths]
     assert names == ["example0.png", "example1.png", "viewer.html"]
     for path in paths[:2]:
@@ -301,7 +333,7 @@ def test_attention_weights_of_a_functional_model(tmp_path):
             assert f.read(4) == b"\x89PNG"
     with open(paths[2]) as f:
         page = f.read()
-    assert '"attn"' in page  # the layer, by name
+    assert '"block_1"' in page  # the block, by name
     assert not re.search(r"(src|href)=[\"']?https?:", page)  # nothing fetched: works offline
 
 

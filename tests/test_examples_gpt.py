@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 import keras
@@ -35,6 +36,19 @@ def logits_of(model, ids):
     return keras.ops.convert_to_numpy(model(np.asarray(ids, "int32")))
 
 
+@pytest.fixture(scope="module")
+def default_model():
+    """The tiny GPT with the default attention, shared by the tests that only read it."""
+    return tiny_gpt()
+
+
+@pytest.fixture(scope="module")
+def default_generator(default_model):
+    """A `Generator` of `default_model`: the tests decoding (2, 3) prompts by 12 tokens
+    share its compiled decoding loops."""
+    return gpt.Generator(default_model)
+
+
 def naive_greedy(model, prompt, steps):
     """Uncached greedy decoding by hand: rerun the model on the growing sequence."""
     ids = np.asarray(prompt, "int32")
@@ -47,8 +61,8 @@ def naive_greedy(model, prompt, steps):
 # -- model ---------------------------------------------------------------------------
 
 
-def test_logits_shape_and_causality():
-    model = tiny_gpt()
+def test_logits_shape_and_causality(default_model):
+    model = default_model
     rng = np.random.default_rng(0)
     ids = rng.integers(0, VOCAB, (2, 10)).astype("int32")
     changed = ids.copy()
@@ -66,7 +80,7 @@ def test_blocks_use_keras_attn_layers_from_the_attention_flags():
         "normalizer": "hard",
     }
     model = tiny_gpt(attention)
-    layer = model.get_layer("block_0").attention
+    layer = model.blocks[0].attention
     assert isinstance(layer, keras_attn.Attention)
     assert keras_attn.plugins.registry_name(layer.normalizer) == "hard"
     assert keras_attn.plugins.registry_name(layer.pattern) == "local"
@@ -81,7 +95,7 @@ def test_blocks_use_keras_attn_layers_from_the_attention_flags():
 
 def test_reference_model_uses_keras_multi_head_attention():
     model = tiny_gpt({"layer": "keras"})
-    assert type(model.get_layer("block_0").attention) is keras.layers.MultiHeadAttention
+    assert type(model.blocks[0].attention) is keras.layers.MultiHeadAttention
 
 
 @pytest.mark.parametrize(
@@ -96,9 +110,9 @@ def test_save_and_load_gives_identical_outputs(tmp_path, attention):
     model.save(path)
     loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(logits_of(model, ids), logits_of(loaded, ids))
-    assert (
-        loaded.get_layer("block_1").attention_config == model.get_layer("block_1").attention_config
-    )
+    assert type(loaded) is gpt.GPT and len(loaded.blocks) == 2
+    assert loaded.attention_config == model.attention_config
+    assert loaded.blocks[1].attention_config == model.blocks[1].attention_config
 
 
 def test_sequence_longer_than_max_length_is_a_clear_error():
@@ -117,9 +131,9 @@ def test_sequence_longer_than_max_length_is_a_clear_error():
         ({"sampling": "temperature", "temperature": 0.0}, "temperature"),
     ],
 )
-def test_bad_sampling_arguments(kwargs, match):
+def test_bad_sampling_arguments(default_model, kwargs, match):
     with pytest.raises(ValueError, match=match):
-        gpt.generate(tiny_gpt(), np.zeros((1, 2), "int32"), 2, **kwargs)
+        gpt.generate(default_model, np.zeros((1, 2), "int32"), 2, **kwargs)
 
 
 def test_build_gpt_validates_arguments():
@@ -141,12 +155,16 @@ def test_build_gpt_validates_arguments():
         pytest.param({"name": "local", "config": {"window": 4}}, marks=pytest.mark.slow),
     ],
 )
-def test_cached_greedy_equals_uncached_greedy(pattern):
-    model = tiny_gpt({"pattern": pattern})
+def test_cached_greedy_equals_uncached_greedy(default_generator, pattern):
+    if pattern == "full":  # the default attention
+        generator = default_generator
+    else:
+        generator = gpt.Generator(tiny_gpt({"pattern": pattern}))
+    model = generator.model
     prompt = np.random.default_rng(3).integers(0, VOCAB, (2, 3)).astype("int32")
     reference = naive_greedy(model, prompt, 12)
-    cached = gpt.generate(model, prompt, 12, use_cache=True)
-    uncached = gpt.generate(model, prompt, 12, use_cache=False)
+    cached = generator.generate(prompt, 12, use_cache=True)
+    uncached = generator.generate(prompt, 12, use_cache=False)
     np.testing.assert_array_equal(cached, reference)
     np.testing.assert_array_equal(uncached, reference)
     np.testing.assert_array_equal(cached[:, :3], prompt)
@@ -160,7 +178,7 @@ def test_rope_grouped_query_and_sinks_decode_with_the_cache_as_without():
         "normalizer": "sink_softmax",
     }
     model = tiny_gpt(attention)
-    layer = model.get_layer("block_0").attention
+    layer = model.blocks[0].attention
     assert (layer.num_key_value_heads, type(layer.position_encoding).name) == (1, "rope")
     assert layer.cache_shape(2, 24) == (2, 2, 24, 1, 8)  # the cache holds the kv heads only
     prompt = np.random.default_rng(4).integers(0, VOCAB, (2, 3)).astype("int32")
@@ -185,9 +203,9 @@ def test_modern_attention_flags_reach_the_attention_dict():
         ]
     )
     attention = cli.attention_from_args(args)
-    assert attention["position_encoding"] == "rope"
-    assert attention["num_key_value_heads"] == 2
-    assert attention["normalizer"] == "sink_softmax"
+    assert attention.position_encoding == "rope"
+    assert attention.num_key_value_heads == 2
+    assert attention.normalizer == "sink_softmax"
     with pytest.raises(ValueError, match="reference layer.*takes no position_encoding"):
         gpt.build_gpt(VOCAB, 8, attention={"layer": "keras", "position_encoding": "rope"})
     with pytest.raises(ValueError, match="num_key_value_heads"):
@@ -197,36 +215,40 @@ def test_modern_attention_flags_reach_the_attention_dict():
 @pytest.mark.slow  # compiles several decoding loops (~25 s each on JAX, CPU)
 def test_generate_text_slides_past_the_maximum_length():
     model = tiny_gpt(max_length=12)
+    generator = gpt.Generator(model)  # the first chunk of both calls compiles once
     prompt = np.array([[1, 2, 3]], "int32")
     # Within one window it is plain greedy decoding.
     np.testing.assert_array_equal(
-        gpt.generate_text(model, prompt, 9), naive_greedy(model, prompt, 9)
+        generator.generate_text(prompt, 9), naive_greedy(model, prompt, 9)
     )
     # Past it, each chunk continues greedily from the last 6 tokens (checked by hand).
-    ids = gpt.generate_text(model, prompt, 20)
+    ids = generator.generate_text(prompt, 20)
     assert ids.shape == (1, 23)
     np.testing.assert_array_equal(naive_greedy(model, ids[:, 6:12], 6), ids[:, 6:18])
 
 
-def test_sampling_is_seeded_and_top_k_stays_among_the_best():
-    model = tiny_gpt()
-    prompt = np.array([[1, 2, 3]], "int32")
-    a = gpt.generate(model, prompt, 10, sampling="temperature", temperature=5.0, seed=7)
-    b = gpt.generate(model, prompt, 10, sampling="temperature", temperature=5.0, seed=7)
-    c = gpt.generate(model, prompt, 10, sampling="temperature", temperature=5.0, seed=8)
+def test_sampling_is_seeded_and_top_k_stays_among_the_best(default_generator):
+    # (2, 3) prompts, 12 new tokens: the shapes of test_cached_greedy_equals_uncached_greedy,
+    # whose compiled loop this reuses.
+    generator, model = default_generator, default_generator.model
+    prompt = np.array([[1, 2, 3], [4, 5, 6]], "int32")
+    a = generator.generate(prompt, 12, sampling="temperature", temperature=5.0, seed=7)
+    b = generator.generate(prompt, 12, sampling="temperature", temperature=5.0, seed=7)
+    c = generator.generate(prompt, 12, sampling="temperature", temperature=5.0, seed=8)
     np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(a, c)  # 10 draws at high temperature: equal only by a fluke
+    assert not np.array_equal(a, c)  # 24 draws at high temperature: equal only by a fluke
     # top_k=1 is greedy whatever the noise.
     np.testing.assert_array_equal(
-        gpt.generate(model, prompt, 10, sampling="top_k", top_k=1, seed=3),
-        gpt.generate(model, prompt, 10),
+        generator.generate(prompt, 12, sampling="top_k", top_k=1, seed=3),
+        generator.generate(prompt, 12),
     )
     # With top_k=3 every token is among the 3 best of its position (checked by hand).
-    ids = gpt.generate(model, prompt, 10, sampling="top_k", top_k=3, temperature=10.0, seed=4)
+    ids = generator.generate(prompt, 12, sampling="top_k", top_k=3, temperature=10.0, seed=4)
     logits = logits_of(model, ids)
-    for t in range(3, ids.shape[1]):
-        best3 = np.argsort(logits[0, t - 1])[-3:]
-        assert ids[0, t] in best3
+    for row in range(2):
+        for t in range(3, ids.shape[1]):
+            best3 = np.argsort(logits[row, t - 1])[-3:]
+            assert ids[row, t] in best3
 
 
 @pytest.mark.slow  # compiles several decoding loops (~25 s each on JAX, CPU)
@@ -313,10 +335,20 @@ def run_main(argv):
     return gpt_cli.main(argv)
 
 
-def test_train_reduces_loss_on_the_embedded_text_and_writes_a_finished_run(tmp_path, data_dir):
-    out = tmp_path / "run"
-    argv = ["train", "--output", str(out), "--data-dir", data_dir, "--epochs", "3", "--steps", "15"]
-    metrics = run_main(argv + ["--learning-rate", "3e-3", *TINY])
+TRAIN = ["--epochs", "3", "--steps", "15", "--learning-rate", "3e-3", *TINY]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, data_dir):
+    """One finished `train` run (3 epochs) and its metrics, shared by the tests that read
+    or resume it."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    metrics = run_main(["train", "--output", str(out), "--data-dir", data_dir, *TRAIN])
+    return out, metrics
+
+
+def test_train_reduces_loss_on_the_embedded_text_and_writes_a_finished_run(trained_run):
+    out, metrics = trained_run
     losses = metrics["loss_per_epoch"]
     assert losses[-1] < losses[0] - 0.3, losses
     assert not os.path.exists(str(out) + ".partial")
@@ -336,20 +368,20 @@ def test_train_reduces_loss_on_the_embedded_text_and_writes_a_finished_run(tmp_p
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
-def test_resume_continues_from_the_last_checkpoint(tmp_path, data_dir):
+def test_resume_continues_from_the_last_checkpoint(trained_run, tmp_path, data_dir):
+    first_out, first = trained_run
     out = tmp_path / "run"
-    argv = ["train", "--output", str(out), "--data-dir", data_dir, "--steps", "5", *TINY]
-    first = run_main(argv + ["--epochs", "1"])
-    resumed = run_main(argv + ["--epochs", "2", "--resume"])
+    shutil.copytree(first_out, out)  # the shared run stays as it was
+    argv = ["train", "--output", str(out), "--data-dir", data_dir, *TRAIN]
+    resumed = run_main([*argv, "--epochs", "4", "--resume"])
     with open(out / "run.json") as f:
         info = json.load(f)
-    assert info["resumed_epoch"] == 1 and info["status"] == "finished"
+    assert info["resumed_epoch"] == 3 and info["status"] == "finished"
     # Every epoch the model has trained: the first run's, then the resumed one's.
-    assert len(resumed["loss_per_epoch"]) == 2
-    assert resumed["loss_per_epoch"][0] == pytest.approx(first["loss_per_epoch"][0])
-    assert resumed["loss_per_epoch"][1] == pytest.approx(resumed["loss"])
-    assert sorted(os.listdir(out / "checkpoints")) == ["epoch-0001.keras", "epoch-0002.keras"]
+    assert len(resumed["loss_per_epoch"]) == 4
+    np.testing.assert_allclose(resumed["loss_per_epoch"][:3], first["loss_per_epoch"], rtol=1e-6)
+    assert resumed["loss_per_epoch"][3] == pytest.approx(resumed["loss"])
+    assert sorted(os.listdir(out / "checkpoints")) == [f"epoch-{i:04d}.keras" for i in range(1, 5)]
 
 
 @pytest.mark.parametrize(
@@ -411,7 +443,7 @@ def test_pack_trains_through_tfds_and_the_run_record_says_so(tmp_path, extra):
     assert os.path.exists(out / "sample.txt")
     model = keras.models.load_model(str(out / "checkpoints" / "epoch-0001.keras"))
     assert sorted(model.input) == ["segment_ids", "token_ids"]
-    layer = model.get_layer("block_0").attention
+    layer = model.blocks[0].attention
     assert layer.reset_positions
     if extra:
         assert info["attention"]["position_encoding"] == "rope"

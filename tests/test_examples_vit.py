@@ -59,7 +59,8 @@ def test_vit_saves_and_loads_with_identical_outputs(tmp_path, attention, cls):
     assert path.stat().st_size > 0
     loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(_outputs(loaded, x), _outputs(model, x))
-    assert type(loaded.get_layer("block_0_attention")) is cls
+    assert type(loaded) is vit.ViT and len(loaded.blocks) == TINY["num_layers"]
+    assert type(loaded.blocks[0].attention) is cls
 
 
 def test_matches_keras_multi_head_attention_with_the_same_weights():
@@ -73,12 +74,13 @@ def test_matches_keras_multi_head_attention_with_the_same_weights():
 def test_patch_embedding_class_token_and_positions_match_numpy():
     model = vit.build_vit((4, 6, 2), 3, **TINY)
     x = _images(2, (4, 6, 2))
-    probe = keras.Model(model.input, model.get_layer("position_embedding").output)
-    got = _outputs(probe, x)  # (B, 1 + N, E)
+    embedded, arguments = model.embed(x, training=False)  # what the first block receives
+    got = keras.ops.convert_to_numpy(embedded)  # (B, 1 + N, E)
+    assert arguments == {}
 
-    kernel, bias = model.get_layer("patch_embedding").get_weights()  # (p, p, C, E), (E,)
-    token = model.get_layer("class_token").get_weights()[0]  # (1, 1, E)
-    positions = model.get_layer("position_embedding").get_weights()[0]  # (1 + N, E)
+    kernel, bias = model.patch_embedding.get_weights()  # (p, p, C, E), (E,)
+    token = model.class_token.get_weights()[0]  # (1, 1, E)
+    positions = model.position_embedding.get_weights()[0]  # (1 + N, E)
     p = 2
     patches = (
         (x / 255.0).reshape(2, 2, p, 3, p, 2).transpose(0, 1, 3, 2, 4, 5)
@@ -170,7 +172,7 @@ def test_train_with_hard_attention_from_the_command_line(data_dir, tmp_path):
     assert (out / "checkpoints" / "epoch-0002.keras").exists()
     assert len(list((out / "attention").glob("*.png"))) == 2
     model = keras.models.load_model(out / "checkpoints" / "epoch-0002.keras")
-    assert isinstance(model.get_layer("block_0_attention"), keras_attn.HardAttention)
+    assert isinstance(model.blocks[0].attention, keras_attn.HardAttention)
 
     # --resume continues from the last checkpoint to the new --epochs.
     metrics = vit_cli.main(

@@ -10,7 +10,6 @@
 of the attention weights, a step that may fail without failing the run.
 """
 
-import json
 import os
 import sys
 
@@ -32,7 +31,7 @@ from examples.common import cli
 from examples.common import compare as compare_lib
 from examples.common import heatmaps
 from examples.common import training
-from examples.common.attention import default_attention
+from examples.common.attention import AttentionConfig
 
 MODEL_FLAGS = ("max_length", "num_layers", "num_heads", "hidden_dim")
 MODEL_DEFAULTS = {"max_length": 128, "num_layers": 2, "num_heads": 4, "hidden_dim": 128}
@@ -97,7 +96,7 @@ def pretrain(args):
         return {"below_unigram_baseline": metrics["test_loss"] < data.baseline}
 
     def optional_steps(model, data, run):
-        encoder = model.get_layer("bert_encoder")
+        encoder = model.encoder
         return {"heatmaps": lambda: write_heatmaps(encoder, data.test_windows, data.tokenizer, run)}
 
     return training.train(
@@ -125,16 +124,15 @@ def take_from_pretrained(args):
         for flag, value in MODEL_DEFAULTS.items():
             if getattr(args, flag) is None:
                 setattr(args, flag, value)
-        for flag, value in default_attention().items():
+        for flag, value in AttentionConfig().to_dict().items():
             if getattr(args, flag) is None:
                 setattr(args, flag, value)
         return None
     folder = os.path.abspath(os.path.expanduser(args.pretrained))
     encoder, tokenizer = load_pretrained_encoder(folder)
     actual = encoder_config(encoder)
-    with open(os.path.join(folder, "run.json"), encoding="utf-8") as f:
-        recorded = json.load(f).get("attention") or {}
-    actual.update({flag: recorded[flag] for flag in ATTENTION_FLAGS if flag in recorded})
+    attention = encoder.attention_config.to_dict()
+    actual.update({flag: attention[flag] for flag in ATTENTION_FLAGS})
     for flag, value in actual.items():
         given = getattr(args, flag)
         if given is not None and given != value:
@@ -178,7 +176,7 @@ def finetune(args):
         return {}
 
     def optional_steps(model, data, run):
-        encoder = model.get_layer("bert_encoder")
+        encoder = model.encoder
         ids = data.test[0]["token_ids"]
         return {"heatmaps": lambda: write_heatmaps(encoder, ids, data.tokenizer, run)}
 

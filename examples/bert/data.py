@@ -170,7 +170,7 @@ def load_pretrained_encoder(folder):
             f"No checkpoint in {os.path.join(folder, 'checkpoints')}. Received: pretrained={folder!r}"
         )
     pretrainer = keras.models.load_model(path)
-    return pretrainer.get_layer("bert_encoder"), tokenizer
+    return pretrainer.encoder, tokenizer
 
 
 class PretrainingData(Data):

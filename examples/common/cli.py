@@ -13,8 +13,8 @@ subcommand the same flags:
 
 Each attention flag takes a registry name (plugins' included) or a JSON spec,
 e.g. ``--pattern '{"name": "local", "config": {"window": 64, "causal": true}}'``;
-`attention_from_args` turns them into the ``attention`` dict the model builders
-take (`examples.common.attention`). `main` runs a command and turns the errors a
+`attention_from_args` turns them into the `AttentionConfig` the model builders
+take (`examples.common.attention`), checked there. `main` runs a command and turns the errors a
 user can fix into one ``error: ...`` line.
 """
 
@@ -23,6 +23,7 @@ import json
 import os
 
 from examples.common.attention import REFERENCE_LAYER
+from examples.common.attention import AttentionConfig
 from examples.common.devices import DISTRIBUTE_CHOICES
 from examples.common.devices import PRECISION_CHOICES
 from examples.common.devices import split_cpu
@@ -155,16 +156,17 @@ def make_parser(prog, description, commands, datasets, defaults=None):
 
 
 def attention_from_args(args):
-    """The ``attention`` dict of the model builders, from parsed flags."""
-    return {
-        "layer": args.layer,
-        "score": args.score,
-        "pattern": args.pattern,
-        "normalizer": args.normalizer,
-        "score_mods": list(args.score_mods or []),
-        "position_encoding": getattr(args, "position_encoding", None),
-        "num_key_value_heads": getattr(args, "num_key_value_heads", None),
-    }
+    """The `AttentionConfig` of the parsed flags, checked: an unknown component fails
+    here, before any model or folder is made (the error lists the names there are)."""
+    return AttentionConfig(
+        layer=args.layer,
+        score=args.score,
+        pattern=args.pattern,
+        normalizer=args.normalizer,
+        score_mods=args.score_mods or (),
+        position_encoding=getattr(args, "position_encoding", None),
+        num_key_value_heads=getattr(args, "num_key_value_heads", None),
+    )
 
 
 def check_positive(args, *names):

@@ -15,7 +15,7 @@ import time
 import keras
 
 from examples.common.attention import REFERENCE_LAYER
-from examples.common.attention import check_attention
+from examples.common.attention import AttentionConfig
 from examples.common.cli import attention_from_args
 from examples.common.run import Run
 
@@ -42,7 +42,8 @@ def side_by_side(build, attention, train_data, eval_data, epochs, steps, seed):
     take turns epoch by epoch, so the load of a shared machine falls on both alike.
 
     Args:
-        build: ``build(attention) -> compiled model``.
+        build: ``build(attention) -> compiled model``, given an
+            `examples.common.attention.AttentionConfig`.
         train_data: ``train_data(epoch) -> dataset`` of at least `steps` batches.
         eval_data: Held-out dataset for `model.evaluate`.
 
@@ -56,7 +57,7 @@ def side_by_side(build, attention, train_data, eval_data, epochs, steps, seed):
     """
     started = time.perf_counter()
     models, timers, losses = {}, {}, {}
-    for label, spec in (("keras_attn", attention), ("keras", {"layer": REFERENCE_LAYER})):
+    for label, spec in (("keras_attn", attention), ("keras", AttentionConfig(REFERENCE_LAYER))):
         keras.utils.set_random_seed(seed)
         models[label] = build(spec)
         timers[label], losses[label] = StepTimer(), []
@@ -125,7 +126,7 @@ def compare(args, example, load_data, build_model, model_flags, after=None):
     Returns:
         The result dict of `side_by_side`, with the run's settings.
     """
-    attention = check_attention(attention_from_args(args))
+    attention = attention_from_args(args)
     args.overwrite = True
     run = Run(args, example)
     run.check()
@@ -147,7 +148,7 @@ def compare(args, example, load_data, build_model, model_flags, after=None):
             dataset=args.dataset,
             steps=steps * args.epochs,
             batch_size=args.batch_size,
-            attention=attention,
+            attention=attention.to_dict(),
             model={k: getattr(args, k) for k in model_flags},
             data=data.facts,
         )

@@ -1,10 +1,12 @@
 """Pictures of a trained model's attention: its weights on held-out inputs.
 
-`attention_weights(model, inputs)` reads the weights of every attention layer of a
-functional model; `save_heatmaps` draws weights (from there, or from a model's
-own method, as GPT's blocks give them) as one grid of layers x heads per example
-with `keras_attn.viz.plot_attention`, and writes the interactive viewer
-(`keras_attn.viz.attention_viewer`, one self-contained ``viewer.html``) beside it.
+`attention_weights(model, inputs)` reads the weights of every block of an
+example's model (GPT, BERT's encoder, ViT: each keeps its
+`examples.common.blocks.TransformerBlock`s in ``model.blocks`` and says what
+they take with ``model.embed``); `save_heatmaps` draws weights as one grid of
+layers x heads per example with `keras_attn.viz.plot_attention`, and writes the
+interactive viewer (`keras_attn.viz.attention_viewer`, one self-contained
+``viewer.html``) beside it.
 """
 
 import os
@@ -12,41 +14,22 @@ import os
 import keras
 
 
-def _attention_layers(model):
-    from keras_attn import Attention
-
-    return [
-        layer
-        for layer in model.layers
-        if isinstance(layer, (Attention, keras.layers.MultiHeadAttention))
-    ]
-
-
 def attention_weights(model, inputs):
-    """The attention weights of every attention layer of a functional `model` on `inputs`.
+    """The attention weights of every block of an example's `model` on `inputs`.
 
-    Each layer is called again on the tensors it received in the model, with the
-    same arguments plus ``return_attention_scores=True`` and ``training=False``.
+    The model embeds the inputs (``x, block_arguments = model.embed(inputs)``);
+    each block of ``model.blocks`` then runs in turn on the previous one's output,
+    with those arguments, ``return_attention_scores=True`` and ``training=False``:
+    the computation of the model itself, up to its last block.
 
     Returns:
-        Dict ``{layer name: weights as numpy (B, H, Tq, Tk)}``, in model order.
+        Dict ``{block name: weights as numpy float32 (B, H, Tq, Tk)}``, in model order.
     """
+    x, arguments = model.embed(inputs, training=False)
     weights = {}
-    for layer in _attention_layers(model):
-        node = layer._inbound_nodes[0]
-        symbolic = node.arguments.keras_tensors
-        probe = keras.Model(model.input, symbolic)
-        values = probe(inputs, training=False)
-        values = values if isinstance(values, (list, tuple)) else [values]
-        by_id = {id(t): v for t, v in zip(symbolic, values, strict=True)}
-
-        def fill(x):
-            return by_id.get(id(x), x) if isinstance(x, keras.KerasTensor) else x
-
-        args, kwargs = node.arguments.convert(fill)
-        kwargs = {**kwargs, "return_attention_scores": True, "training": False}
-        outputs = layer(*args, **kwargs)
-        weights[layer.name] = keras.ops.convert_to_numpy(outputs[1]).astype("float32")
+    for block in model.blocks:
+        x, w = block(x, **arguments, return_attention_scores=True, training=False)
+        weights[block.name] = keras.ops.convert_to_numpy(w).astype("float32")
     return weights
 
 
@@ -104,7 +87,7 @@ def save_heatmaps(
 def save_attention_heatmaps(
     model, inputs, directory, tokens=None, examples=2, max_heads=4, image=None
 ):
-    """`save_heatmaps` of the `attention_weights` of a functional `model` on `inputs`."""
+    """`save_heatmaps` of the `attention_weights` of an example's `model` on `inputs`."""
     return save_heatmaps(
         attention_weights(model, inputs),
         directory,

@@ -1,35 +1,14 @@
-"""Layers and the encoder block that BERT and ViT share.
+"""The small layers the examples share: padding mask, learned positions, taking one token.
 
-Reads top to bottom: how a block calls its attention layer, the layers an
-encoder needs (padding mask, learned positions, taking one token), then
-`encoder_block`, which wires attention and an MLP onto a sequence, post-norm
-(BERT) or pre-norm (ViT).
+The Transformer block itself is `examples.common.blocks.TransformerBlock`.
 """
 
 import keras
 from keras import ops
 
-import keras_attn
-from examples.common.attention import attention_layer
 from keras_attn import validation
 
 PACKAGE = "keras_attn_examples"  # where the layers below are registered for saving
-
-
-# -- how a block calls its attention -------------------------------------------------------
-
-
-def self_attend(layer, x, mask):
-    """Unmasked self-attention of `x` ``(B, T, E)`` over the keys `mask` ``(B, T)`` keeps.
-
-    `keras_attn.SelfAttention` takes its input once; every other layer (ours,
-    plugin layers built on `keras_attn.Attention`, Keras's) takes query and value.
-    Only the keys are masked, so no query row is left without a key.
-    """
-    if isinstance(layer, keras_attn.SelfAttention):
-        # Its `mask` pads queries too; the keys alone are masked as (B, 1, T).
-        return layer(x, attention_mask=None if mask is None else keras.ops.expand_dims(mask, 1))
-    return layer(x, x, value_mask=mask)
 
 
 # -- layers -------------------------------------------------------------------------------
@@ -121,61 +100,3 @@ class TakeToken(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "index": self.index}
-
-
-# -- encoder block -------------------------------------------------------------------------
-
-
-def encoder_block(
-    x,
-    mask,
-    *,
-    num_heads,
-    intermediate_dim,
-    attention=None,
-    dropout=0.1,
-    attention_dropout=0.0,
-    norm_first=False,
-    activation="gelu",
-    layer_norm_epsilon=1e-12,
-    name="block",
-):
-    """One Transformer encoder block wired onto `x` ``(B, T, E)``: attention, then MLP.
-
-    Args:
-        mask: Bool ``(B, T)`` of real (non-padding) tokens, or None.
-        attention: The ``attention`` dict (`examples.common.attention.check_attention`).
-        norm_first: Layer norm before each sub-block (ViT) or after the residual
-            sum (BERT).
-
-    Returns:
-        ``(B, T, E)``.
-    """
-    hidden_dim = x.shape[-1]
-    if hidden_dim % num_heads:
-        raise ValueError(
-            "`hidden_dim` must be divisible by `num_heads`. "
-            f"Received: hidden_dim={hidden_dim}, num_heads={num_heads}"
-        )
-
-    def norm(suffix):
-        return keras.layers.LayerNormalization(epsilon=layer_norm_epsilon, name=f"{name}_{suffix}")
-
-    attn = attention_layer(
-        attention, num_heads, hidden_dim // num_heads, attention_dropout, name=f"{name}_attention"
-    )
-    h = norm("attention_norm")(x) if norm_first else x
-    h = self_attend(attn, h, mask)
-    h = keras.layers.Dropout(dropout, name=f"{name}_attention_dropout")(h)
-    x = keras.layers.Add(name=f"{name}_attention_residual")([x, h])
-    if not norm_first:
-        x = norm("attention_norm")(x)
-
-    h = norm("mlp_norm")(x) if norm_first else x
-    h = keras.layers.Dense(intermediate_dim, activation=activation, name=f"{name}_mlp_in")(h)
-    h = keras.layers.Dense(hidden_dim, name=f"{name}_mlp_out")(h)
-    h = keras.layers.Dropout(dropout, name=f"{name}_mlp_dropout")(h)
-    x = keras.layers.Add(name=f"{name}_mlp_residual")([x, h])
-    if not norm_first:
-        x = norm("mlp_norm")(x)
-    return x

@@ -22,7 +22,6 @@ import time
 
 import keras
 
-from examples.common.attention import check_attention
 from examples.common.cli import attention_from_args
 from examples.common.devices import configure_precision
 from examples.common.devices import distribution
@@ -160,7 +159,8 @@ def train(
             by the example.
         example: The run's name in ``run.json`` (``"gpt"``, ``"bert-pretrain"``).
         load_data: ``load_data(args) -> Data``.
-        build_model: ``build_model(args, attention, data) -> compiled model``.
+        build_model: ``build_model(args, attention, data) -> compiled model``
+            (`attention`: the `examples.common.attention.AttentionConfig` of the flags).
         summary: ``summary(model, data) -> str``, printed before training.
         conclude: Optional ``conclude(metrics, data) -> dict`` of more metrics
             (it may print them).
@@ -168,7 +168,7 @@ def train(
             of calls without arguments that may fail without failing the run.
         notes: Optional dict of more facts for ``run.json``.
     """
-    attention = check_attention(attention_from_args(args))
+    attention = attention_from_args(args)  # checked before anything else
     run = Run(args, example)
     run.check()  # bad flags and folders fail before any data is read
     configure_precision(args.mixed_precision)
@@ -180,7 +180,10 @@ def train(
 
     with run:
         run.note(
-            distribution=dist.describe(), attention=attention, data=data.facts, **(notes or {})
+            distribution=dist.describe(),
+            attention=attention.to_dict(),
+            data=data.facts,
+            **(notes or {}),
         )
         if dist.needs_full_batches:
             run.note(

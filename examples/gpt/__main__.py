@@ -31,9 +31,9 @@ from examples.gpt.data import TextData
 from examples.gpt.generation import Generator
 from examples.gpt.generation import generate_text
 from examples.gpt.generation import generation_speed
-from examples.gpt.model import attention_weights
 from examples.gpt.model import build_gpt
 from examples.gpt.model import compile_gpt
+from examples.gpt.model import single_document
 
 MODEL_FLAGS = ("max_length", "seq_len", "num_layers", "num_heads", "hidden_dim", "dropout")
 
@@ -109,7 +109,7 @@ def report_losses(metrics, data):
 
 def write_heatmaps(model, tokenizer, ids, run):
     heatmaps.save_heatmaps(
-        attention_weights(model, ids[None]),
+        heatmaps.attention_weights(model, single_document(model, ids[None])),
         run.attention_dir,
         tokens=[tokenizer.tokens(ids)],
         examples=1,

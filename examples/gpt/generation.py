@@ -1,11 +1,13 @@
 """Decoding for a `build_gpt` model: greedy, temperature and top-k sampling, with or
 without a key/value cache.
 
-`generate(model, prompt, max_new_tokens, ...)` extends int ids ``(B, T)``; with the
-cache each block's attention layer keeps the keys and values of the tokens seen
-so far in one ``(B, 2, S, H, D)`` tensor, so a new token costs one position, not
-the whole prefix. `generate_text` samples past the model's trained length in
-chunks; `generation_speed` times cached against uncached decoding.
+`Generator(model).generate(prompt, max_new_tokens, ...)` extends int ids ``(B, T)``;
+with the cache each block's attention layer keeps the keys and values of the
+tokens seen so far in one ``(B, 2, S, H, D)`` tensor, so a new token costs one
+position, not the whole prefix. A `Generator` compiles its decoding loop once and
+reuses it; `generate` is the one-call form. `generate_text` samples past the
+model's trained length in chunks; `generation_speed` times cached against
+uncached decoding.
 """
 
 import time
@@ -15,7 +17,6 @@ import numpy as np
 from keras import ops
 
 import keras_attn
-from examples.gpt.model import model_parts
 from examples.gpt.model import single_document
 from keras_attn import validation
 
@@ -23,7 +24,7 @@ SAMPLING = ("greedy", "top_k", "temperature")
 
 
 class Generator:
-    """Decoding for a `build_gpt` model, with or without a key/value cache.
+    """Decoding for a `GPT` model, with or without a key/value cache.
 
     The whole decode loop is one compiled call (`keras.ops.while_loop` inside a
     model run with `predict_on_batch`, so tf.function on TensorFlow and jit on
@@ -40,9 +41,10 @@ class Generator:
 
     def __init__(self, model):
         self.model = model
-        self.embedding, self.blocks, self.final_norm, self.head = model_parts(model)
-        self.max_length = self.embedding.max_length
-        self.vocab_size = self.embedding.vocab_size
+        self.embedding, self.blocks = model.embedding, model.blocks
+        self.final_norm, self.head = model.final_norm, model.head
+        self.max_length = model.max_length
+        self.vocab_size = model.vocab_size
         # keras.layers.MultiHeadAttention (the reference) has no key/value cache.
         self.supports_cache = all(
             isinstance(b.attention, keras_attn.Attention) for b in self.blocks
@@ -125,6 +127,39 @@ class Generator:
             ]
         )
         return np.concatenate([prompt, np.asarray(new, "int32")], axis=1)
+
+    def generate_text(self, prompt, length, window=None, seed=None, **kwargs):
+        """Generate `length` tokens after `prompt`, sliding past the trained length.
+
+        Positions past the training windows (`window`, the ``--seq-len`` trained on)
+        have untrained embeddings, so long samples go in chunks: each chunk continues
+        from the last ``window // 2`` tokens so far, with the key/value cache inside it.
+        Other arguments as `generate`.
+
+        Returns:
+            Int ``(B, T + length)``.
+
+        Raises:
+            ValueError: the prompt is not shorter than the window.
+        """
+        window = min(window or self.max_length, self.max_length)
+        ids = np.asarray(prompt, "int32")
+        ids = ids[None] if ids.ndim == 1 else ids
+        if ids.shape[1] >= window:
+            raise ValueError(
+                f"The prompt must be shorter than the window of {window} tokens. "
+                f"Received: prompt length={ids.shape[1]}"
+            )
+        target = ids.shape[1] + length
+        chunk = 0
+        while ids.shape[1] < target:
+            context = ids if chunk == 0 else ids[:, -(window // 2) :]
+            new = window - context.shape[1]  # same shapes from the second chunk on: one compile
+            chunk_seed = None if seed is None else seed + chunk
+            out = self.generate(context, new, seed=chunk_seed, **kwargs)
+            ids = np.concatenate([ids, out[:, context.shape[1] :]], axis=1)
+            chunk += 1
+        return ids[:, :target]
 
 
 class _Decoder(keras.Model):
@@ -209,43 +244,14 @@ class _Decoder(keras.Model):
 
 
 def generate(model, prompt, max_new_tokens, **kwargs):
-    """`Generator(model).generate(...)`, reusing the compiled decoder across calls."""
-    generator = getattr(model, "_gpt_generator", None)
-    if generator is None:
-        generator = Generator(model)
-        model._gpt_generator = generator
-    return generator.generate(prompt, max_new_tokens, **kwargs)
+    """`Generator(model).generate(...)`: one call, compiled for it (a `Generator`
+    kept across calls compiles its decoding loop once)."""
+    return Generator(model).generate(prompt, max_new_tokens, **kwargs)
 
 
 def generate_text(model, prompt, length, window=None, seed=None, **kwargs):
-    """Generate `length` tokens after `prompt`, sliding past the trained length.
-
-    Positions past the training windows (`window`, the ``--seq-len`` trained on)
-    have untrained embeddings, so long samples go in chunks: each chunk continues
-    from the last ``window // 2`` tokens so far, with the key/value cache inside it.
-
-    Returns:
-        Int ``(B, T + length)``.
-    """
-    max_length = model_parts(model)[0].max_length
-    window = min(window or max_length, max_length)
-    ids = np.asarray(prompt, "int32")
-    ids = ids[None] if ids.ndim == 1 else ids
-    if ids.shape[1] >= window:
-        raise ValueError(
-            f"The prompt must be shorter than the window of {window} tokens. "
-            f"Received: prompt length={ids.shape[1]}"
-        )
-    target = ids.shape[1] + length
-    chunk = 0
-    while ids.shape[1] < target:
-        context = ids if chunk == 0 else ids[:, -(window // 2) :]
-        new = window - context.shape[1]  # same shapes from the second chunk on: one compile
-        chunk_seed = None if seed is None else seed + chunk
-        out = generate(model, context, new, seed=chunk_seed, **kwargs)
-        ids = np.concatenate([ids, out[:, context.shape[1] :]], axis=1)
-        chunk += 1
-    return ids[:, :target]
+    """`Generator(model).generate_text(...)`: one call, compiled for it."""
+    return Generator(model).generate_text(prompt, length, window=window, seed=seed, **kwargs)
 
 
 def generation_speed(model, prompt, new_tokens):

@@ -1,10 +1,12 @@
 """GPT: a decoder-only language model assembled from keras_attn layers.
 
-Reads top to bottom: `TokenAndPositionEmbedding`, then `DecoderBlock` (pre-norm
-causal self-attention and an MLP, each with a residual connection), then
-`build_gpt`, which stacks them into a functional `keras.Model` mapping token ids
-``(B, T)`` to next-token logits ``(B, T, vocab_size)``. Decoding with a key/value
-cache is in `examples.gpt.generation`, the training program in `examples.gpt.__main__`.
+Reads top to bottom: `TokenAndPositionEmbedding`, then `GPT`, a functional
+`keras.Model` that stacks pre-norm causal `examples.common.blocks.TransformerBlock`s
+(self-attention and an MLP, each with a residual connection) and maps token ids
+``(B, T)`` to next-token logits ``(B, T, vocab_size)``; it keeps handles to its
+parts (``embedding``, ``blocks``, ``final_norm``, ``head``). Decoding with a
+key/value cache is in `examples.gpt.generation`, the training program in
+`examples.gpt.__main__`.
 
 The attention of every block is configurable (`attention=` of `build_gpt`): the
 blocks always call it with ``use_causal_mask=True``, so any pattern is
@@ -17,15 +19,12 @@ restart at each document.
 import keras
 from keras import ops
 
-import keras_attn
-from examples.common.attention import REFERENCE_LAYER
-from examples.common.attention import attention_layer
-from examples.common.attention import check_attention
-from examples.common.attention import default_attention
+from examples.common.attention import AttentionConfig
+from examples.common.blocks import TransformerBlock
 from keras_attn import segments
 from keras_attn import validation
 
-# -- blocks --------------------------------------------------------------------------
+# -- embedding -----------------------------------------------------------------------
 
 
 @keras.saving.register_keras_serializable(package="examples.gpt")
@@ -95,142 +94,149 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         return config
 
 
+# -- model ---------------------------------------------------------------------------
+
+
 @keras.saving.register_keras_serializable(package="examples.gpt")
-class DecoderBlock(keras.layers.Layer):
-    """Pre-norm decoder block: causal self-attention, then an MLP, both residual.
+class GPT(keras.Model):
+    """A GPT decoder as a functional `keras.Model`: token ids ``(B, T)`` to logits ``(B, T, V)``.
 
     Args:
-        num_heads: Attention heads.
-        intermediate_dim: Width of the MLP.
-        attention: The ``attention`` dict (`examples.common.attention.check_attention`).
-        dropout: Dropout after attention and MLP (and on the attention weights).
-        layer_norm_epsilon: Epsilon of the layer norms.
-        reset_positions: The attention's position encoding and score_mods count
-            positions from the start of each packed document (keras_attn layers'
-            ``reset_positions``).
+        vocab_size: Number of token ids.
+        max_length: Longest sequence (prompt plus generated tokens) it accepts.
+        num_layers: Number of blocks.
+        num_heads: Attention heads per block.
+        hidden_dim: Model width (divisible by `num_heads`).
+        intermediate_dim: MLP width (default ``4 * hidden_dim``).
+        dropout: Dropout rate (after attention and MLP, and on the attention weights).
+        attention: The attention of every block: an
+            `examples.common.attention.AttentionConfig`, a dict of its fields (e.g.
+            ``{"layer": "hard"}``; ``{"layer": "keras"}`` builds the reference with
+            `keras.layers.MultiHeadAttention`) or None.
+        packed: Take packed rows: the inputs are ``{"token_ids": (B, T),
+            "segment_ids": (B, T)}`` (int; equal ids = one document), no token
+            attends to another document, and the learned positions and the
+            attention's position encoding restart at each document.
 
-    Call arguments:
-        x: ``(B, T, E)``.
-        cache: Optional ``(B, 2, S, H, E // H)`` key/value cache of this block.
-        cache_update_index: Position of ``x[:, 0]`` in the cache.
-        return_attention_weights: Also return the attention weights ``(B, H, T, S)``.
-        segment_ids: Optional int ``(B, T)`` of packed documents: a token attends
-            only to the tokens of its own document.
+    Attributes:
+        embedding: The `TokenAndPositionEmbedding`.
+        blocks: The `TransformerBlock`s, in the order they run.
+        final_norm, head: The last layer norm and the logits layer.
 
-    Returns:
-        ``(B, T, E)``; then the weights if asked; then the new cache if given one.
+    The logits are float32 under mixed precision, for a stable loss.
+
+    Raises:
+        ValueError: a size is not a positive integer, `hidden_dim` is not divisible
+            by `num_heads`, or the attention is not valid (unknown components
+            raise `keras_attn.UnknownComponentError`).
     """
 
     def __init__(
         self,
-        num_heads,
-        intermediate_dim,
-        attention=None,
+        vocab_size,
+        max_length,
+        num_layers=4,
+        num_heads=4,
+        hidden_dim=128,
+        intermediate_dim=None,
         dropout=0.0,
-        layer_norm_epsilon=1e-5,
-        reset_positions=False,
+        attention=None,
+        packed=False,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        self.num_heads = num_heads
-        self.intermediate_dim = intermediate_dim
-        self.attention_config = {**default_attention(), **(attention or {})}
-        self.dropout = dropout
-        self.layer_norm_epsilon = layer_norm_epsilon
-        self.reset_positions = validation.boolean(reset_positions, "reset_positions")
-
-    def build(self, input_shape):
-        hidden_dim = input_shape[-1]
-        if hidden_dim % self.num_heads:
+        for arg, value in (
+            ("vocab_size", vocab_size),
+            ("max_length", max_length),
+            ("num_layers", num_layers),
+            ("num_heads", num_heads),
+            ("hidden_dim", hidden_dim),
+        ):
+            validation.positive_int(value, arg)
+        if hidden_dim % num_heads:
             raise ValueError(
-                "hidden_dim must be divisible by num_heads. "
-                f"Received: hidden_dim={hidden_dim}, num_heads={self.num_heads}"
+                "`hidden_dim` must be divisible by `num_heads`. "
+                f"Received: hidden_dim={hidden_dim}, num_heads={num_heads}"
             )
-        dtype = self.dtype_policy
-        eps = self.layer_norm_epsilon
-        self.attention_norm = keras.layers.LayerNormalization(
-            epsilon=eps, dtype=dtype, name="attention_norm"
-        )
-        self.attention_norm.build(input_shape)
-        # keras.layers.MultiHeadAttention (the reference) takes no reset_positions.
-        reference = self.attention_config["layer"] == REFERENCE_LAYER
-        self.attention = attention_layer(
-            self.attention_config,
-            self.num_heads,
-            hidden_dim // self.num_heads,
-            dropout=self.dropout,
-            name="attention",
-            dtype=dtype,
-            **({"reset_positions": True} if self.reset_positions and not reference else {}),
-        )
-        self.attention.build(input_shape, input_shape)
-        self.attention_dropout = keras.layers.Dropout(self.dropout, dtype=dtype)
-        self.mlp_norm = keras.layers.LayerNormalization(epsilon=eps, dtype=dtype, name="mlp_norm")
-        self.mlp_norm.build(input_shape)
-        self.mlp_in = keras.layers.Dense(
-            self.intermediate_dim, activation="gelu", dtype=dtype, name="mlp_in"
-        )
-        self.mlp_in.build(input_shape)
-        self.mlp_out = keras.layers.Dense(hidden_dim, dtype=dtype, name="mlp_out")
-        self.mlp_out.build((*input_shape[:-1], self.intermediate_dim))
-        self.mlp_dropout = keras.layers.Dropout(self.dropout, dtype=dtype)
+        attention = AttentionConfig.from_dict(attention)
+        packed = validation.boolean(packed, "packed")
+        intermediate_dim = intermediate_dim or 4 * hidden_dim
 
-    def call(
-        self,
-        x,
-        cache=None,
-        cache_update_index=None,
-        return_attention_weights=False,
-        training=None,
-        segment_ids=None,
-    ):
-        h = self.attention_norm(x)
-        kwargs = dict(use_causal_mask=True, training=training)
-        if segment_ids is not None and isinstance(self.attention, keras_attn.Attention):
-            kwargs["segment_ids"] = segment_ids
-        elif segment_ids is not None:  # the reference: the same as a (B, T, T) mask
-            kwargs["attention_mask"] = ops.equal(segment_ids[:, :, None], segment_ids[:, None, :])
-        if return_attention_weights:
-            kwargs["return_attention_scores"] = True
-        if cache is not None:
-            kwargs.update(cache=cache, cache_update_index=cache_update_index)
-        outputs = self.attention(h, h, **kwargs)
-        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-        x = x + self.attention_dropout(outputs[0], training=training)
-        x = x + self.mlp_dropout(self.mlp_out(self.mlp_in(self.mlp_norm(x))), training=training)
-        return x if len(outputs) == 1 else (x, *outputs[1:])
+        # === layers ===
+        self.embedding = TokenAndPositionEmbedding(
+            vocab_size, max_length, hidden_dim, name="embedding"
+        )
+        self.blocks = [
+            TransformerBlock(
+                num_heads,
+                intermediate_dim,
+                attention=attention,
+                dropout=dropout,
+                attention_dropout=dropout,
+                norm_first=True,
+                causal=True,
+                layer_norm_epsilon=1e-5,
+                reset_positions=packed,
+                name=f"block_{i}",
+            )
+            for i in range(num_layers)
+        ]
+        self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")
+        self.head = keras.layers.Dense(vocab_size, dtype="float32", name="logits")
 
-    def compute_output_spec(
-        self,
-        x,
-        cache=None,
-        cache_update_index=None,
-        return_attention_weights=False,
-        training=None,
-        segment_ids=None,
-    ):
-        result = (keras.KerasTensor(x.shape, dtype=self.compute_dtype),)
-        if return_attention_weights:
-            key_length = cache.shape[2] if cache is not None else x.shape[1]
-            result += (keras.KerasTensor((x.shape[0], self.num_heads, x.shape[1], key_length)),)
-        if cache is not None:
-            result += (keras.KerasTensor(cache.shape, dtype=cache.dtype),)
-        return result[0] if len(result) == 1 else result
+        # === functional model ===
+        self.packed = packed
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        inputs = token_ids
+        if packed:
+            segment_ids = keras.Input(shape=(None,), dtype="int32", name="segment_ids")
+            inputs = {"token_ids": token_ids, "segment_ids": segment_ids}
+        x, arguments = self.embed(inputs)
+        for block in self.blocks:
+            x = block(x, **arguments)
+        logits = self.head(self.final_norm(x))
+        super().__init__(inputs, logits, **kwargs)
+
+        # === config ===
+        self.vocab_size = vocab_size
+        self.max_length = max_length
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.dropout = dropout
+        self.attention_config = attention
+
+    def embed(self, inputs, training=None):
+        """The input of the first block and the arguments of every block.
+
+        Args:
+            inputs: Int ids ``(B, T)``, or ``{"token_ids", "segment_ids"}`` where packed.
+
+        Returns:
+            ``(x, arguments)``: ``x`` ``(B, T, hidden_dim)`` and the keyword
+            arguments each block takes (``segment_ids``, None unless packed).
+        """
+        if self.packed:
+            token_ids, segment_ids = inputs["token_ids"], inputs["segment_ids"]
+        else:
+            token_ids, segment_ids = inputs, None
+        x = self.embedding(token_ids, segment_ids=segment_ids)  # (B, T, E)
+        return x, {"segment_ids": segment_ids}
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            num_heads=self.num_heads,
-            intermediate_dim=self.intermediate_dim,
-            attention=self.attention_config,
-            dropout=self.dropout,
-            layer_norm_epsilon=self.layer_norm_epsilon,
-            reset_positions=self.reset_positions,
-        )
-        return config
-
-
-# -- model ---------------------------------------------------------------------------
+        return {
+            "name": self.name,
+            "trainable": self.trainable,
+            "vocab_size": self.vocab_size,
+            "max_length": self.max_length,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "dropout": self.dropout,
+            "attention": self.attention_config.to_dict(),
+            "packed": self.packed,
+        }
 
 
 def build_gpt(
@@ -245,63 +251,19 @@ def build_gpt(
     packed=False,
     name="gpt",
 ):
-    """A GPT decoder as a functional `keras.Model`: token ids ``(B, T)`` to logits ``(B, T, V)``.
-
-    Args:
-        vocab_size: Number of token ids.
-        max_length: Longest sequence (prompt plus generated tokens) it accepts.
-        num_layers: Number of `DecoderBlock`s.
-        num_heads: Attention heads per block.
-        hidden_dim: Model width (divisible by `num_heads`).
-        intermediate_dim: MLP width (default ``4 * hidden_dim``).
-        dropout: Dropout rate.
-        attention: Dict with any of ``layer``, ``score``, ``pattern``,
-            ``normalizer``, ``score_mods``: the attention of every block, from
-            the registries (plugins' included). ``layer="keras"`` builds the
-            reference with `keras.layers.MultiHeadAttention`.
-        packed: Take packed rows: the inputs are ``{"token_ids": (B, T),
-            "segment_ids": (B, T)}`` (int; equal ids = one document), no token
-            attends to another document, and the learned positions and the
-            attention's position encoding restart at each document.
-
-    The logits are float32 under mixed precision, for a stable loss.
-    """
-    for arg, value in (
-        ("vocab_size", vocab_size),
-        ("max_length", max_length),
-        ("num_layers", num_layers),
-        ("num_heads", num_heads),
-        ("hidden_dim", hidden_dim),
-    ):
-        validation.positive_int(value, arg)
-    if hidden_dim % num_heads:
-        raise ValueError(
-            "`hidden_dim` must be divisible by `num_heads`. "
-            f"Received: hidden_dim={hidden_dim}, num_heads={num_heads}"
-        )
-    attention = check_attention(attention)
-    intermediate_dim = intermediate_dim or 4 * hidden_dim
-
-    validation.boolean(packed, "packed")
-    token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-    inputs, segment_ids = token_ids, None
-    if packed:
-        segment_ids = keras.Input(shape=(None,), dtype="int32", name="segment_ids")
-        inputs = {"token_ids": token_ids, "segment_ids": segment_ids}
-    embedding = TokenAndPositionEmbedding(vocab_size, max_length, hidden_dim, name="embedding")
-    x = embedding(token_ids, segment_ids=segment_ids)
-    for i in range(num_layers):
-        x = DecoderBlock(
-            num_heads,
-            intermediate_dim,
-            attention=attention,
-            dropout=dropout,
-            reset_positions=packed,
-            name=f"block_{i}",
-        )(x, segment_ids=segment_ids)
-    x = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")(x)
-    logits = keras.layers.Dense(vocab_size, dtype="float32", name="logits")(x)
-    return keras.Model(inputs, logits, name=name)
+    """A `GPT` (arguments as there), named `name`."""
+    return GPT(
+        vocab_size,
+        max_length,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        hidden_dim=hidden_dim,
+        intermediate_dim=intermediate_dim,
+        dropout=dropout,
+        attention=attention,
+        packed=packed,
+        name=name,
+    )
 
 
 def compile_gpt(model, learning_rate=1e-3):
@@ -318,41 +280,10 @@ def compile_gpt(model, learning_rate=1e-3):
     return model
 
 
-def is_packed(model):
-    """Whether `model` (from `build_gpt`) takes packed rows (``{"token_ids", "segment_ids"}``)."""
-    return isinstance(model.input, dict)
-
-
 def single_document(model, token_ids):
-    """The inputs of `model` for int ids ``(B, T)`` holding one document per row: the ids,
+    """The inputs of a `GPT` for int ids ``(B, T)`` holding one document per row: the ids,
     with all-zero segment ids where the model is packed."""
-    if not is_packed(model):
-        return token_ids
     token_ids = ops.convert_to_tensor(token_ids, "int32")
+    if not model.packed:
+        return token_ids
     return {"token_ids": token_ids, "segment_ids": ops.zeros_like(token_ids)}
-
-
-def model_parts(model):
-    """The layers of a `build_gpt` model by role: ``(embedding, blocks, final_norm, logits)``.
-
-    The blocks come in the order they run (a functional model lists its layers
-    in the order of its graph).
-    """
-    blocks = [layer for layer in model.layers if isinstance(layer, DecoderBlock)]
-    return (
-        model.get_layer("embedding"),
-        blocks,
-        model.get_layer("final_norm"),
-        model.get_layer("logits"),
-    )
-
-
-def attention_weights(model, token_ids):
-    """The causal attention weights of every block on `token_ids`: ``{name: (B, H, T, T)}``."""
-    embedding, blocks, _, _ = model_parts(model)
-    x = embedding(ops.convert_to_tensor(token_ids, "int32"))
-    result = {}
-    for block in blocks:
-        x, weights = block(x, return_attention_weights=True, training=False)
-        result[block.name] = ops.convert_to_numpy(weights).astype("float32")
-    return result

@@ -67,11 +67,11 @@ def train(args):
 
     def optional_steps(model, data, run):
         tokens = ["[CLS]"] + [f"p{i}" for i in range(data.num_patches())]
-        images = [data.test[0][:2].astype("float32")]
+        images = data.test[0][:2].astype("float32")
 
         def draw():
             heatmaps.save_attention_heatmaps(
-                model, images, run.attention_dir, tokens=[tokens, tokens], image=images[0]
+                model, images, run.attention_dir, tokens=[tokens, tokens], image=images
             )
 
         return {"heatmaps": draw}
