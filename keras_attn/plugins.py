@@ -64,7 +64,6 @@ BUILTIN_PLUGINS = {
     "keras_attn.normalizers": "keras_attn.normalizers",
     "keras_attn.position_encodings": "keras_attn.position_encodings",
     "keras_attn.layers": "keras_attn.layers.plugin",
-    "keras_attn.layers.classic": "keras_attn.layers.classic",
 }
 
 

@@ -190,7 +190,121 @@ class Cosine(Score):
         }
 
 
+def _score_mode(score_mode):
+    if score_mode not in ("dot", "concat"):
+        raise ValueError(
+            "Invalid value for argument score_mode. Expected one of {'dot', 'concat'}. "
+            f"Received: score_mode={score_mode}"
+        )
+    return score_mode
+
+
+def _pairwise_sum(query, key):
+    """``query_i + key_j`` for every pair: ``(..., Tq, Tk, D)`` (memory grows as Tq·Tk·D)."""
+    return ops.expand_dims(query, -2) + ops.expand_dims(key, -3)
+
+
+@builtin("score")
+class LuongScore(Score):
+    """The score of `keras.layers.Attention` (Luong et al., 2015), of `LuongAttention`.
+
+    ``"dot"``: ``s * (q · k)``; ``"concat"``: ``c * sum(tanh(s * (q + k)))`` over the
+    features, with ``s`` a learned scalar (1 without `use_scale`) and ``c`` a learned
+    scalar. Keys and queries need the same feature size D.
+
+    Weights, in this order: ``scale`` ``()`` if `use_scale`, then
+    ``concat_score_weight`` ``()`` for ``"concat"``, both initialized to ones.
+
+    Args:
+        use_scale: Learn the scalar ``s``.
+        score_mode: ``"dot"`` or ``"concat"``.
+
+    Raises:
+        ValueError: `score_mode` is neither, or `use_scale` is not a bool.
+    """
+
+    name = "luong"
+
+    def __init__(self, use_scale=False, score_mode="dot", **kwargs):
+        super().__init__(**kwargs)
+        self.use_scale = validation.boolean(use_scale, "use_scale")
+        self.score_mode = _score_mode(score_mode)
+
+    def build(self, query_shape, key_shape=None):
+        # Created as Keras's layer creates them (in the variable dtype), in its order.
+        self.scale = None
+        self.concat_score_weight = None
+        if self.use_scale:
+            self.scale = self.add_weight(name="scale", shape=(), initializer="ones")
+        if self.score_mode == "concat":
+            self.concat_score_weight = self.add_weight(
+                name="concat_score_weight", shape=(), initializer="ones"
+            )
+
+    def fused_scale(self, depth):
+        unscaled_dot = self.score_mode == "dot" and not self.use_scale
+        return 1.0 if unscaled_dot and type(self).call is LuongScore.call else None
+
+    def call(self, query, key):
+        dtype = query.dtype
+        if self.score_mode == "dot":
+            logits = _dot(query, key)
+            if self.use_scale:
+                logits = logits * ops.cast(self.scale, logits.dtype)
+            return logits
+        pairs = _pairwise_sum(query, key)  # (..., Tq, Tk, D)
+        if self.use_scale:
+            pairs = pairs * ops.cast(self.scale, dtype)
+        return ops.cast(self.concat_score_weight, dtype) * ops.sum(ops.tanh(pairs), axis=-1)
+
+    def get_config(self):
+        return {**super().get_config(), "use_scale": self.use_scale, "score_mode": self.score_mode}
+
+
+@builtin("score")
+class BahdanauScore(Score):
+    """The score of `keras.layers.AdditiveAttention`, of `BahdanauAttention`: ``sum(v * tanh(q + k))``.
+
+    Bahdanau et al.'s additive score (2015) without its projections (in a keras_attn
+    layer with projections, e.g. ``Attention(score="bahdanau")``, it is his score with
+    the query and key projections as ``W_q`` and ``W_k``). Keys and queries need the
+    same feature size D. Memory grows as ``Tq * Tk * D``: this score is for short
+    sequences.
+
+    Weights: ``scale`` ``(D,)`` (``v`` above, Glorot-uniform) if `use_scale`; without
+    it, ``v`` is all ones.
+
+    Args:
+        use_scale: Learn the per-feature weights ``v``.
+
+    Raises:
+        ValueError: `use_scale` is not a bool.
+    """
+
+    name = "bahdanau"
+
+    def __init__(self, use_scale=True, **kwargs):
+        super().__init__(**kwargs)
+        self.use_scale = validation.boolean(use_scale, "use_scale")
+
+    def build(self, query_shape, key_shape=None):
+        self.scale = None
+        if self.use_scale:
+            self.scale = self.add_weight(
+                name="scale", shape=(query_shape[-1],), initializer="glorot_uniform"
+            )
+
+    def call(self, query, key):
+        hidden = ops.tanh(_pairwise_sum(query, key))  # (..., Tq, Tk, D)
+        if self.use_scale:
+            hidden = hidden * ops.cast(self.scale, hidden.dtype)
+        return ops.sum(hidden, axis=-1)  # (..., Tq, Tk)
+
+    def get_config(self):
+        return {**super().get_config(), "use_scale": self.use_scale}
+
+
 @hookimpl
 def register_scores(register):
-    for cls in (Dot, ScaledDot, General, Additive, Cosine):
+    for cls in (Dot, ScaledDot, General, Additive, Cosine, LuongScore, BahdanauScore):
         register(cls)

@@ -7,13 +7,11 @@ constructor and call arguments, the same weights in the same order and shapes, t
 same masks and outputs. Neither projects its inputs: queries, keys and values are
 attended as given, as one head.
 
-They are keras_attn layers: their score is a registered component (``"luong"`` and
-``"bahdanau"``, defined here, usable in any keras_attn layer) and they take
+They are keras_attn layers: their score is a registered component
+(`keras_attn.scores.LuongScore`, ``"luong"``, and `keras_attn.scores.BahdanauScore`,
+``"bahdanau"``, usable in any keras_attn layer) and they take
 `pattern`, `normalizer` and `score_mods`, so a classic model turns into, say, local or
 sparsemax attention with one argument (or with `from_keras`, from Keras's layer).
-
-This module is one of keras_attn's built-in plugins: it registers its layers and its
-scores through the same hooks as a third-party plugin.
 """
 
 import keras
@@ -22,144 +20,20 @@ from keras import ops
 from keras_attn import dispatch
 from keras_attn import patterns as patterns_module
 from keras_attn import plugins
+from keras_attn import saving
 from keras_attn import validation
 from keras_attn.components import Components
-from keras_attn.components import Score
 from keras_attn.components import builtin
-from keras_attn.hookspecs import hookimpl
 from keras_attn.positions import make_positions
+from keras_attn.scores import BahdanauScore
+from keras_attn.scores import LuongScore
 
 __all__ = [
     "AdditiveAttention",
     "BahdanauAttention",
-    "BahdanauScore",
     "LuongAttention",
-    "LuongScore",
     "from_keras",
 ]
-
-SCORE_MODES = ("dot", "concat")
-
-
-def _score_mode(score_mode):
-    if score_mode not in SCORE_MODES:
-        raise ValueError(
-            "Invalid value for argument score_mode. Expected one of {'dot', 'concat'}. "
-            f"Received: score_mode={score_mode}"
-        )
-    return score_mode
-
-
-def _pairwise_sum(query, key):
-    """``query_i + key_j`` for every pair: ``(..., Tq, Tk, D)`` (memory grows as Tq·Tk·D)."""
-    return ops.expand_dims(query, -2) + ops.expand_dims(key, -3)
-
-
-# -- scores -------------------------------------------------------------------------
-
-
-@builtin("score")
-class LuongScore(Score):
-    """The score of `keras.layers.Attention` (Luong et al., 2015).
-
-    ``"dot"``: ``s * (q · k)``; ``"concat"``: ``c * sum(tanh(s * (q + k)))`` over the
-    features, with ``s`` a learned scalar (1 without `use_scale`) and ``c`` a learned
-    scalar. Keys and queries need the same feature size D.
-
-    Weights, in this order: ``scale`` ``()`` if `use_scale`, then
-    ``concat_score_weight`` ``()`` for ``"concat"``, both initialized to ones.
-
-    Args:
-        use_scale: Learn the scalar ``s``.
-        score_mode: ``"dot"`` or ``"concat"``.
-
-    Raises:
-        ValueError: `score_mode` is neither, or `use_scale` is not a bool.
-    """
-
-    name = "luong"
-
-    def __init__(self, use_scale=False, score_mode="dot", **kwargs):
-        super().__init__(**kwargs)
-        self.use_scale = validation.boolean(use_scale, "use_scale")
-        self.score_mode = _score_mode(score_mode)
-
-    def build(self, query_shape, key_shape=None):
-        # Created as Keras's layer creates them (in the variable dtype), in its order.
-        self.scale = None
-        self.concat_score_weight = None
-        if self.use_scale:
-            self.scale = self.add_weight(name="scale", shape=(), initializer="ones")
-        if self.score_mode == "concat":
-            self.concat_score_weight = self.add_weight(
-                name="concat_score_weight", shape=(), initializer="ones"
-            )
-
-    def fused_scale(self, depth):
-        unscaled_dot = self.score_mode == "dot" and not self.use_scale
-        return 1.0 if unscaled_dot and type(self).call is LuongScore.call else None
-
-    def call(self, query, key):
-        dtype = query.dtype
-        if self.score_mode == "dot":
-            if keras.backend.standardize_dtype(dtype) == "float16":
-                # float16 overflows at 65504; the logits stay float32 (as every dot score's).
-                query, key = ops.cast(query, "float32"), ops.cast(key, "float32")
-            logits = ops.einsum("...qd,...kd->...qk", query, key)  # (..., Tq, Tk)
-            if self.use_scale:
-                logits = logits * ops.cast(self.scale, logits.dtype)
-            return logits
-        pairs = _pairwise_sum(query, key)  # (..., Tq, Tk, D)
-        if self.use_scale:
-            pairs = pairs * ops.cast(self.scale, dtype)
-        return ops.cast(self.concat_score_weight, dtype) * ops.sum(ops.tanh(pairs), axis=-1)
-
-    def get_config(self):
-        return {**super().get_config(), "use_scale": self.use_scale, "score_mode": self.score_mode}
-
-
-@builtin("score")
-class BahdanauScore(Score):
-    """The score of `keras.layers.AdditiveAttention`: ``sum(v * tanh(q + k))``.
-
-    Bahdanau et al.'s additive score (2015) without its projections (in a keras_attn
-    layer with projections, e.g. ``Attention(score="bahdanau")``, it is his score with
-    the query and key projections as ``W_q`` and ``W_k``). Keys and queries need the
-    same feature size D. Memory grows as ``Tq * Tk * D``: this score is for short
-    sequences.
-
-    Weights: ``scale`` ``(D,)`` (``v`` above, Glorot-uniform) if `use_scale`; without
-    it, ``v`` is all ones.
-
-    Args:
-        use_scale: Learn the per-feature weights ``v``.
-
-    Raises:
-        ValueError: `use_scale` is not a bool.
-    """
-
-    name = "bahdanau"
-
-    def __init__(self, use_scale=True, **kwargs):
-        super().__init__(**kwargs)
-        self.use_scale = validation.boolean(use_scale, "use_scale")
-
-    def build(self, query_shape, key_shape=None):
-        self.scale = None
-        if self.use_scale:
-            self.scale = self.add_weight(
-                name="scale", shape=(query_shape[-1],), initializer="glorot_uniform"
-            )
-
-    def call(self, query, key):
-        hidden = ops.tanh(_pairwise_sum(query, key))  # (..., Tq, Tk, D)
-        if self.use_scale:
-            hidden = hidden * ops.cast(self.scale, hidden.dtype)
-        return ops.sum(hidden, axis=-1)  # (..., Tq, Tk)
-
-    def get_config(self):
-        return {**super().get_config(), "use_scale": self.use_scale}
-
 
 # -- layers -------------------------------------------------------------------------
 
@@ -306,22 +180,14 @@ class _ClassicAttention(keras.layers.Layer):
         if value_mask is not None:
             mask = ops.cast(value_mask, "bool")[:, None, None, :]  # (N, 1, 1, Tk)
         components = Components(self._score, tuple(self._score_mods), pattern, self._normalizer)
-        plan = dispatch.plan(
+        output, weights, plan = dispatch.run(
             components,
-            query_length=q.shape[1],
-            key_length=k.shape[1],
-            head_dim=q.shape[-1],
-            value_dim=v.shape[-1],
+            dispatch.Heads(q, k, v, mask),
+            dispatch.Settings(name=self.name),
+            training=training,
             return_weights=return_weights,
-            training=False,  # dropout, if active, is applied by `call`
-            name=self.name,
-            dtype=q.dtype,
-            has_mask=mask is not None,
         )
         self.last_path = plan.path
-        output, weights = dispatch.attend(
-            plan, q, k, v, mask, training=training, return_weights=return_weights
-        )
         output = output[:, :, 0, :]  # (N, Tq, Dv)
         return output, None if weights is None else weights[:, 0]  # (N, Tq, Tk)
 
@@ -419,7 +285,7 @@ class _ClassicAttention(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        plugins.check_layer_config(config, owner=f"{cls.__name__} {config.get('name')!r}")
+        saving.check_layer_config(config, owner=f"{cls.__name__} {config.get('name')!r}")
         return super().from_config(config)
 
     def get_config(self):
@@ -498,9 +364,10 @@ class LuongAttention(_ClassicAttention):
     name = "luong"
 
     def __init__(self, use_scale=False, score_mode="dot", dropout=0.0, seed=None, **kwargs):
-        self.use_scale = validation.boolean(use_scale, "use_scale")
-        self.score_mode = _score_mode(score_mode)
-        super().__init__(dropout=dropout, seed=seed, **kwargs)
+        self.use_scale = use_scale
+        self.score_mode = score_mode
+        super().__init__(dropout=dropout, seed=seed, **kwargs)  # the score checks them
+        self.use_scale = self._score.use_scale
 
     def _make_score(self):
         return LuongScore(self.use_scale, self.score_mode, dtype=self.dtype_policy)
@@ -567,8 +434,9 @@ class BahdanauAttention(_ClassicAttention):
     name = "bahdanau"
 
     def __init__(self, use_scale=True, dropout=0.0, seed=None, **kwargs):
-        self.use_scale = validation.boolean(use_scale, "use_scale")
-        super().__init__(dropout=dropout, seed=seed, **kwargs)
+        self.use_scale = use_scale
+        super().__init__(dropout=dropout, seed=seed, **kwargs)  # the score checks it
+        self.use_scale = self._score.use_scale
 
     def _make_score(self):
         return BahdanauScore(self.use_scale, dtype=self.dtype_policy)
@@ -653,15 +521,3 @@ def _from_keras(cls, keras_class, layer, overrides):
         new.build([(None, None, dim), (None, None, dim)])
         new.set_weights(layer.get_weights())
     return new
-
-
-@hookimpl
-def register_layers(register):
-    register(LuongAttention)
-    register(BahdanauAttention)
-
-
-@hookimpl
-def register_scores(register):
-    register(LuongScore)
-    register(BahdanauScore)

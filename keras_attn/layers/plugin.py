@@ -7,6 +7,8 @@ the layer classes.
 
 from keras_attn.hookspecs import hookimpl
 from keras_attn.layers.attention import Attention
+from keras_attn.layers.classic import BahdanauAttention
+from keras_attn.layers.classic import LuongAttention
 from keras_attn.layers.keras_compat import GroupedQueryAttention
 from keras_attn.layers.keras_compat import MultiHeadAttention
 from keras_attn.layers.presets import CrossAttention
@@ -29,5 +31,7 @@ def register_layers(register):
         CrossAttention,
         MultiHeadAttention,
         GroupedQueryAttention,
+        LuongAttention,
+        BahdanauAttention,
     ):
         register(cls)
