@@ -32,12 +32,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
+
+from benchmarks import timing
 
 B, H, D = 1, 16, 64
 WINDOW = 256
@@ -76,20 +76,6 @@ def allowed_pairs(case, length):
 
 
 # -- one measurement (child process) -------------------------------------------------
-
-
-def _time(step, repeats):
-    step()  # warm-up: trace and compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _inputs(length, xp_normal):
-    return [xp_normal(i, (B, length, H, D)) for i in range(3)]
 
 
 def _keras_attn_step(case, length, allow_cpu):
@@ -141,26 +127,13 @@ def _pallas_step(case, length, allow_cpu):
 
 
 def _grad_step(fn, q, k, v):
+    """Forward+backward of the attention ``fn(q, k, v)``: gradients of its float32 sum."""
     import keras
 
-    if keras.backend.backend() == "jax":
-        import jax
-        import jax.numpy as jnp
+    def loss(q, k, v):
+        return keras.ops.sum(keras.ops.cast(fn(q, k, v), "float32"))
 
-        grad = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a).astype("float32")), argnums=(0, 1, 2)))
-        return lambda: jax.block_until_ready(grad(q, k, v))
-    import torch
-
-    q, k, v = (t.detach().requires_grad_(True) for t in (q, k, v))
-
-    def step():
-        for t in (q, k, v):
-            t.grad = None
-        fn(q, k, v).float().sum().backward()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    return step
+    return timing.gradient_step(loss, q, k, v)
 
 
 def _reference_step(kind, case, length, allow_cpu):
@@ -244,7 +217,7 @@ def _child(spec):
             step = _reference_step(spec["kind"], spec["case"], spec["length"], spec["allow_cpu"])
             if step is None:
                 return {**result, "skipped": "no kernel for this pattern"}
-        result["time_s"] = _time(step, spec["repeats"])
+        result["time_s"] = timing.time_passes(step, spec["repeats"]).median
     except Exception as e:  # out of memory is a result here, not a failure of the run
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
     return result

@@ -4,53 +4,24 @@ Run ``python -m benchmarks.matmul_shapes`` (``--length``, ``--block-size``,
 ``--window``). The block-sparse kernel of LocalAttention(window) makes six batched
 matmuls per forward+backward pass on slabs of ``(B·H·rows, bs, W·bs)`` scores: two
 write a slab (``q·kᵀ`` forward, ``dO·vᵀ`` backward) and four read one. This times each
-alone, compiled, with the result reduced to one number (so no copy is timed), next to
-a square float32 matmul timed the same way. Their sum bounds the kernel from below:
+alone, compiled, waiting for the result without copying it (`benchmarks.timing`), next
+to a square float32 matmul timed the same way. Their sum bounds the kernel from below:
 a kernel made of these matmuls cannot reach a higher useful-FLOP rate than
 ``useful FLOPs / sum`` even if everything else were free.
 """
 
 import argparse
 import os
-import time
 
+from benchmarks import timing
 from benchmarks.workload import HEADS
 from benchmarks.workload import KEY_DIM
 from benchmarks.workload import allowed_pairs
 
 
-def _compiled(fn):
-    import keras
-
-    if keras.backend.backend() == "jax":
-        import jax
-
-        jitted = jax.jit(lambda *a: keras.ops.sum(fn(*a)))
-        return lambda *a: jax.block_until_ready(jitted(*a))
-    if keras.backend.backend() == "torch":
-        import torch
-
-        def step(*a):
-            # Eager, as Keras runs PyTorch by default; no autograd graph is kept.
-            with torch.no_grad():
-                return float(keras.ops.sum(fn(*a)))
-
-        return step
-    import tensorflow as tf
-
-    traced = tf.function(lambda *a: keras.ops.sum(fn(*a)))
-    return lambda *a: traced(*a).numpy()
-
-
 def _time(fn, *args, repeats=7):
-    step = _compiled(fn)
-    step(*args)  # trace and compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step(*args)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    """Fastest of `repeats` compiled passes of ``fn(*args)`` (after a warm-up one)."""
+    return timing.time_passes(timing.compiled_step(fn, *args), repeats).min
 
 
 def main(argv=None):

@@ -16,36 +16,13 @@ and the blocks each computes per batch row. Both give the same outputs (checked)
 """
 
 import argparse
-import time
 
 import keras
 import numpy as np
 from keras import ops
 
 import keras_attn
-
-
-def _compile(fn):
-    backend = keras.backend.backend()
-    if backend == "jax":
-        import jax
-
-        return jax.jit(fn)
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.function(fn, jit_compile=True)
-    return fn
-
-
-def _time(fn, *args, repeats):
-    ops.convert_to_numpy(fn(*args))  # warm-up: trace and compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        ops.convert_to_numpy(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from benchmarks import timing
 
 
 def measure(length, doc, block_size, repeats):
@@ -58,15 +35,17 @@ def measure(length, doc, block_size, repeats):
     ids = (np.arange(length) // doc)[None].astype("int32")  # (1, T)
     same = ids[:, :, None] == ids[:, None, :]  # (1, T, T)
     layer.build(x.shape)  # weights made outside the traced functions
-    skipping = _compile(lambda x, ids: layer(x, segment_ids=ids))
-    masked = _compile(lambda x, mask: layer(x, attention_mask=mask))
+    skipping = timing.compile_function(lambda x, ids: layer(x, segment_ids=ids), jit_compile=True)
+    masked = timing.compile_function(
+        lambda x, mask: layer(x, attention_mask=mask), jit_compile=True
+    )
     out_skipping = ops.convert_to_numpy(skipping(x, ids))
     skip_plan = layer.last_plan  # set where the call is traced
     out_masked = ops.convert_to_numpy(masked(x, same))
     mask_plan = layer.last_plan
     np.testing.assert_allclose(out_skipping, out_masked, atol=1e-4)
-    t_skip = _time(skipping, x, ids, repeats=repeats)
-    t_mask = _time(masked, x, same, repeats=repeats)
+    t_skip = timing.time_passes(lambda: timing.wait(skipping(x, ids)), repeats).median
+    t_mask = timing.time_passes(lambda: timing.wait(masked(x, same)), repeats).median
     return {
         "T": length,
         "doc": doc,

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 
+from benchmarks import timing
 from benchmarks.workload import BASE_BYTES
 from benchmarks.workload import DENSE_SIZES
 from benchmarks.workload import HEADS
@@ -67,43 +68,19 @@ def _make_layer(spec):
 
 
 def _layer_step(spec):
-    """A compiled forward+backward step of the layer, and its input."""
+    """A compiled forward+backward step of the layer (gradients of the summed output
+    with respect to the input and the weights), and the layer."""
     import keras
 
     layer = _make_layer(spec)
     x = keras.random.normal((1, spec["length"], WIDTH), seed=0)
     causal = spec["case"] == "dense"
     layer(x, x, use_causal_mask=causal)  # build
-    if keras.backend.backend() == "jax":
-        import jax
-        import jax.numpy as jnp
 
-        def loss(trainable, non_trainable, x):
-            y, _ = layer.stateless_call(trainable, non_trainable, x, x, use_causal_mask=causal)
-            return jnp.sum(y)
+    def loss(x):
+        return keras.ops.sum(layer(x, x, use_causal_mask=causal))
 
-        grad = jax.jit(jax.grad(loss, argnums=(0, 2)))
-        tv = [v.value for v in layer.trainable_variables]
-        ntv = [v.value for v in layer.non_trainable_variables]
-
-        def step():
-            return jax.block_until_ready(grad(tv, ntv, x))
-
-    else:
-        import tensorflow as tf
-
-        @tf.function
-        def grad(x):
-            with tf.GradientTape() as tape:
-                tape.watch(x)
-                y = layer(x, x, use_causal_mask=causal)
-                loss = tf.reduce_sum(y)
-            return _done(tape.gradient(loss, [x, *layer.trainable_variables]))
-
-        def step():
-            return [g.numpy() for g in grad(x)]
-
-    return step, layer
+    return timing.gradient_step(loss, x, variables=layer.trainable_variables), layer
 
 
 def _core_step(spec):
@@ -126,35 +103,13 @@ def _core_step(spec):
     positions = make_positions(t, t, HEADS)
     layout = block_layout.block_layout(pattern, t, t, block_size)
 
-    def attend(q, k, v):
+    def loss(q, k, v):
         out, _ = block_sparse.block_sparse_attention(q, k, v, layout, components, positions)
-        return out
-
-    if keras.backend.backend() == "jax":
-        import jax
-        import jax.numpy as jnp
-
-        grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)))
-
-        def step():
-            return jax.block_until_ready(grad(q, k, v))
-
-    else:
-        import tensorflow as tf
-
-        @tf.function
-        def grad(q, k, v):
-            with tf.GradientTape() as tape:
-                tape.watch([q, k, v])
-                loss = tf.reduce_sum(attend(q, k, v))
-            return _done(tape.gradient(loss, [q, k, v]))
-
-        def step():
-            return [g.numpy() for g in grad(q, k, v)]
+        return keras.ops.sum(out)
 
     # Pairs computed per head, the padding of partial blocks included.
     spec["computed_pairs"] = layout.computed_blocks * block_size**2
-    return step
+    return timing.gradient_step(loss, q, k, v)
 
 
 def _matmul_step(spec):
@@ -163,60 +118,39 @@ def _matmul_step(spec):
     n = spec["length"]
     a = keras.random.normal((n, n), seed=0)
     b = keras.random.normal((n, n), seed=1)
-    if keras.backend.backend() == "jax":
-        import jax
-
-        f = jax.jit(keras.ops.matmul)
-        return lambda: jax.block_until_ready(f(a, b))
-    import tensorflow as tf
-
-    f = tf.function(lambda a, b: _done([keras.ops.matmul(a, b)]))
-    return lambda: [r.numpy() for r in f(a, b)]
-
-
-def _done(tensors):
-    """One number per result: on TensorFlow, fetching whole results to numpy would
-    add a copy to the timing (JAX waits with `block_until_ready` instead)."""
-    import tensorflow as tf
-
-    return [tf.reduce_sum(t) for t in tensors]
+    return timing.compiled_step(keras.ops.matmul, a, b)
 
 
 def measure(spec):
     """Time `spec` and report its peak memory: runs inside the child process."""
     import resource
 
-    path = None
+    layer = None
     if spec["case"] == "matmul":
         step = _matmul_step(spec)
     elif spec["case"] == "core":
         step = _core_step(spec)
     else:
         step, layer = _layer_step(spec)
-        path = getattr(layer, "last_path", None)
     base_rss = _rss_bytes()
-    start = time.perf_counter()
-    step()  # warm-up: tracing and compilation
-    warmup = time.perf_counter() - start
-    if spec["case"] not in ("matmul", "core") and spec["impl"] == "keras_attn":
-        path = layer.last_path
-    # At least `max_repeats` passes and at least a second of them (short passes are
-    # noisy), at most 50, and no more once `budget_s` seconds are spent.
-    times = []
-    budget = spec.get("budget_s", 20.0)
-    while len(times) < spec.get("max_repeats", 5) or (sum(times) < 1.0 and len(times) < 50):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-        if sum(times) > budget:
-            break
+    # One warm-up pass (tracing and compilation), then at least `max_repeats` passes
+    # and at least a second of them (short passes are noisy), at most 50, and no
+    # more once `budget_s` seconds are spent.
+    passes = timing.time_passes(
+        step,
+        repeats=spec.get("max_repeats", 5),
+        min_seconds=1.0,
+        max_repeats=50,
+        budget_s=spec.get("budget_s", 20.0),
+    )
+    path = getattr(layer, "last_path", None) if spec["impl"] == "keras_attn" else None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
         **spec,
-        "time_s": statistics.median(times),
-        "min_time_s": min(times),
-        "repeats": len(times),
-        "warmup_s": warmup,
+        "time_s": passes.median,
+        "min_time_s": passes.min,
+        "repeats": len(passes.times),
+        "warmup_s": passes.warmup_s,
         "peak_rss": peak,
         "base_rss": base_rss,
         "path": path,

@@ -7,6 +7,7 @@ from keras import ops
 from benchmarks import matmul_shapes
 from benchmarks import report
 from benchmarks import run
+from benchmarks import timing
 from benchmarks import workload
 from keras_attn import patterns
 from keras_attn.positions import make_positions
@@ -109,3 +110,58 @@ def test_accelerators_counts_pairs_and_reports_ratios():
     row = [line for line in accelerators.report(results, meta).splitlines() if "| local |" in line]
     assert row == [f"| local | {t} | 3.00 (native) | 2.00 | 1.50 | OOM | "
                    f"{3 * want * 16 * 4 * 64 / 0.003 / 1e12:.1f} | — | — |"]  # fmt: skip
+
+
+# -- the shared compile-and-time helper -------------------------------------------------
+
+
+def test_time_passes_warms_up_then_times_as_asked(monkeypatch):
+    def passes(durations, **kwargs):
+        clock = iter(np.cumsum([0.0] + [d for d in durations for d in (d, 0.0)]))
+        monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(clock)))
+        calls = []
+        result = timing.time_passes(lambda: calls.append(1), **kwargs)
+        assert len(calls) == 1 + len(result.times)  # the warm-up pass is not timed
+        return result
+
+    # Warm-up 4 s, then 3 passes: the median and the fastest of those three.
+    result = passes([4.0, 0.5, 0.25, 0.375], repeats=3)
+    assert result.warmup_s == 4.0 and result.times == (0.5, 0.25, 0.375)
+    assert result.median == 0.375 and result.min == 0.25
+    # Short passes go on until they add up to min_seconds, at most max_repeats of them.
+    assert len(passes([1.0] + [0.25] * 10, repeats=2, min_seconds=1.0, max_repeats=9).times) == 4
+    assert len(passes([1.0] + [0.01] * 10, repeats=2, min_seconds=1.0, max_repeats=6).times) == 6
+    # The budget stops the timing, even before `repeats` passes.
+    assert passes([1.0, 3.0, 3.0, 3.0], repeats=5, budget_s=5.0).times == (3.0, 3.0)
+
+
+def test_gradient_step_differentiates_the_arguments_and_the_variables(backend):
+    import keras
+
+    w = keras.Variable(np.array([1.0, 2.0, 3.0], "float32"))
+    x = ops.convert_to_tensor(np.array([4.0, 5.0, 6.0], "float32"))
+    step = timing.gradient_step(lambda x: ops.sum(x * w * w), x, variables=[w])
+    out = step()
+    d_x, d_w = np.array([1.0, 4.0, 9.0]), np.array([8.0, 20.0, 36.0])  # w², 2xw
+    if backend == "jax":
+        (d_w_got,), d_x_got = out
+        np.testing.assert_allclose(np.asarray(d_x_got), d_x)
+        np.testing.assert_allclose(np.asarray(d_w_got), d_w)
+    elif backend == "tensorflow":  # each gradient's sum: no copy of the gradients is timed
+        np.testing.assert_allclose([float(v) for v in out], [d_x.sum(), d_w.sum()])
+    else:
+        np.testing.assert_allclose(w.value.grad.cpu().numpy(), d_w)
+    step()  # a second pass gives the same (PyTorch's gradients do not accumulate)
+    if backend == "torch":
+        np.testing.assert_allclose(w.value.grad.cpu().numpy(), d_w)
+
+
+def test_compiled_step_runs_the_function(backend):
+    a = ops.convert_to_tensor(np.arange(6, dtype="float32").reshape(2, 3))
+    b = ops.convert_to_tensor(np.ones((3, 2), "float32"))
+    out = timing.compiled_step(ops.matmul, a, b)()
+    expected = np.arange(6).reshape(2, 3) @ np.ones((3, 2))
+    if backend == "jax":
+        np.testing.assert_allclose(np.asarray(out), expected)
+    else:  # reduced to its sum where it was computed
+        np.testing.assert_allclose([float(v) for v in out], [expected.sum()])
