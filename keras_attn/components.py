@@ -6,8 +6,12 @@ the engine calls them on whole ``(B, H, Tq, Tk)`` score matrices and on blocks o
 sparse layout alike. A subclass sets the class attribute ``name`` (its registry
 name) and is registered through a `keras_attn.hookspecs` hook.
 
-This module imports nothing else of keras_attn's components, so the registry
-(`keras_attn.plugins`) can import the base classes directly.
+The pattern algebra lives beside `Pattern`: ``p1 | p2`` is a `Union`, ``p1 & p2`` an
+`Intersection` (`keras_attn.patterns` exports them with the other built-in patterns).
+
+The registry (`keras_attn.plugins`) sits below this module and never imports it: this
+module declares its base classes to it when imported (`keras_attn.plugins.define_kind`),
+and the pattern algebra resolves and serializes its sub-patterns through it.
 """
 
 import dataclasses
@@ -16,15 +20,18 @@ import keras
 from keras import ops
 
 from keras_attn import block_layout
+from keras_attn import plugins
 
 __all__ = [
     "NEG_INF",
     "Components",
+    "Intersection",
     "Normalizer",
     "Pattern",
     "PositionEncoding",
     "Score",
     "ScoreMod",
+    "Union",
     "builtin",
 ]
 
@@ -152,13 +159,9 @@ class Pattern:
         return None
 
     def __or__(self, other):
-        from keras_attn.patterns import Union  # the built-in combinators subclass Pattern
-
         return Union([self, _check_pattern(other, "|")])
 
     def __and__(self, other):
-        from keras_attn.patterns import Intersection
-
         return Intersection([self, _check_pattern(other, "&")])
 
     def __eq__(self, other):
@@ -179,6 +182,98 @@ def _check_pattern(other, op):
             f"Received: {other!r} (of type {type(other).__name__})"
         )
     return other
+
+
+class _Combined(Pattern):
+    """A union or intersection of patterns."""
+
+    def __init__(self, patterns):
+        flat = []
+        for p in patterns:
+            p = plugins.resolve("pattern", p)
+            # (a | b) | c is kept flat as a | b | c.
+            flat.extend(p.patterns if type(p) is type(self) else [p])
+        if len(flat) < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs at least two patterns. Received: {patterns!r}"
+            )
+        self.patterns = flat
+
+    def get_config(self):
+        return {"patterns": [plugins.serialize(p) for p in self.patterns]}
+
+    def __repr__(self):
+        return "(" + f" {self.symbol} ".join(repr(p) for p in self.patterns) + ")"
+
+
+@builtin("pattern")
+class Union(_Combined):
+    """Pairs allowed by any of the patterns (``p1 | p2``).
+
+    Args:
+        patterns: At least two patterns: instances, registry names or config dicts.
+            A union among them is flattened into this one.
+
+    Raises:
+        ValueError: fewer than two patterns.
+        ComponentKindError: an item is not a pattern.
+    """
+
+    name = "union"
+    symbol = "|"
+
+    def mask(self, positions):
+        out = self.patterns[0].mask(positions)
+        for p in self.patterns[1:]:
+            out = ops.logical_or(out, p.mask(positions))
+        return out
+
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        out = None
+        for p in self.patterns:
+            m = p.block_mask(query_length, key_length, block_size, query_offset)
+            out = m if out is None else out | m
+        return out
+
+    @property
+    def causal(self):
+        return all(p.causal for p in self.patterns)
+
+
+@builtin("pattern")
+class Intersection(_Combined):
+    """Pairs allowed by all of the patterns (``p1 & p2``).
+
+    Args:
+        patterns: At least two patterns: instances, registry names or config dicts.
+            An intersection among them is flattened into this one.
+
+    Raises:
+        ValueError: fewer than two patterns.
+        ComponentKindError: an item is not a pattern.
+    """
+
+    name = "intersection"
+    symbol = "&"
+
+    def mask(self, positions):
+        out = self.patterns[0].mask(positions)
+        for p in self.patterns[1:]:
+            out = ops.logical_and(out, p.mask(positions))
+        return out
+
+    def block_mask(self, query_length, key_length, block_size, query_offset=0):
+        # A block with a pair allowed by all patterns is kept by each of them. The
+        # result may keep a few blocks with no such pair: those are masked exactly.
+        out = None
+        for p in self.patterns:
+            m = p.block_mask(query_length, key_length, block_size, query_offset)
+            out = m if out is None else out & m
+        return out
+
+    @property
+    def causal(self):
+        return any(p.causal for p in self.patterns)
 
 
 # Finite stand-in for -inf, safe in float32 (the normalizers compute in float32).
@@ -333,3 +428,11 @@ class Components:
 
     def dropout_active(self, training):
         return self.dropout is not None and bool(training) and self.dropout.rate > 0
+
+
+# The registry below learns the base classes from here (it imports no component).
+plugins.define_kind("score", Score)
+plugins.define_kind("score_mod", ScoreMod)
+plugins.define_kind("pattern", Pattern)
+plugins.define_kind("normalizer", Normalizer)
+plugins.define_kind("position_encoding", PositionEncoding)

@@ -5,19 +5,22 @@ returns a bool tensor broadcastable to the logits ``(..., Tq, Tk)``, True where 
 pair may interact. Patterns depend on positions only, never on data, so the engine
 can work out ahead of time which blocks of the score matrix are empty.
 
-``p1 | p2`` is the union of two patterns and ``p1 & p2`` their intersection.
+``p1 | p2`` is the union of two patterns and ``p1 & p2`` their intersection: `Union`
+and `Intersection`, defined beside `keras_attn.components.Pattern` and exported here
+with the other built-in patterns.
 """
 
 import numpy as np
 from keras import ops
 
-from keras_attn import plugins
 from keras_attn import validation
 from keras_attn.block_layout import block_bounds
 from keras_attn.block_layout import distance_bounds
 from keras_attn.block_layout import holds_multiple
 from keras_attn.block_layout import num_blocks
+from keras_attn.components import Intersection
 from keras_attn.components import Pattern
+from keras_attn.components import Union
 from keras_attn.components import builtin
 from keras_attn.hookspecs import hookimpl
 
@@ -285,80 +288,6 @@ class SinkTokens(_Banded):
 
     def get_config(self):
         return {"num_tokens": self.num_tokens, "causal": self.causal}
-
-
-class _Combined(Pattern):
-    """A union or intersection of patterns."""
-
-    def __init__(self, patterns):
-        flat = []
-        for p in patterns:
-            p = plugins.resolve("pattern", p)
-            # (a | b) | c is kept flat as a | b | c.
-            flat.extend(p.patterns if type(p) is type(self) else [p])
-        if len(flat) < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs at least two patterns. Received: {patterns!r}"
-            )
-        self.patterns = flat
-
-    def get_config(self):
-        return {"patterns": [plugins.serialize(p) for p in self.patterns]}
-
-    def __repr__(self):
-        return "(" + f" {self.symbol} ".join(repr(p) for p in self.patterns) + ")"
-
-
-@builtin("pattern")
-class Union(_Combined):
-    """Pairs allowed by any of the patterns (``p1 | p2``)."""
-
-    name = "union"
-    symbol = "|"
-
-    def mask(self, positions):
-        out = self.patterns[0].mask(positions)
-        for p in self.patterns[1:]:
-            out = ops.logical_or(out, p.mask(positions))
-        return out
-
-    def block_mask(self, query_length, key_length, block_size, query_offset=0):
-        out = None
-        for p in self.patterns:
-            m = p.block_mask(query_length, key_length, block_size, query_offset)
-            out = m if out is None else out | m
-        return out
-
-    @property
-    def causal(self):
-        return all(p.causal for p in self.patterns)
-
-
-@builtin("pattern")
-class Intersection(_Combined):
-    """Pairs allowed by all of the patterns (``p1 & p2``)."""
-
-    name = "intersection"
-    symbol = "&"
-
-    def mask(self, positions):
-        out = self.patterns[0].mask(positions)
-        for p in self.patterns[1:]:
-            out = ops.logical_and(out, p.mask(positions))
-        return out
-
-    def block_mask(self, query_length, key_length, block_size, query_offset=0):
-        # A block with a pair allowed by all patterns is kept by each of them. The
-        # result may keep a few blocks with no such pair: those are masked exactly.
-        out = None
-        for p in self.patterns:
-            m = p.block_mask(query_length, key_length, block_size, query_offset)
-            out = m if out is None else out & m
-        return out
-
-    @property
-    def causal(self):
-        return any(p.causal for p in self.patterns)
 
 
 @hookimpl

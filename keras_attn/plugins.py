@@ -14,6 +14,11 @@ the built-in classes in a ``.keras`` file without the registry (they are
 Keras-serializable by `keras_attn.components.builtin`); a plugin's components are
 found through the layers that name them, whose constructors look them up. Setting
 ``KERAS_ATTN_DISABLE_PLUGIN_AUTOLOAD=1`` skips the entry points.
+
+The registry sits below the components: it imports none of them. `KINDS` names the
+kinds and their hooks; the class of each kind is declared by `keras_attn.components`
+when it is imported (`define_kind`), which every built-in plugin does, so any lookup
+(`base_class` included) finds it whichever module was imported first.
 """
 
 import dataclasses
@@ -29,11 +34,6 @@ import keras
 import pluggy
 
 from keras_attn import hookspecs
-from keras_attn.components import Normalizer
-from keras_attn.components import Pattern
-from keras_attn.components import PositionEncoding
-from keras_attn.components import Score
-from keras_attn.components import ScoreMod
 from keras_attn.errors import ComponentKindError
 from keras_attn.errors import DuplicateComponentError
 from keras_attn.errors import PluginError
@@ -45,15 +45,19 @@ logger = logging.getLogger("keras_attn")
 ENTRY_POINT_GROUP = "keras_attn"
 DISABLE_AUTOLOAD_ENV = "KERAS_ATTN_DISABLE_PLUGIN_AUTOLOAD"
 
-# kind -> (hook name, the class every component of that kind subclasses)
+# kind -> the hook of `keras_attn.hookspecs` that registers components of that kind
 KINDS = {
-    "layer": ("register_layers", keras.layers.Layer),
-    "score": ("register_scores", Score),
-    "score_mod": ("register_score_mods", ScoreMod),
-    "pattern": ("register_patterns", Pattern),
-    "normalizer": ("register_normalizers", Normalizer),
-    "position_encoding": ("register_position_encodings", PositionEncoding),
+    "layer": "register_layers",
+    "score": "register_scores",
+    "score_mod": "register_score_mods",
+    "pattern": "register_patterns",
+    "normalizer": "register_normalizers",
+    "position_encoding": "register_position_encodings",
 }
+
+# kind -> the class every component of that kind subclasses; `keras_attn.components`
+# declares its own (`define_kind`) when it is imported.
+_base_classes = {"layer": keras.layers.Layer}
 
 # keras_attn's own plugins, registered through the same hooks as third parties:
 # plugin name -> the module that implements its hook.
@@ -82,10 +86,38 @@ class Entry:
     keras_name: str | None = dataclasses.field(default=None, compare=False)
 
 
-def base_class(kind):
-    """The class every component of `kind` subclasses."""
+def define_kind(kind, base):
+    """Declare the class every component of `kind` subclasses.
+
+    `keras_attn.components` declares its base classes (`keras_attn.Score`, ...) this way
+    when it is imported, so that the registry, below it, never imports it.
+
+    Args:
+        kind: One of the keys of `KINDS`, e.g. ``"score"``.
+        base: The base class, e.g. ``keras_attn.Score``.
+
+    Raises:
+        ValueError: `kind` is not a component kind.
+        TypeError: `base` is not a class.
+    """
     check_kind(kind)
-    return KINDS[kind][1]
+    if not isinstance(base, type):
+        raise TypeError(f"The base class of the {kind}s must be a class. Received: base={base!r}")
+    _base_classes[kind] = base
+
+
+def base_class(kind):
+    """The class every component of `kind` subclasses, e.g. ``keras_attn.Score``.
+
+    Raises:
+        ValueError: `kind` is not a component kind.
+    """
+    check_kind(kind)
+    if kind not in _base_classes:
+        # Nothing has imported keras_attn.components yet (only this module was): the
+        # built-in plugins import it, and it declares its classes (`define_kind`).
+        _builtins()
+    return _base_classes[kind]
 
 
 def public_name(cls):
@@ -105,7 +137,10 @@ def kind_of(obj):
     """
     cls = obj if isinstance(obj, type) else type(obj)
     for kind in ("score", "score_mod", "pattern", "normalizer", "position_encoding", "layer"):
-        if issubclass(cls, base_class(kind)):
+        # A kind not declared yet has no class to subclass: keras_attn.components,
+        # which defines it, has not been imported.
+        base = _base_classes.get(kind)
+        if base is not None and issubclass(cls, base):
             return kind
     return None
 
@@ -180,7 +215,7 @@ class Registry:
         callers = self.pm.get_hookcallers(plugin) or ()
         unknown = sorted(caller.name for caller in callers if caller.spec is None)
         if unknown:
-            known = ", ".join(hook for hook, _ in KINDS.values())
+            known = ", ".join(KINDS.values())
             raise PluginError(
                 f"The keras_attn plugin {plugin_name!r} implements unknown hooks "
                 f"{unknown}. The hooks are: {known}."
@@ -189,7 +224,7 @@ class Registry:
     def _collect(self, plugin, plugin_name, distribution, version):
         where = _describe_plugin(plugin_name, distribution, version)
         staged = []
-        for kind, (hook_name, _) in KINDS.items():
+        for kind, hook_name in KINDS.items():
             hook = getattr(self.pm.hook, hook_name)
             for impl in hook.get_hookimpls():
                 if impl.plugin is not plugin:
@@ -310,6 +345,15 @@ def _builtin_registry():
     return registry
 
 
+def _builtins():
+    """The `Registry`, with at least keras_attn's built-in plugins (no entry points yet)."""
+    global _registry
+    with _lock:
+        if _registry is None:
+            _registry = _builtin_registry()
+        return _registry
+
+
 def load():
     """The `Registry`, built on the first call: built-ins, then entry-point plugins.
 
@@ -325,10 +369,9 @@ def load():
             the next call).
         PluginError: an entry-point plugin is invalid (see `register`).
     """
-    global _registry, _autoloaded
+    global _autoloaded
     with _lock:
-        if _registry is None:
-            _registry = _builtin_registry()
+        _builtins()
         if not _autoloaded:
             if _autoload_enabled():
                 for ep in _entry_points():
@@ -410,7 +453,7 @@ def register(plugin, name=None):
     with _lock:
         registry = load()
         if not registry.pm.is_registered(plugin) and not _hookimpl_names(registry.pm, plugin):
-            hooks = ", ".join(hook for hook, _ in KINDS.values())
+            hooks = ", ".join(KINDS.values())
             raise PluginError(
                 "A keras_attn plugin is a module, class or object with "
                 f"@keras_attn.hookimpl functions ({hooks}); this one has none. "
@@ -615,15 +658,6 @@ def serialize(component):
         # Recorded so that a file loaded where the plugin is missing can say what to install.
         spec.update(package=package, version=version)
     return spec
-
-
-def check_layer_config(config, owner=None):
-    """Deprecated spelling of `keras_attn.saving.check_layer_config`, which see."""
-    # Kept until `keras_attn.layers.attention` calls `saving.check_layer_config`: until
-    # then the import graph has the cycle plugins -> saving -> plugins.
-    from keras_attn import saving
-
-    saving.check_layer_config(config, owner)
 
 
 # The keys of a serialized component spec (`serialize`).

@@ -725,8 +725,6 @@ def check_component(component, **kwargs):
 
 # -- registering components for a test ---------------------------------------------------
 
-_HOOKS = {kind: hook for kind, (hook, _) in plugins.KINDS.items()}
-
 
 def plugin_for(*classes, **by_kind):
     """An in-process plugin object whose hooks register `classes`.
@@ -751,8 +749,8 @@ def plugin_for(*classes, **by_kind):
             for cls in group:
                 register(cls)
 
-        hook.__name__ = _HOOKS[kind]
-        setattr(plugin, _HOOKS[kind], hookimpl(hook))
+        hook.__name__ = plugins.KINDS[kind]
+        setattr(plugin, plugins.KINDS[kind], hookimpl(hook))
     return plugin
 
 

@@ -290,7 +290,7 @@ def hook_examples():
     return examples
 
 
-@pytest.mark.parametrize("hook", sorted(plugins.KINDS[k][0] for k in plugins.KINDS))
+@pytest.mark.parametrize("hook", sorted(plugins.KINDS.values()))
 def test_hook_examples_of_the_guide_run_and_pass_the_checks(hook, capsys):
     code = hook_examples()[hook]
     module = types.ModuleType(f"guide_{hook}")
