@@ -236,6 +236,51 @@ def test_every_builtin_layer_is_registered():
         assert plugins.get("layer", registered[cls].name) is cls
 
 
+def test_the_registry_imported_first_knows_every_kind():
+    # The registry sits below the components and never imports them: keras_attn.components
+    # declares its base classes when it is imported. Imported on its own, the registry
+    # still names every kind and hook, and finds every base class.
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(
+                """
+                import sys
+                from keras_attn import plugins
+                print("components:", "keras_attn.components" in sys.modules)
+                print("hooks:", plugins.KINDS["score"], plugins.KINDS["position_encoding"])
+                base = plugins.base_class("score")
+                from keras_attn import components, testing
+                print("score base:", base is components.Score)
+                print("pattern:", plugins.kind_of(components.Union))
+                import keras
+                try:
+                    testing.check_score(keras.layers.Dense)
+                except AssertionError as e:
+                    print("check:", e)
+                """
+            ),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "components: False" in done.stdout
+    assert "hooks: register_scores register_position_encodings" in done.stdout
+    assert "score base: True" in done.stdout and "pattern: pattern" in done.stdout
+    assert "expected a subclass of keras_attn.Score; it is a layer" in done.stdout
+
+
+def test_define_kind_takes_a_known_kind_and_a_class():
+    with pytest.raises(ValueError, match="Unknown component kind.*kind='scores'"):
+        plugins.define_kind("scores", keras_attn.Score)
+    with pytest.raises(TypeError, match="must be a class. Received: base='Score'"):
+        plugins.define_kind("score", "Score")
+    assert plugins.base_class("score") is keras_attn.Score
+
+
 def test_builtins_are_keras_serializable_before_any_lookup():
     # Keras looks classes up by registered name when loading a `.keras` file; the
     # built-ins must be there as soon as keras_attn is imported.
