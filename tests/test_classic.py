@@ -395,3 +395,22 @@ def test_replacing_keras_layers_by_keras_attn_in_code_works(name):
     for got, want in zip(call(ours), call(theirs), strict=True):
         np.testing.assert_allclose(np_(got), np_(want), atol=1e-5)
     assert keras_attn.GroupQueryAttention is keras_attn.GroupedQueryAttention
+
+
+@pytest.mark.parametrize("case", ["concat_scaled", "additive"])
+def test_a_training_step_changes_the_weights_as_keras(case):
+    # Compiled where the backend compiles by default (jit on JAX and TensorFlow).
+    theirs, ours = pair(case)
+    initial = theirs.get_weights()
+    q, v = normal(8, 4, 6), normal(8, 5, 6)
+    target = normal(8, 4, 6)
+    weights = []
+    for layer in (theirs, ours):
+        query, value = keras.Input((4, 6)), keras.Input((5, 6))
+        model = keras.Model([query, value], layer([query, value], use_causal_mask=True))
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse")
+        model.fit([q, v], target, epochs=2, batch_size=4, shuffle=False, verbose=0)
+        weights.append([np_(w) for w in layer.weights])
+    assert not np.allclose(weights[0][0], initial[0])
+    for got, want in zip(weights[1], weights[0], strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
