@@ -18,6 +18,7 @@ is installed: the layers a KerasHub layer builds from its own config know nothin
 keras_attn, and are converted again on loading.
 """
 
+import contextlib
 import inspect
 import os
 import tempfile
@@ -131,9 +132,20 @@ def _replacement(layer, cls, attention):
     new = cls.from_config(config)
     new.trainable = layer.trainable
     if layer.built:
-        new.build(**layer._build_shapes_dict)
+        with _name_scope_of(layer):
+            new.build(**layer._build_shapes_dict)
         _copy_weights(layer, new)
     return new
+
+
+@contextlib.contextmanager
+def _name_scope_of(layer):
+    """The name scope `layer` was built in: the new layer's weights get the same paths
+    (which a `keras.distribution.LayoutMap` matches)."""
+    with contextlib.ExitStack() as stack:
+        for name in (layer.path or "").split("/")[:-1]:
+            stack.enter_context(keras.name_scope(name))
+        yield
 
 
 def _swap(parent, old, new):
@@ -286,8 +298,9 @@ def _copy(model):
                 "Register custom classes with keras.saving.register_keras_serializable "
                 "and give them a get_config that records every constructor argument."
             ) from error
-    originals = model._flatten_layers(include_self=True)
-    copies = copy._flatten_layers(include_self=True)
+    # Layers that hold weights pair up (a preprocessor may build weightless layers late).
+    originals = [layer for layer in model._flatten_layers(include_self=True) if layer.weights]
+    copies = [layer for layer in copy._flatten_layers(include_self=True) if layer.weights]
     if [type(layer) for layer in originals] != [type(layer) for layer in copies]:
         raise ValueError(
             f"keras_attn.convert cannot copy model {model.name!r}: its layers "

@@ -1,6 +1,7 @@
 """`keras_attn.convert`: Keras attention layers of any model become keras_attn's."""
 
 import importlib
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -69,6 +70,8 @@ def test_same_weights_in_the_same_order():
     model = functional_model()
     converted = keras_attn.convert(model)
     assert [w.shape for w in converted.weights] == [w.shape for w in model.weights]
+    # The same paths too (a LayoutMap matches them).
+    assert [w.path for w in converted.weights] == [w.path for w in model.weights]
     for ours, theirs in zip(converted.get_weights(), model.get_weights(), strict=True):
         np.testing.assert_array_equal(ours, theirs)
 
@@ -184,3 +187,114 @@ def test_a_model_whose_output_is_the_attention_saves_and_loads(tmp_path, layer):
 def test_something_else_than_a_model_is_a_clear_error():
     with pytest.raises(TypeError, match="takes a Keras model.*Received: model='model'"):
         keras_attn.convert("model")
+
+
+def lora_model():
+    """Keras's attention with LoRA on every projection (non-zero factors), frozen elsewhere."""
+    inputs = keras.Input((T, F))
+    attention = keras.layers.MultiHeadAttention(2, 4, name="mha")
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(attention(inputs, inputs)))
+    model.get_layer("head").trainable = False
+    projections = {
+        "query": (attention.query_dense, 2),
+        "key": (attention.key_dense, 2),
+        "value": (attention.value_dense, 3),
+        "attention_output": (attention.output_dense, 1),
+    }
+    for seed, (projection, rank) in enumerate(projections.values()):
+        projection.enable_lora(rank, lora_alpha=2 * rank)
+        projection.lora_kernel_b.assign(randn(*projection.lora_kernel_b.shape, seed=seed))
+    return model, projections
+
+
+def test_lora_converts_with_its_factors():
+    model, projections = lora_model()
+    converted = keras_attn.convert(model)
+    layer = converted.get_layer("mha")
+    assert isinstance(layer, keras_attn.MultiHeadAttention)
+    ours = {
+        "query": layer.query_dense,
+        "key": layer.key_dense,
+        "value": layer.value_dense,
+        "attention_output": layer.output_dense,
+    }
+    for name, (theirs, rank) in projections.items():
+        assert ours[name].lora_enabled and ours[name].lora_rank == rank
+        assert ours[name].lora_alpha == 2 * rank
+        np.testing.assert_array_equal(numpy(ours[name].lora_kernel_b), numpy(theirs.lora_kernel_b))
+    np.testing.assert_allclose(numpy(converted(X)), numpy(model(X)), atol=1e-5)
+    # The same weights train: LoRA factors and biases, not the frozen kernels or head.
+    trainable = [(w.path.split("/")[-1], tuple(w.shape)) for w in model.trainable_weights]
+    assert trainable == [
+        (w.path.split("/")[-1], tuple(w.shape)) for w in converted.trainable_weights
+    ]
+    assert {name for name, _ in trainable} == {"bias", "lora_kernel_a", "lora_kernel_b"}
+    for ours_w, theirs_w in zip(converted.trainable_weights, model.trainable_weights, strict=True):
+        np.testing.assert_array_equal(numpy(ours_w), numpy(theirs_w))
+
+
+def test_kerashub_backbone_lora_converts():
+    keras_hub = pytest.importorskip("keras_hub")
+    config = dict(
+        vocabulary_size=30, num_layers=2, num_heads=2, hidden_dim=8, intermediate_dim=16,
+        max_sequence_length=T,
+    )  # fmt: skip
+    backbone = keras_hub.models.GPT2Backbone(**config)
+    backbone.enable_lora(2)
+    for seed, weight in enumerate(backbone.weights):
+        if "lora_kernel_b" in weight.path:
+            weight.assign(randn(*weight.shape, seed=seed))
+    converted = keras_attn.convert(backbone)
+    inputs = {
+        "token_ids": np.arange(2 * T).reshape(2, T).astype("int32") % 30,
+        "padding_mask": np.ones((2, T), bool),
+    }
+    np.testing.assert_allclose(numpy(converted(inputs)), numpy(backbone(inputs)), atol=1e-5)
+    assert [w.path for w in converted.trainable_weights] == [
+        w.path for w in backbone.trainable_weights
+    ]
+    # KerasHub's LoRA file written from the converted backbone loads into Keras's.
+    path = str(Path(pytest.importorskip("tempfile").mkdtemp()) / "gpt2.lora.h5")
+    converted.save_lora_weights(path)
+    fresh = keras_hub.models.GPT2Backbone(**config)
+    fresh.set_weights([numpy(w) for w in backbone.weights if "lora" not in w.path])
+    fresh.load_lora_weights(path)
+    np.testing.assert_allclose(numpy(fresh(inputs)), numpy(backbone(inputs)), atol=1e-5)
+
+
+def test_weights_that_cannot_be_converted_say_why():
+    model, _ = lora_model()
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'mha': its projection 'key_dense' holds .*lora_kernel_a .* keras_attn's "
+        r"MultiHeadAttention made from its config holds .*must keep the projections' shapes",
+    ):
+        keras_attn.convert(model, num_key_value_heads=1)
+
+
+def test_a_shared_layer_and_a_nested_model_convert_once():
+    inputs = keras.Input((T, F))
+    attention = keras.layers.MultiHeadAttention(2, 4, name="shared")
+    x = attention(inputs, inputs)
+    x = attention(x, x, use_causal_mask=True)
+    inner_inputs = keras.Input((T, F))
+    inner = keras.Model(inner_inputs, Block(name="block")(inner_inputs), name="inner")
+    model = keras.Model(inputs, inner(inner(x)))
+    converted = keras_attn.convert(model)
+    np.testing.assert_allclose(numpy(converted(X)), numpy(model(X)), atol=1e-5)
+    assert [w.shape for w in converted.weights] == [w.shape for w in model.weights]
+    ours = [
+        layer for layer in converted._flatten_layers() if isinstance(layer, keras_attn.Attention)
+    ]
+    assert len(ours) == 2  # the shared layer and the nested model's, once each
+    shared = converted.get_layer("shared")
+    assert len(shared._inbound_nodes) == 2
+    # One layer: changing its weights changes both of its calls.
+    inner_converted = converted.get_layer("inner")
+    assert isinstance(inner_converted.get_layer("block").attention, keras_attn.MultiHeadAttention)
+    before = numpy(converted(X))
+    shared.output_dense.set_weights([2 * w for w in shared.output_dense.get_weights()])
+    doubled = model.get_layer("shared").output_dense
+    doubled.set_weights([2 * w for w in doubled.get_weights()])
+    np.testing.assert_allclose(numpy(converted(X)), numpy(model(X)), atol=1e-5)
+    assert not np.allclose(numpy(converted(X)), before)
