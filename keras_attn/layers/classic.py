@@ -73,7 +73,7 @@ class _ClassicAttention(keras.layers.Layer):
         self.last_path = None
 
     def _make_score(self):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _make_score().")
 
     # -- components ---------------------------------------------------------------
 
@@ -179,9 +179,8 @@ class _ClassicAttention(keras.layers.Layer):
         mask = None
         if value_mask is not None:
             mask = ops.cast(value_mask, "bool")[:, None, None, :]  # (N, 1, 1, Tk)
-        components = Components(self._score, tuple(self._score_mods), pattern, self._normalizer)
         output, weights, plan = dispatch.run(
-            components,
+            self.components.replace(pattern=pattern),
             dispatch.Heads(q, k, v, mask),
             dispatch.Settings(name=self.name),
             training=training,
