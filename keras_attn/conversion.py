@@ -27,7 +27,9 @@ import warnings
 import keras
 
 from keras_attn import plugins
+from keras_attn.layers import BahdanauAttention
 from keras_attn.layers import GroupedQueryAttention
+from keras_attn.layers import LuongAttention
 from keras_attn.layers import MultiHeadAttention
 
 __all__ = ["KERAS_ATTENTION_CLASSES", "Converted", "convert"]
@@ -36,6 +38,8 @@ __all__ = ["KERAS_ATTENTION_CLASSES", "Converted", "convert"]
 KERAS_ATTENTION_CLASSES = {
     keras.layers.MultiHeadAttention: MultiHeadAttention,
     keras.layers.GroupQueryAttention: GroupedQueryAttention,
+    keras.layers.AdditiveAttention: BahdanauAttention,
+    keras.layers.Attention: LuongAttention,
 }
 
 # Subclasses of Keras's attention whose own code keras_attn's layers replace as is:
