@@ -414,3 +414,24 @@ def test_a_training_step_changes_the_weights_as_keras(case):
     assert not np.allclose(weights[0][0], initial[0])
     for got, want in zip(weights[1], weights[0], strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["dot_scaled", "concat", "additive"])
+def test_convert_replaces_keras_layers_and_one_argument_changes_the_attention(case, tmp_path):
+    theirs, _ = pair(case)
+    query, value = keras.Input((4, 6)), keras.Input((5, 6))
+    model = keras.Model([query, value], theirs([query, value]))
+    q, v = normal(2, 4, 6), normal(2, 5, 6)
+    same = keras_attn.convert(model)
+    [layer] = [la for la in same._flatten_layers() if isinstance(la, CASES[case][1])]
+    np.testing.assert_allclose(np_(same([q, v])), np_(model([q, v])), atol=1e-6)
+
+    local_sparse = keras_attn.convert(model, pattern=Local(2), normalizer="sparsemax")
+    allowed = np.broadcast_to(local(4, 5, 2), (2, 4, 5))
+    logits = np_logits(case, q, v, theirs.get_weights())
+    ref, _ = np_attention(logits, v, allowed, normalize=np_sparsemax)
+    got = np_(local_sparse([q, v]))
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    local_sparse.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(np_(loaded([q, v])), got, atol=1e-6)
