@@ -9,6 +9,7 @@ import pytest
 from keras import ops
 
 import keras_attn
+from keras_attn import devices
 from keras_attn import dispatch
 from keras_attn import kernels
 from keras_attn import normalizers
@@ -202,9 +203,10 @@ def test_causal_takes_the_block_sparse_path_where_the_fused_kernel_is_dense(kwar
     assert choose(pattern="causal", **kwargs) == path
 
 
-def test_where_the_fused_kernel_is_not_dense_causal_stays_fused(monkeypatch):
-    monkeypatch.setattr(kernels, "fused_kernel_is_dense", lambda: False)
-    assert choose(pattern="causal", query_length=4096, key_length=4096) == "fused"
+def test_where_the_fused_kernel_is_not_dense_causal_stays_fused():
+    with devices.assume(devices.Machine(keras.backend.backend(), "gpu")):
+        assert choose(pattern="causal", query_length=4096, key_length=4096) == "fused"
+    assert choose(pattern="causal", query_length=4096, key_length=4096) == "block_sparse"
 
 
 def test_long_causal_self_attention_equals_the_fused_kernel():

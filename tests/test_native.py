@@ -1,12 +1,13 @@
 """Tests of keras_attn.native: the backend's own kernels agree with the dense path.
 
-JAX: cuDNN's sliding-window kernel runs only on an NVIDIA GPU; here the plan is told
-that it is available (``jax_cudnn_available``), so the same call runs through XLA's
+JAX: cuDNN's sliding-window kernel runs only on an NVIDIA GPU; here the plan is made
+for a GPU (`keras_attn.devices.assume` of a constructed `Machine`), so the same call
+runs through XLA's
 implementation of ``jax.nn.dot_product_attention``: the code path, the window
 arithmetic and the layer's wiring are those of the GPU.
 
 PyTorch: FlexAttention (torch 2.13) runs forward only on a CPU, so the plan takes it
-there only when a test says it is fast (``flex_attention_is_fast``) with autograd off;
+there only when a test plans for a CUDA machine, with autograd off;
 outputs are checked against the dense path, gradients only where CUDA is visible.
 `benchmarks/accelerators.py` runs the real kernels on a GPU.
 """
@@ -20,6 +21,7 @@ from keras import ops
 
 import keras_attn
 from keras_attn import block_layout
+from keras_attn import devices
 from keras_attn import dispatch
 from keras_attn import native
 from keras_attn import normalizers
@@ -36,28 +38,34 @@ torch_only = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-def cudnn_here(monkeypatch):
-    monkeypatch.setattr(native, "jax_cudnn_available", lambda dtype: True)
+GPU = devices.Machine("jax", "gpu")
 
 
-def _as_on_a_gpu(monkeypatch):
-    """cuDNN available, and the layer's float32 heads planned as the 16-bit heads of a GPU.
+class _Float32Gpu(devices.Machine):
+    """A GPU whose cuDNN would take the layers' float32 heads.
 
-    The kernel then runs in float32 (XLA), so it is compared to float32 rounding.
+    The kernel then runs here in float32 (XLA), compared to float32 rounding; the
+    plan is the one a GPU makes for 16-bit heads.
     """
-    monkeypatch.setattr(native, "jax_cudnn_available", lambda dtype: True)
-    original = dispatch.plan
-    monkeypatch.setattr(
-        dispatch, "plan", lambda *a, **k: original(*a, **{**k, "dtype": "bfloat16"})
-    )
+
+    def cudnn_window(self, dtype):
+        return self.backend == "jax" and self.platform == "gpu"
+
+
+FLOAT32_GPU = _Float32Gpu("jax", "gpu")
+
+
+@pytest.fixture
+def cudnn_here():
+    with devices.assume(FLOAT32_GPU):
+        yield
 
 
 def _plan(pattern, **options):
     components = Components(scores.ScaledDot(), (), pattern, normalizers.Softmax())
     options = {"query_length": 64, "key_length": 64, "head_dim": 8, "dtype": "bfloat16",
                **options}  # fmt: skip
-    return dispatch.plan(components, **options)
+    return dispatch.plan(components, machine=GPU, **options)
 
 
 @jax_only
@@ -94,20 +102,25 @@ def test_plan_takes_the_native_path_only_where_the_kernel_is_exact(cudnn_here):
     assert _plan(patterns.Dilated(4, causal=True)).path != "native"
     hard = Components(scores.ScaledDot(), (), local, normalizers.Hard())
     assert dispatch.plan(hard, query_length=64, key_length=64, head_dim=8,
-                         dtype="bfloat16").path != "native"  # fmt: skip
+                         dtype="bfloat16", machine=GPU).path != "native"  # fmt: skip
 
 
 @jax_only
 def test_not_native_where_cudnn_is_not_available():
     # This machine has no GPU: cuDNN is not available, whatever the dtype.
     assert not native.jax_cudnn_available("bfloat16")
-    assert _plan(patterns.Local(16, causal=True)).path != "native"
+    components = Components(scores.ScaledDot(), (), patterns.Local(16, causal=True),
+                            normalizers.Softmax())  # fmt: skip
+    plan = dispatch.plan(components, query_length=64, key_length=64, head_dim=8,
+                         dtype="bfloat16")  # fmt: skip
+    assert plan.path != "native"
+    assert not GPU.cudnn_window("float32")  # cuDNN's sliding window takes 16-bit heads
 
 
 @jax_only
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("length, window", [(37, 5), (64, 1), (50, 64)])
-def test_native_equals_dense_outputs_and_gradients(monkeypatch, causal, length, window):
+def test_native_equals_dense_outputs_and_gradients(causal, length, window):
     rng = np.random.default_rng(length + window)
     x = rng.normal(size=(2, length, 16)).astype("float32")
     make = dict(window=window, causal=causal, num_heads=4, key_dim=8)
@@ -127,10 +140,11 @@ def test_native_equals_dense_outputs_and_gradients(monkeypatch, causal, length, 
         )
         return value, grads, ops.convert_to_numpy(out)
 
-    _as_on_a_gpu(monkeypatch)
-    got_value, got_grads, got = run(ours)
-    assert ours.last_path == "native"
-    monkeypatch.undo()
+    with devices.assume(FLOAT32_GPU):
+        got_value, got_grads, got = run(ours)
+    # cuDNN takes a sliding window with its causal mask only; two-sided windows run
+    # another exact path (a window of 1 is one-sided either way).
+    assert ours.last_path == ("native" if causal or window == 1 else "dense")
     want_value, want_grads, want = run(dense)
     assert dense.last_path == "dense"
     np.testing.assert_allclose(got, want, atol=2e-5)
@@ -140,12 +154,7 @@ def test_native_equals_dense_outputs_and_gradients(monkeypatch, causal, length, 
 
 
 @jax_only
-def test_padding_takes_another_path_and_agrees(cudnn_here, monkeypatch):
-    monkeypatch.setattr(
-        dispatch,
-        "plan",
-        lambda *a, _plan=dispatch.plan, **k: _plan(*a, **{**k, "dtype": "bfloat16"}),
-    )
+def test_padding_takes_another_path_and_agrees(cudnn_here):
     x = np.random.default_rng(0).normal(size=(2, 20, 16)).astype("float32")
     mask = np.arange(20)[None] < np.array([[20], [13]])
     layer = keras_attn.LocalAttention(window=4, causal=True, num_heads=2)
@@ -157,13 +166,8 @@ def test_padding_takes_another_path_and_agrees(cudnn_here, monkeypatch):
 
 
 @jax_only
-def test_the_debug_log_names_the_kernel(cudnn_here, monkeypatch, caplog):
-    monkeypatch.setattr(
-        dispatch,
-        "plan",
-        lambda *a, _plan=dispatch.plan, **k: _plan(*a, **{**k, "dtype": "bfloat16"}),
-    )
-    layer = keras_attn.LocalAttention(window=4, num_heads=2, name="windowed")
+def test_the_debug_log_names_the_kernel(cudnn_here, caplog):
+    layer = keras_attn.LocalAttention(window=4, causal=True, num_heads=2, name="windowed")
     with caplog.at_level(logging.DEBUG, logger="keras_attn"):
         layer(np.ones((1, 8, 8), "float32"))
     assert "windowed (LocalAttention): native path (jax_cudnn)" in caplog.messages
@@ -182,12 +186,11 @@ PATTERNS = {
 
 
 @pytest.fixture
-def flex_here(monkeypatch):
-    """Let the plan take the native path on this CPU (forward only: no autograd)."""
+def flex_here():
+    """Plan as on CUDA, so the native path runs on this CPU (forward only: no autograd)."""
     import torch
 
-    monkeypatch.setattr(native, "flex_attention_is_fast", lambda: True)
-    with torch.no_grad():
+    with torch.no_grad(), devices.assume(devices.Machine("torch", "gpu")):
         yield
 
 
@@ -353,3 +356,46 @@ def test_gradients_equal_the_dense_path():
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, atol=1e-4, rtol=1e-3)
     assert keras.backend.backend() == "torch"
+
+
+@jax_only
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        patterns.Local(16, causal=True),
+        patterns.Local(1, causal=True),
+        patterns.Local(16),  # two-sided: cuDNN refuses it without its causal mask
+        patterns.Local(5) | patterns.GlobalTokens(1),
+        patterns.Causal(),
+        patterns.Dilated(3, 2, causal=True),
+    ],
+    ids=repr,
+)
+def test_what_the_plan_routes_to_cudnn_cudnn_accepts(pattern, dtype):
+    # JAX checks cuDNN's arguments before it looks for a GPU: on this CPU, a call with
+    # exactly the plan's arguments and dtype may fail only for want of cuDNN.
+    import jax
+    import jax.numpy as jnp
+
+    plan = _plan(pattern, dtype=dtype, query_length=48, key_length=48)
+    if plan.kernel != "jax_cudnn":
+        assert dtype == "float32" or native.jax_window(pattern) is None or not pattern.causal
+        return
+    left, right = plan.window
+    q = jnp.ones((2, 48, 4, 8), dtype)
+    k = jnp.ones((2, 48, 4, 8), dtype)  # key/value heads repeated to H, as the layer passes them
+    with pytest.raises(RuntimeError, match="cuDNN is not detected"):
+        jax.nn.dot_product_attention(
+            q, k, k, scale=plan.scale, is_causal=right == 0, local_window_size=(left, right),
+            implementation="cudnn",
+        )  # fmt: skip
+
+
+@jax_only
+def test_a_two_sided_window_is_not_planned_onto_cudnn():
+    # The GPU crash of issue 20: cuDNN raises "doesn't support right window ... when
+    # causal mask is not used", so the plan never routes a two-sided window there.
+    for dtype in ("bfloat16", "float16"):
+        assert _plan(patterns.Local(16), dtype=dtype).path != "native"
+        assert _plan(patterns.Local(16, causal=True), dtype=dtype).kernel == "jax_cudnn"

@@ -2,7 +2,7 @@
 
 Splash attention is a Pallas kernel for TPUs; the plan takes it only where JAX's
 default backend is a TPU. Here the tests tell the plan it is there
-(``splash_attention_is_fast``) and the kernel runs in Pallas's interpret mode on the
+(a `keras_attn.devices.Machine` on a TPU) and the kernel runs in Pallas's interpret mode on the
 CPU: the same mask processing, block skipping, padding and segment ids as on a TPU,
 compared with the dense path and with a numpy reference, outputs and gradients.
 Sizes stay small (interpret mode is slow).
@@ -16,6 +16,7 @@ import pytest
 from keras import ops
 
 import keras_attn
+from keras_attn import devices
 from keras_attn import dispatch
 from keras_attn import native
 from keras_attn import normalizers
@@ -42,9 +43,10 @@ PATTERNS = {
 
 
 @pytest.fixture
-def splash_here(monkeypatch):
-    """Let the plan take Splash attention on this CPU (it runs in interpret mode)."""
-    monkeypatch.setattr(native, "splash_attention_is_fast", lambda: True)
+def splash_here():
+    """Plan as on a TPU, so Splash attention runs on this CPU (in interpret mode)."""
+    with devices.assume(devices.Machine("jax", "tpu")):
+        yield
 
 
 def _pattern_mask(pattern, tq, tk, offset=0):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from keras_attn import block_layout
+from keras_attn import devices
 from keras_attn import kernels
 from keras_attn import normalizers
 from keras_attn import patterns as P
@@ -187,10 +188,14 @@ def test_applies_only_where_asked_and_exact(monkeypatch):
     layout = block_layout.block_layout(P.Causal(), 64, 64, 16)
     softmax = Components(scores.ScaledDot(), (), P.Causal(), normalizers.Softmax())
     monkeypatch.delenv(pallas.ENV_VAR, raising=False)
-    assert not pallas.applies(softmax, layout, 32)  # off by default
+    assert devices.current().pallas is None  # off by default
+    assert not devices.Machine("jax", "gpu").pallas_block_sparse
+    assert devices.Machine("jax", "gpu", pallas="gpu").pallas_block_sparse
+    assert not devices.Machine("jax", "cpu", pallas="gpu").pallas_block_sparse
+    assert devices.Machine("jax", "cpu", pallas="interpret").pallas_block_sparse
+    assert not devices.Machine("torch", "gpu", pallas="gpu").pallas_block_sparse
     monkeypatch.setenv(pallas.ENV_VAR, "1")
-    assert pallas.applies(softmax, layout, 32) == (jax.default_backend() == "gpu")
-    monkeypatch.setenv(pallas.ENV_VAR, "interpret")
+    assert devices.current().pallas_block_sparse == (jax.default_backend() == "gpu")
     assert pallas.applies(softmax, layout, 32)
     assert not pallas.applies(softmax, layout, 32, return_weights=True)
     sparsemax = softmax.replace(normalizer=normalizers.Sparsemax())
@@ -215,5 +220,6 @@ def test_layer_runs_the_kernel_when_opted_in(monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG, logger="keras_attn"):
         got = np.asarray(layer(x, x, key_mask=pad))
     assert layer.last_path == "block_sparse"
+    assert layer.last_plan.kernel == pallas.KERNEL  # the plan names the kernel that ran
     assert pallas.KERNEL in caplog.text
     np.testing.assert_allclose(got, expected, atol=ATOL)

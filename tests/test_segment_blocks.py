@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 from keras import ops
 
 import keras_attn
-from keras_attn import block_layout
 from keras_attn import segments
 from keras_attn.positions import make_positions
 from keras_attn.testing import value_and_grads
@@ -229,25 +228,6 @@ def test_max_segment_length_is_validated_and_serialized():
     assert keras_attn.Attention.from_config(config).max_segment_length == 64
 
 
-def test_segment_blocks_bound():
-    # A run of L tokens meeting a block of 4 reaches L - 1 tokens to each side.
-    assert block_layout.segment_blocks_bound(1, 4) == 1
-    assert block_layout.segment_blocks_bound(4, 4) == 3
-    assert block_layout.segment_blocks_bound(5, 4) == 3
-    assert block_layout.segment_blocks_bound(6, 4) == 5
-    for length in range(1, 20):
-        for bs in (1, 2, 4, 8):
-            ids = np.repeat(np.arange(64), length)[: 8 * bs * 4][None].astype("int32")
-            meets = np.asarray(ops.convert_to_numpy(segments.block_meets(ids, ids, bs)))
-            assert meets.sum(-1).max() <= block_layout.segment_blocks_bound(length, bs)
-            for shift in range(bs):  # queries anywhere in a block
-                shifted = ids[:, shift : shift + 4 * bs]
-                meets = np.asarray(ops.convert_to_numpy(segments.block_meets(shifted, ids, bs)))
-                assert meets.sum(-1).max() <= block_layout.segment_blocks_bound(
-                    length, bs, aligned=False
-                )
-
-
 # -- no attention across documents -------------------------------------------------------
 
 
@@ -278,9 +258,10 @@ def test_auto_mode_takes_the_block_sparse_path_when_packing_skips_enough(pattern
     # Many short documents: few blocks meet, so even a full or causal pattern skips
     # most of the score matrix on the block-sparse path (as on a CPU, where the fused
     # kernel computes every score); one document per row: nothing more to skip.
-    from keras_attn import kernels
+    from keras_attn import devices
 
-    monkeypatch.setattr(kernels, "fused_kernel_is_dense", lambda: True)
+    cpu = devices.Machine(keras.backend.backend(), "cpu")
+    monkeypatch.setattr(devices, "_assumed", [cpu])  # plans as on a CPU, wherever it runs
     ids = np.repeat(np.arange(16), 4)[None].repeat(2, axis=0).astype("int32")  # (2, 64)
     x = _x((2, 64, 8), 3)
     layer = keras_attn.Attention(num_heads=2, key_dim=4, pattern=pattern, block_size=8)
@@ -373,15 +354,21 @@ def test_cross_attention_ignores_the_bound_which_speaks_of_one_stream():
 def test_a_cache_with_a_bound_checks_only_the_new_tokens():
     # Unfilled cache slots share one id in a long run: not a segment longer than the
     # bound (eagerly, no false error), and the decode step equals the dense path's.
-    layer = keras_attn.Attention(
-        num_heads=2, key_dim=4, pattern="causal", block_sparse=True, block_size=BS,
-        max_segment_length=8,
-    )  # fmt: skip
+    sparse, dense = _pair("causal", max_segment_length=8)
     x = _x((1, 1, 8), 12)
-    cache = np.zeros((1, 2, T, 2, 4), "float32")
     key_ids = np.array([[1] * 6 + [9] * (T - 6)], "int32")  # 6 written, the rest unfilled
-    out, _ = layer(
-        x, x, cache=cache, cache_update_index=5,
-        query_segment_ids=np.array([[1]], "int32"), key_segment_ids=key_ids,
-    )  # fmt: skip
-    assert np.isfinite(_np(out)).all()
+    ids = {"query_segment_ids": np.array([[1]], "int32"), "key_segment_ids": key_ids}
+    cache = np.zeros((1, 2, T, 2, 4), "float32")
+    out, _ = sparse(x, x, cache=cache, cache_update_index=5, **ids)
+    assert sparse.last_path == "block_sparse"
+    out_dense, _ = dense(x, x, cache=cache, cache_update_index=5, **ids)
+    np.testing.assert_allclose(_np(out), _np(out_dense), atol=1e-5)
+    # In numpy: slots 0..4 hold zero keys (logit 0) and zero values, slot 5 the token.
+    wq, bq, wk, bk, wv, bv, wo, bo = [np.asarray(w, "float64") for w in sparse.get_weights()[:8]]
+    q = np.einsum("c,chd->hd", x[0, 0], wq) + bq
+    k = np.einsum("c,chd->hd", x[0, 0], wk) + bk
+    v = np.einsum("c,chd->hd", x[0, 0], wv) + bv
+    own = np.exp(np.sum(q * k, -1) / 2.0)  # (H,): the weight of slot 5, before normalizing
+    heads = (own / (5.0 + own))[:, None] * v  # (H, D)
+    expected = np.einsum("hd,hde->e", heads, wo) + bo
+    np.testing.assert_allclose(_np(out)[0, 0], expected, atol=1e-5)

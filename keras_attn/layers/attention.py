@@ -104,24 +104,15 @@ class Attention(KerasOverrides, keras.layers.Layer):
             Patterns keep absolute positions (the same within a segment for
             patterns of ``query - key``, such as causal and local).
         max_segment_length: The longest segment (run of equal `segment_ids`, in
-            tokens; a run of padding ids counts too) any call will carry, or None. On the block-sparse path, key
-            blocks whose segments never meet a query block's are skipped: with ids
-            known when the call runs (eager), by measuring them, with no setting;
-            with traced ids (``jax.jit``, ``tf.function``, a compiled model) shapes
-            must be static, so only this bound lets a traced call skip blocks
-            (each row of query blocks then gathers at most
-            `keras_attn.block_layout.segment_blocks_bound` key blocks). A call
-            whose ids hold a longer segment raises a ``ValueError`` when the ids
-            are known; when they are traced it cannot, and the rows of query
-            blocks that would need more blocks than the bound allows get NaN
-            outputs instead (never silently fewer keys). The bound assumes packed
-            ids (each document one run, ids non-decreasing along the row, or
-            non-decreasing and then padding with a smaller id such as 0); other ids
-            stay exact eagerly and without the bound, but under tracing may need
-            more blocks and then give NaN. It speaks of one stream: it bounds self
-            attention and decoding into a cache (where only the new tokens' ids are
-            checked; give unfilled slots an id of their own), not cross attention
-            (`query_segment_ids` and `key_segment_ids` without a cache).
+            tokens; padding runs count) any call will carry, or None. It lets a
+            traced call (``jax.jit``, ``tf.function``) skip the key blocks whose
+            segments never meet on the block-sparse path; eager calls measure their
+            ids instead. Known ids holding a longer segment raise a ``ValueError``;
+            traced ones cannot, and the rows of query blocks that would need more
+            blocks get NaN outputs (never silently fewer keys). It bounds one
+            stream (self attention, decoding into a cache), not cross attention.
+            Packed ids are assumed (each document one run; see the README's
+            "Packed sequences").
 
     Call arguments:
         query: Query tensor ``(B, Tq, dim)``.
@@ -137,8 +128,13 @@ class Attention(KerasOverrides, keras.layers.Layer):
         cache: Key/value cache ``(B, 2, S, H, D)`` for incremental decoding; the
             layer writes the new keys and values at `cache_update_index` and
             attends over the cache. The updated cache is returned.
-        cache_update_index: Position (int or scalar tensor) of the first query in
-            the cache; queries get absolute positions from it.
+        cache_update_index: Position of the first query in the cache: a Python or
+            numpy int, or a scalar tensor; queries get absolute positions from it.
+            With a `cache` and no index, the cache is read as it is and nothing is
+            written (KerasHub's convention for a cross-attention cache, computed
+            once): the queries' positions are then unknown, so a pattern other than
+            full, a score_mod or a position encoding raises a ``ValueError``, and a
+            self-attention call (no `value`) warns, as it is surely a mistake.
         segment_ids: Int ``(B, T)`` for packed sequences (self-attention): a query
             attends only to keys with the same id, on every path. Ids are
             compared, so padding may take an id of its own (or use a mask). On
@@ -383,29 +379,10 @@ class Attention(KerasOverrides, keras.layers.Layer):
             **self._get_common_kwargs_for_sublayer(),
         )
 
-    def _check_shapes(self, query_shape, value_shape, key_shape):
-        if tuple(value_shape[1:-1]) != tuple(key_shape[1:-1]):
-            raise ValueError(
-                "All dimensions of `value` and `key`, except the last one, must be equal. "
-                f"Received: value_shape={tuple(value_shape)} and key_shape={tuple(key_shape)}"
-            )
-        for arg, shape in (("query", query_shape), ("value", value_shape), ("key", key_shape)):
-            if len(shape) != len(query_shape) or len(shape) < 3:
-                raise ValueError(
-                    f"`query`, `value` and `key` must have one rank, at least 3 "
-                    f"(batch, ..., features). Received: query.shape={tuple(query_shape)}, "
-                    f"value.shape={tuple(value_shape)}, key.shape={tuple(key_shape)}"
-                )
-            if shape[-1] is None:
-                raise ValueError(
-                    f"The last dimension of `{arg}` must be known. "
-                    f"Received: {arg}.shape={tuple(shape)}"
-                )
-
     def build(self, query_shape, value_shape=None, key_shape=None):
         value_shape = query_shape if value_shape is None else value_shape
         key_shape = value_shape if key_shape is None else key_shape
-        self._check_shapes(query_shape, value_shape, key_shape)
+        shapes.check_input_shapes(query_shape, value_shape, key_shape)
         self._check_score_mods()
         rank = len(query_shape)
         if self._key_dim_arg is None:
@@ -546,6 +523,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
         key = value if key is None else key
         self._check_flash_attention(return_attention_scores)
         high_rank = len(query.shape) > 3
+        self_attention = key is query
         padding = masks.Padding.of_call(query, value, key, query_mask, value_mask, key_mask)
         masks.check_call(query, key, padding, attention_mask, cache, self.num_heads)
         # A padded position has no influence, not even through a gradient's 0 * nan.
@@ -567,9 +545,9 @@ class Attention(KerasOverrides, keras.layers.Layer):
                 f"Segment ids need (B, T, dim) inputs. Received: query.shape={tuple(query.shape)}"
             )
         pattern = self._effective_pattern(use_causal_mask)
-        self._check_positions_known(pattern, cache, cache_update_index)
+        self._check_positions_known(pattern, cache, cache_update_index, self_attention)
         q, k = positions_module.encode_heads(
-            self.position_encoding, q, k, self_attention=key is query,
+            self.position_encoding, q, k, self_attention=self_attention,
             query_offset=0 if cache_update_index is None else cache_update_index,
             cached=cache is not None, segments=call_segments,
         )  # fmt: skip
@@ -595,7 +573,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
             result += (read.cache,)
         return result[0] if len(result) == 1 else result
 
-    def _check_positions_known(self, pattern, cache, cache_update_index):
+    def _check_positions_known(self, pattern, cache, cache_update_index, self_attention):
         """Raise where the queries' positions are unknown but a component needs them.
 
         A cache read without `cache_update_index` (KerasHub's cross-attention
@@ -607,6 +585,14 @@ class Attention(KerasOverrides, keras.layers.Layer):
         """
         if cache is None or cache_update_index is not None:
             return
+        if self_attention:
+            warnings.warn(
+                f"{type(self).__name__} {self.name!r}: a self-attention call was given a "
+                "`cache` without `cache_update_index`, so the cache is only read and the "
+                "new keys and values are not written. Pass `cache_update_index` (the slot "
+                "of the first new token) to decode with it.",
+                stacklevel=3,
+            )
         needs = []
         if pattern.kernel_form != "full":
             needs.append(f"pattern {plugins.registry_name(pattern)!r}")
@@ -689,7 +675,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
         )
 
     def _record_path(self, path, kernel=None):
-        if path != self.last_path:
+        if (path, kernel) != (self.last_path, getattr(self.last_plan, "kernel", None)):
             where = f" ({kernel})" if kernel else ""
             logger.debug("%s (%s): %s path%s", self.name, type(self).__name__, path, where)
         self.last_path = path
@@ -706,19 +692,6 @@ class Attention(KerasOverrides, keras.layers.Layer):
                 f"Received: value_shape={value_shape} and key_shape={key_shape}"
             )
         return (*query_shape[:-1], *(self._output_shape or query_shape[-1:]))
-
-    def _scores_shape(self, query_shape, key_shape):
-        if len(query_shape) == 3:
-            return (query_shape[0], self.num_heads, query_shape[1], key_shape[1])
-        axes = shapes.resolve_attention_axes(self._attention_axes_arg, len(query_shape))
-        others = [a for a in range(1, len(query_shape) - 1) if a not in axes]
-        return (
-            query_shape[0],
-            *(query_shape[a] for a in others),
-            self.num_heads,
-            *(query_shape[a] for a in axes),
-            *(key_shape[a] for a in axes),
-        )
 
     def compute_output_spec(
         self,
@@ -745,7 +718,9 @@ class Attention(KerasOverrides, keras.layers.Layer):
         result = (output,)
         if return_attention_scores:
             key_shape = key.shape if cache is None else (key.shape[0], cache.shape[2])
-            scores_shape = self._scores_shape(query.shape, key_shape)
+            scores_shape = shapes.scores_shape(
+                query.shape, key_shape, self.num_heads, self._attention_axes_arg
+            )
             result += (keras.KerasTensor(scores_shape, dtype=self.compute_dtype),)
         if cache is not None:
             result += (keras.KerasTensor(cache.shape, dtype=cache.dtype),)

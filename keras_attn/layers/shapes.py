@@ -162,3 +162,46 @@ def fold_mask(mask, query_heads, key_heads, axes):
     tq = math.prod(full[2 + len(others) : 2 + len(others) + n])
     tk = math.prod(full[2 + len(others) + n :])
     return ops.reshape(mask, (-1, heads, tq, tk))
+
+
+def scores_shape(query_shape, key_shape, num_heads, attention_axes=None):
+    """The shape of the weights a layer returns: ``(B, H, Tq, Tk)`` for rank-3 inputs.
+
+    For inputs of higher rank, ``(B, *other axes, H, *query axes, *key axes)``, as
+    `keras.layers.MultiHeadAttention` returns them.
+    """
+    if len(query_shape) == 3:
+        return (query_shape[0], num_heads, query_shape[1], key_shape[1])
+    axes = resolve_attention_axes(attention_axes, len(query_shape))
+    others = [a for a in range(1, len(query_shape) - 1) if a not in axes]
+    return (
+        query_shape[0],
+        *(query_shape[a] for a in others),
+        num_heads,
+        *(query_shape[a] for a in axes),
+        *(key_shape[a] for a in axes),
+    )
+
+
+def check_input_shapes(query_shape, value_shape, key_shape):
+    """Raise unless query, value and key have one rank (>= 3) and value/key agree.
+
+    Raises:
+        ValueError: naming the shapes received.
+    """
+    if tuple(value_shape[1:-1]) != tuple(key_shape[1:-1]):
+        raise ValueError(
+            "All dimensions of `value` and `key`, except the last one, must be equal. "
+            f"Received: value_shape={tuple(value_shape)} and key_shape={tuple(key_shape)}"
+        )
+    for arg, shape in (("query", query_shape), ("value", value_shape), ("key", key_shape)):
+        if len(shape) != len(query_shape) or len(shape) < 3:
+            raise ValueError(
+                f"`query`, `value` and `key` must have one rank, at least 3 "
+                f"(batch, ..., features). Received: query.shape={tuple(query_shape)}, "
+                f"value.shape={tuple(value_shape)}, key.shape={tuple(key_shape)}"
+            )
+        if shape[-1] is None:
+            raise ValueError(
+                f"The last dimension of `{arg}` must be known. Received: {arg}.shape={tuple(shape)}"
+            )
