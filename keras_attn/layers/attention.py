@@ -21,6 +21,7 @@ from keras_attn import masks
 from keras_attn import patterns as patterns_module
 from keras_attn import plugins
 from keras_attn import positions as positions_module
+from keras_attn import qk_norm as qk_norm_module
 from keras_attn import saving
 from keras_attn import segments
 from keras_attn import validation
@@ -113,6 +114,15 @@ class Attention(KerasOverrides, keras.layers.Layer):
             stream (self attention, decoding into a cache), not cross attention.
             Packed ids are assumed (each document one run; see the README's
             "Packed sequences").
+        qk_norm: Normalise each head's queries and keys over the head dim, after
+            the projections and before the position encoding (so keys are cached
+            normalised), on every path: None (default), ``"rms"`` (RMS with a
+            learned per-dim scale, as Gemma 3/4, Qwen3 and OLMo 2), ``"l2"``
+            (unit length, as cosine attention; no weights), or a Keras layer such
+            as ``keras_attn.qk_norm.RMSNorm(epsilon=1e-6, unit_offset=True)``
+            (Gemma 3's ``1 + scale``), cloned for the queries and the keys
+            (sublayers ``query_norm`` and ``key_norm``, whose weights follow all
+            others). Computed in float32 under mixed precision.
 
     Call arguments:
         query: Query tensor ``(B, Tq, dim)``.
@@ -184,6 +194,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
         position_encoding=None,
         reset_positions=False,
         max_segment_length=None,
+        qk_norm=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
@@ -263,6 +274,8 @@ class Attention(KerasOverrides, keras.layers.Layer):
             if position_encoding is None
             else plugins.resolve("position_encoding", position_encoding, **layer_defaults)
         )
+        self._qk_norm_spec = _Unattached(qk_norm_module.get(qk_norm))
+        self._qk_norm_arg = qk_norm_module.serialize(qk_norm)
         self.last_path = None
         self._last_plan = _Unattached(None)
 
@@ -411,6 +424,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
         )
         self._output_dense.build((*query_shape[:-1], self.num_heads, self._value_dim))
         self._build_components(query_shape, key_shape)
+        self._build_qk_norm(rank)
 
     def _make_output_dense(self, query_shape, common_kwargs, name=None):
         """The output projection ``(B, ..., H, Dv) -> (B, ..., *output_shape)`` (as Keras)."""
@@ -474,6 +488,41 @@ class Attention(KerasOverrides, keras.layers.Layer):
         # Length of the sequence the engine sees: the product of the attention axes.
         dims = [shape[a] for a in self._attention_axes]
         return None if None in dims else math.prod(dims)
+
+    # -- QK-norm --------------------------------------------------------------------
+
+    @property
+    def query_norm(self):
+        """The QK-norm layer of the query heads (``qk_norm``), or None."""
+        return getattr(self, "_query_norm", None)
+
+    @property
+    def key_norm(self):
+        """The QK-norm layer of the key heads (``qk_norm``), or None."""
+        return getattr(self, "_key_norm", None)
+
+    def _build_qk_norm(self, input_rank):
+        # Built last, so that the weights of Keras's layers come first, in Keras's order.
+        template = self._qk_norm_spec.value
+        if template is None:
+            return
+        heads = [None] * (input_rank - 1)
+        self._query_norm = qk_norm_module.clone(template, "query_norm", self.dtype_policy)
+        self._query_norm.build((*heads, self.num_heads, self._key_dim))
+        self._key_norm = qk_norm_module.clone(template, "key_norm", self.dtype_policy)
+        self._key_norm.build((*heads, self.num_key_value_heads, self._key_dim))
+
+    def _normalize_heads(self, q, k):
+        """Apply the QK-norm to query heads ``(B, Tq, H, D)`` and key heads ``(B, Tk, Hkv, D)``."""
+        if self._qk_norm_spec.value is None:
+            return q, k
+        if self.query_norm is None:
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r} has qk_norm={self._qk_norm_arg!r} but "
+                "its QK-norm layers were not built: a subclass that overrides `build` must "
+                "call `super().build(...)` (or `self._build_qk_norm(len(query_shape))`)."
+            )
+        return self._query_norm(q), self._key_norm(k)
 
     # -- positions and segments -----------------------------------------------------
 
@@ -546,6 +595,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
             )
         pattern = self._effective_pattern(use_causal_mask)
         self._check_positions_known(pattern, cache, cache_update_index, self_attention)
+        q, k = self._normalize_heads(q, k)
         q, k = positions_module.encode_heads(
             self.position_encoding, q, k, self_attention=self_attention,
             query_offset=0 if cache_update_index is None else cache_update_index,
@@ -770,6 +820,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
                 ),
                 "reset_positions": self.reset_positions,
                 "max_segment_length": self.max_segment_length,
+                "qk_norm": self._qk_norm_arg,
             }
         )
         return config
