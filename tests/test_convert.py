@@ -298,3 +298,21 @@ def test_a_shared_layer_and_a_nested_model_convert_once():
     doubled.set_weights([2 * w for w in doubled.get_weights()])
     np.testing.assert_allclose(numpy(converted(X)), numpy(model(X)), atol=1e-5)
     assert not np.allclose(numpy(converted(X)), before)
+
+
+def test_a_model_that_does_not_save_is_a_clear_error():
+    class Unregistered(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.attention = keras.layers.MultiHeadAttention(2, 4)
+
+        def call(self, x):
+            return self.attention(x, x)
+
+    inputs = keras.Input((T, F))
+    model = keras.Model(inputs, Unregistered()(inputs), name="custom")
+    with pytest.raises(
+        ValueError,
+        match="(?s)model 'custom' does not save and load: .*Could not locate class .*register",
+    ):
+        keras_attn.convert(model)
