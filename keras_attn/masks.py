@@ -133,59 +133,97 @@ class Padding(NamedTuple):
         return any(m is not None for m in self)
 
     def check(self, query, value, key):
-        """Raise unless each mask is ``(B, T)`` for its input, naming the argument.
+        """Raise unless each mask covers its input's axes but the features, naming the argument.
 
         Raises:
-            ValueError: a mask whose length is not its input's.
+            ValueError: a mask whose shape is not its input's without the last axis.
         """
         for name, mask, x in (("query_mask", self.query, query),
                               ("value_mask", self.value, value),
                               ("key_mask", self.key, key)):  # fmt: skip
             if mask is None:
                 continue
-            shape, expected = tuple(mask.shape), tuple(x.shape[:2])
-            if len(shape) != 2 or any(
+            shape, expected = tuple(mask.shape), tuple(x.shape[:-1])
+            if len(shape) != len(expected) or any(
                 a is not None and b is not None and a != b
                 for a, b in zip(shape, expected, strict=True)
             ):
                 raise ValueError(
-                    f"`{name}` must have shape (B, T) = {expected}, the first two axes of "
-                    f"its input. Received: {name}.shape={shape}"
+                    f"`{name}` must have its input's shape without the feature axis, "
+                    f"{expected} (B, T for (B, T, dim) inputs). Received: {name}.shape={shape}"
                 )
+
+    def scores_mask(self, attention_axes):
+        """The padding of inputs of rank > 3 in the layout of Keras's scores, or None.
+
+        Args:
+            attention_axes: The input axes attended over (sorted, positive).
+
+        Returns:
+            Bool ``(B, *other axes, *query axes, *key axes)`` (other axes are those
+            neither batch, features nor attended), which Keras's expansion at the
+            head axis makes broadcastable to the scores; for one trailing axis it is
+            Keras's own ``query_mask[..., None] & value_mask[..., None, :]``.
+        """
+        if not self.any:
+            return None
+        rank = len(next(m for m in self if m is not None).shape)  # the input's rank - 1
+        others = [a for a in range(1, rank) if a not in attention_axes]
+        order = [0, *others, *attention_axes]
+        n = len(attention_axes)
+
+        def laid_out(mask, at_query):
+            mask = ops.transpose(ops.cast(mask, "bool"), order)  # (B, *others, *axes)
+            for _ in range(n):
+                mask = ops.expand_dims(mask, -1 if at_query else -n - 1)
+            return mask
+
+        query = None if self.query is None else laid_out(self.query, True)
+        keys = [laid_out(m, False) for m in (self.value, self.key) if m is not None]
+        return combine_masks(query, *keys)
 
     def zero_inputs(self, query, value, key):
         """`zero_padded_inputs` with these masks."""
         return zero_padded_inputs(query, value, key, self.query, self.value, self.key)
 
 
-def check_call(query, key, padding, attention_mask, cache, num_heads):
+def check_call(query, value, key, padding, attention_mask, cache, num_heads):
     """Check one call's masks against its inputs (`Padding` and the attention mask).
 
     Raises:
-        ValueError: padding masks or a cache with inputs of rank > 3, or a mask of
-            the wrong shape (naming the argument).
+        ValueError: a cache with inputs of rank > 3, or a mask of the wrong shape
+            (naming the argument).
     """
+    padding.check(query, value, key)
     if len(query.shape) > 3:
-        if cache is not None or padding.any:
+        if cache is not None:
             raise ValueError(
-                "Padding masks and a cache need (B, T, dim) inputs; for inputs of rank > 3 "
-                f"pass `attention_mask` instead. Received: query.shape={tuple(query.shape)}"
+                "A cache needs (B, T, dim) inputs (one sequence axis). "
+                f"Received: query.shape={tuple(query.shape)}"
             )
         return
-    padding.check(query, key, key)
     key_length = key.shape[1] if cache is None else cache.shape[2]
     check_attention_mask(attention_mask, query.shape[1], key_length, num_heads)
 
 
-def call_mask(padding, attention_mask, cache_mask=None, high_rank=False):
+def call_mask(padding, attention_mask, cache_mask=None, attention_axes=None):
     """The data mask of one call: padding, the explicit mask and the cache's written slots.
 
+    Args:
+        padding: The call's `Padding`.
+        attention_mask: The call's explicit mask, or None.
+        cache_mask: Bool ``(1, 1, 1, S)`` of the cache slots written, or None.
+        attention_axes: For inputs of rank > 3, the axes attended over; None for
+            ``(B, T, dim)`` inputs.
+
     Returns:
-        Bool ``(B|1, 1|H, Tq, Tk)``, or None; for inputs of rank > 3 the
-        `attention_mask` as given (folded later with the attention axes).
+        Bool ``(B|1, 1|H, Tq, Tk)``, or None; for inputs of rank > 3 a mask in the
+        layout of Keras's attention masks, ``(B, *other axes, *query axes, *key
+        axes)`` (folded later with the attention axes).
     """
-    if high_rank:
-        return attention_mask
+    if attention_axes is not None:
+        explicit = None if attention_mask is None else ops.cast(attention_mask, "bool")
+        return combine_masks(explicit, padding.scores_mask(attention_axes))
     return combine_masks(
         data_mask(padding.query, padding.value, padding.key),
         heads_mask(attention_mask),

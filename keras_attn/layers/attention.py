@@ -574,7 +574,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
         high_rank = len(query.shape) > 3
         self_attention = key is query
         padding = masks.Padding.of_call(query, value, key, query_mask, value_mask, key_mask)
-        masks.check_call(query, key, padding, attention_mask, cache, self.num_heads)
+        masks.check_call(query, value, key, padding, attention_mask, cache, self.num_heads)
         # A padded position has no influence, not even through a gradient's 0 * nan.
         query, value, key = padding.zero_inputs(query, value, key)
         with _masks_stay_on_inputs():
@@ -583,16 +583,15 @@ class Attention(KerasOverrides, keras.layers.Layer):
             gate = self._gate(query)
             v = self._value_dense(value)  # (B, Tk, Hkv, Dv)
 
-        cache_slots = None if cache is None else cache.shape[2]
-        call_segments = segments.for_call(
-            (segment_ids, query_segment_ids, key_segment_ids), query.shape[1], key.shape[1],
-            cache_slots, cache_update_index, self.reset_positions,
-            self.max_segment_length if not high_rank else None,
-        )  # fmt: skip
-        if call_segments is not None and high_rank:
+        ids = (segment_ids, query_segment_ids, key_segment_ids)
+        if high_rank and any(i is not None for i in ids):
             raise ValueError(
                 f"Segment ids need (B, T, dim) inputs. Received: query.shape={tuple(query.shape)}"
             )
+        call_segments = segments.for_call(
+            ids, query.shape[1], key.shape[1], None if cache is None else cache.shape[2],
+            cache_update_index, self.reset_positions, self.max_segment_length,
+        )  # fmt: skip
         pattern = self._effective_pattern(use_causal_mask)
         self._check_positions_known(pattern, cache, cache_update_index, self_attention)
         q, k = self._normalize_heads(q, k)
@@ -607,7 +606,9 @@ class Attention(KerasOverrides, keras.layers.Layer):
         )  # fmt: skip
         heads = dispatch.Heads(
             q, self._repeat_kv(read.key), self._repeat_kv(read.value),  # (B, Tk, H, D)
-            masks.call_mask(padding, attention_mask, read.mask, high_rank),
+            masks.call_mask(
+                padding, attention_mask, read.mask, self._attention_axes if high_rank else None
+            ),
             call_segments, read.query_offset,
         )  # fmt: skip
         output, weights = self._attention(heads, pattern, training, return_attention_scores)
