@@ -58,6 +58,8 @@ class Machine:
         splash_attention: Whether JAX's Splash attention imports.
         pallas: The Pallas block-sparse kernel's opt-in (`pallas_mode`): None,
             ``"gpu"`` or ``"interpret"``.
+        native_kernels: Whether the native and Pallas kernels may be planned at all
+            (`keras_attn.dispatch.run` plans again without them when one fails).
 
     Raises:
         ValueError: an unknown backend, platform or Pallas mode.
@@ -68,6 +70,7 @@ class Machine:
     flex_attention: bool = True
     splash_attention: bool = True
     pallas: str | None = None
+    native_kernels: bool = True
 
     def __post_init__(self):
         if self.backend not in ("jax", "tensorflow", "torch", "numpy", "openvino"):

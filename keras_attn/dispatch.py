@@ -21,6 +21,7 @@ once and hands it to the kernel). The paths, all exact and all agreeing:
 
 import dataclasses
 import logging
+import os
 import warnings
 from typing import NamedTuple
 
@@ -81,6 +82,8 @@ class Plan(NamedTuple):
         segment_layout: With segment ids on the block-sparse path, the
             `keras_attn.block_layout.SegmentLayout` that skips the blocks whose
             segments never meet; None otherwise.
+        fallback_from: The native or Pallas kernel that failed on this machine
+            (`run` then took this portable plan instead), or None.
     """
 
     path: str
@@ -92,6 +95,7 @@ class Plan(NamedTuple):
     kernel: object = None
     window: object = None
     segment_layout: object = None
+    fallback_from: object = None
 
 
 def _static_int(value):
@@ -259,12 +263,99 @@ def run(components, heads, settings=None, *, training=None, return_weights=False
     Returns:
         ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None, plan)``.
     """
-    the_plan = plan(components, Call.of(heads, training, return_weights), settings, machine)
-    output, weights = attend(
-        the_plan, heads.query, heads.key, heads.value, heads.mask,
-        segments=heads.segments, training=training, return_weights=return_weights,
-    )  # fmt: skip
+    call = Call.of(heads, training, return_weights)
+    machine = devices.current() if machine is None else machine
+    the_plan = plan(components, call, settings, machine)
+    try:
+        if the_plan.kernel is not None:
+            _check_kernel_compiles(the_plan, heads)
+        output, weights = attend(
+            the_plan, heads.query, heads.key, heads.value, heads.mask,
+            segments=heads.segments, training=training, return_weights=return_weights,
+        )  # fmt: skip
+    except Exception as error:  # a kernel that cannot run here: the portable paths can
+        if the_plan.kernel is None or not kernel_fallback_enabled():
+            raise
+        _warn_kernel_failed(settings, the_plan.kernel, error)
+        portable = dataclasses.replace(machine, native_kernels=False)
+        the_plan = plan(components, call, settings, portable)._replace(
+            fallback_from=the_plan.kernel
+        )
+        output, weights = attend(
+            the_plan, heads.query, heads.key, heads.value, heads.mask,
+            segments=heads.segments, training=training, return_weights=return_weights,
+        )  # fmt: skip
     return output, weights, the_plan
+
+
+FALLBACK_ENV_VAR = "KERAS_ATTN_KERNEL_FALLBACK"
+
+
+def kernel_fallback_enabled():
+    """Whether a failing native/Pallas kernel falls back to a portable path (the default).
+
+    ``KERAS_ATTN_KERNEL_FALLBACK=0`` turns it off, so the kernel's own error is raised
+    (for people debugging kernels).
+    """
+    return os.environ.get(FALLBACK_ENV_VAR, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+_warned_kernels = set()
+
+
+def _warn_kernel_failed(settings, kernel, error):
+    name = None if settings is None else settings.name
+    if (name, kernel) in _warned_kernels:
+        return
+    _warned_kernels.add((name, kernel))
+    warnings.warn(
+        f"keras_attn layer {name!r}: the {kernel} kernel failed on this machine "
+        f"({type(error).__name__}: {str(error)[:500]}); running the portable path "
+        f"instead (layer.last_plan.fallback_from says so). Set {FALLBACK_ENV_VAR}=0 to "
+        "raise the kernel's error instead. (Shown once per layer and kernel.)",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+_compiled_kernels = {}
+
+
+def _check_kernel_compiles(the_plan, heads):
+    """On JAX, compile the plan's kernel once for these shapes, so a compile error is caught here.
+
+    A kernel traced inside the user's ``jax.jit`` is compiled with the whole program,
+    outside any layer; compiling it alone first, once per (kernel, shapes, dtypes),
+    lets `run` fall back instead of failing the user's program. On a CPU the kernels
+    run through XLA or in interpret mode and fail, if at all, while traced: no check.
+    """
+    actual = devices.actual()
+    if actual.backend != "jax" or actual.platform == "cpu":
+        return
+    import jax
+
+    structs = [
+        jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) for x in (heads.query, heads.key, heads.value)
+    ]
+    if any(d is None for s_ in structs for d in s_.shape):
+        return
+    key = (the_plan.kernel, the_plan.window, the_plan.scale, id(the_plan.layout),
+           the_plan.query_offset, tuple((s_.shape, str(s_.dtype)) for s_ in structs))  # fmt: skip
+    if key in _compiled_kernels:
+        if _compiled_kernels[key] is not None:
+            raise _compiled_kernels[key]
+        return
+    mask = heads.mask
+
+    def kernel(q, k, v):
+        return attend(the_plan, q, k, v, None if mask is None else ops.ones(mask.shape, "bool"))
+
+    try:
+        jax.jit(kernel).lower(*structs).compile()
+    except Exception as error:
+        _compiled_kernels[key] = error
+        raise
+    _compiled_kernels[key] = None
 
 
 def plan(components, call=None, settings=None, machine=None, **facts):
@@ -397,7 +488,7 @@ class _Planner:
                 and c.query_offset == 0,
             )  # fmt: skip
         kernel = None
-        if segment_layout is None and self.pallas_applies(layout):
+        if segment_layout is None and self.machine.native_kernels and self.pallas_applies(layout):
             kernel = pallas.KERNEL
         return Plan(
             "block_sparse", self.components, c.query_offset, layout=layout,
@@ -480,7 +571,7 @@ class _Planner:
         """The native path's plan if a backend kernel computes exactly this, else None."""
         c, s, machine = self.call, self.settings, self.machine
         scale = self.scale(softmax_only=True)
-        if scale is None or s.block_sparse is True or not self.static:
+        if not machine.native_kernels or scale is None or s.block_sparse is True or not self.static:
             return None
         offset = c.query_offset
         if (

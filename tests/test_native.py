@@ -13,6 +13,7 @@ outputs are checked against the dense path, gradients only where CUDA is visible
 """
 
 import logging
+import warnings
 
 import keras
 import numpy as np
@@ -399,3 +400,29 @@ def test_a_two_sided_window_is_not_planned_onto_cudnn():
     for dtype in ("bfloat16", "float16"):
         assert _plan(patterns.Local(16), dtype=dtype).path != "native"
         assert _plan(patterns.Local(16, causal=True), dtype=dtype).kernel == "jax_cudnn"
+
+
+@jax_only
+def test_a_failing_kernel_warns_once_and_runs_the_portable_path(monkeypatch):
+    # Issue 20: a native kernel that cannot run on the user's machine is not a crash.
+    def broken(*args, **kwargs):
+        raise RuntimeError("cuDNN said no")
+
+    monkeypatch.setattr(native, "jax_local_attention", broken)
+    x = np.random.default_rng(3).normal(size=(2, 16, 8)).astype("float32")
+    layer = keras_attn.LocalAttention(window=4, causal=True, num_heads=2, name="falls_back")
+    reference = keras_attn.LocalAttention(window=4, causal=True, num_heads=2, block_sparse=False)
+    layer.build(x.shape, x.shape)
+    reference.build(x.shape, x.shape)
+    reference.set_weights(layer.get_weights())
+    with devices.assume(FLOAT32_GPU), pytest.warns(RuntimeWarning, match="jax_cudnn kernel failed"):
+        got = ops.convert_to_numpy(layer(x, x))
+    assert layer.last_plan.fallback_from == "jax_cudnn"
+    assert layer.last_plan.kernel is None and layer.last_path != "native"
+    np.testing.assert_allclose(got, ops.convert_to_numpy(reference(x, x)), atol=1e-5)
+    with devices.assume(FLOAT32_GPU), warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per layer and kernel
+        layer(x, x)
+    monkeypatch.setenv(dispatch.FALLBACK_ENV_VAR, "0")
+    with devices.assume(FLOAT32_GPU), pytest.raises(RuntimeError, match="cuDNN said no"):
+        layer(x, x)
