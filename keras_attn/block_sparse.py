@@ -25,6 +25,8 @@ number of slots (a masked dummy block fills the rest): batch-dependent slabs
 ``(B, H, R, bs, W * bs)``, the segment mask applied inside them from the ids.
 """
 
+from typing import NamedTuple
+
 import numpy as np
 from keras import ops
 
@@ -158,8 +160,15 @@ def _block_data_mask(mask, layout, group):
     return ops.reshape(mask, lead + (rows, bs, width * bs))
 
 
-def _group_attention(q, k, v, layout, group, components, positions, mask, training,
-                     return_weights):  # fmt: skip
+class _Weighing(NamedTuple):
+    """How a slab's logits become outputs: the components, dropout and weights asked for."""
+
+    components: object
+    training: object = None
+    return_weights: bool = False
+
+
+def _group_attention(q, k, v, layout, group, weighing, positions, mask):
     """Attention of one row group on its slab: ``(B, H, R, bs, Dv)`` and weights."""
     q = _take_blocks(q, group.rows)  # (B, H, R, bs, D)
     k = _key_slab(k, group)  # (B, H, R, W * bs, D)
@@ -167,15 +176,12 @@ def _group_attention(q, k, v, layout, group, components, positions, mask, traini
     block_positions = _block_positions(positions, layout, group)
     real_queries, real_keys = _padding_masks(layout, group)
     data_mask = None if mask is None else _block_data_mask(mask, layout, group)
-    return _slab_attention(
-        q, k, v, components, block_positions, (real_queries, real_keys), data_mask, training,
-        return_weights,
-    )  # fmt: skip
+    return _slab_attention(q, k, v, weighing, block_positions, (real_queries, real_keys), data_mask)
 
 
-def _slab_attention(q, k, v, components, block_positions, static_masks, data_mask, training,
-                    return_weights):  # fmt: skip
+def _slab_attention(q, k, v, weighing, block_positions, static_masks, data_mask):
     """Score, score_mods, the element mask and the normalizer on one slab."""
+    components = weighing.components
     logits = components.score(q, k)  # (B, H, R, bs, W * bs)
     for mod in components.score_mods:
         logits = mod(logits, positions=block_positions)
@@ -191,7 +197,9 @@ def _slab_attention(q, k, v, components, block_positions, static_masks, data_mas
             data_mask if element_mask is None else ops.logical_and(element_mask, data_mask)
         )
     # (B, H, R, bs, Dv) and (B, H, R, bs, W * bs) or None
-    return weighted_sum(components, logits, v, element_mask, training, return_weights)
+    return weighted_sum(
+        components, logits, v, element_mask, weighing.training, weighing.return_weights
+    )
 
 
 def _scatter_weights(weights, layout, batch, heads):
@@ -329,16 +337,23 @@ def _segment_data_mask(mask, layout, group, cols):
     return ops.reshape(mask, (-1, heads, rows, bs, width * bs))
 
 
-def _segment_group_attention(q, k_t, v_t, layout, group, width, meets, segments, components,
-                             positions, mask, training, return_weights):  # fmt: skip
+class _SegmentRows(NamedTuple):
+    """What picks each batch row's key blocks for one group: its width and the meets."""
+
+    width: int
+    meets: object  # (B, nq, nk) bool
+    segments: object  # keras_attn.segments.Segments
+
+
+def _segment_group_attention(q, k_t, v_t, layout, group, rows, weighing, positions, mask):
     """`_group_attention` on each batch row's own key blocks (those its segments meet).
 
     Returns:
         ``(output (B, H, R, bs, Dv), weights or None, cols (B, R, W))``; the rows
         that keep more blocks than `width` are NaN.
     """
-    query_ids, key_ids = segments.query_ids, segments.key_ids
-    cols, valid, overflow = _segment_cols(meets, group, width)
+    query_ids, key_ids = rows.segments.query_ids, rows.segments.key_ids
+    cols, valid, overflow = _segment_cols(rows.meets, group, rows.width)
     q = _take_blocks(q, group.rows)  # (B, H, R, bs, D)
     k = _segment_key_slab(k_t, cols)  # (B, H, R, W * bs, D)
     v = _segment_key_slab(v_t, cols)  # (B, H, R, W * bs, Dv)
@@ -357,9 +372,7 @@ def _segment_group_attention(q, k_t, v_t, layout, group, width, meets, segments,
     data_mask = ops.logical_and(real_keys, same)
     if mask is not None:
         data_mask = ops.logical_and(data_mask, _segment_data_mask(mask, layout, group, cols))
-    out, w = _slab_attention(
-        q, k, v, components, block_positions, (real_queries,), data_mask, training, return_weights
-    )
+    out, w = _slab_attention(q, k, v, weighing, block_positions, (real_queries,), data_mask)
     if overflow is not None:
         # A row needing more blocks than the bound allows: NaN, never a silent drop.
         poison = overflow[:, None, :, None, None]  # (B, 1, R, 1, 1)
@@ -432,11 +445,10 @@ def block_sparse_attention(
     k = _to_blocks(key, nk, block_size)  # (B, H, nk, bs, D)
     v = _to_blocks(value, nk, block_size)  # (B, H, nk, bs, Dv)
     outputs, weights, cols = [], [], []
+    weighing = _Weighing(components, training, return_weights)
     if segment_layout is None:
         for group in layout.groups:
-            out, w = _group_attention(
-                q, k, v, layout, group, components, positions, mask, training, return_weights
-            )
+            out, w = _group_attention(q, k, v, layout, group, weighing, positions, mask)
             outputs.append(out)
             weights.append(w)
     else:
@@ -446,10 +458,10 @@ def block_sparse_attention(
         k = ops.transpose(k, (0, 2, 1, 3, 4))  # (B, nk, H, bs, D)
         v = ops.transpose(v, (0, 2, 1, 3, 4))  # (B, nk, H, bs, Dv)
         for group, width in zip(layout.groups, segment_layout.widths, strict=True):
+            rows = _SegmentRows(width, meets, segments)
             out, w, c = _segment_group_attention(
-                q, k, v, layout, group, width, meets, segments, components, positions,
-                mask, training, return_weights,
-            )  # fmt: skip
+                q, k, v, layout, group, rows, weighing, positions, mask
+            )
             outputs.append(out)
             weights.append(w)
             cols.append(c)
