@@ -264,9 +264,13 @@ def _make_layout(pattern, query_length, key_length, block_size, query_offset):
     rows = np.concatenate([g.rows for g in groups])
     order = None if np.array_equal(rows, np.arange(len(rows))) else np.argsort(rows)
     return BlockLayout(
-        query_length, key_length, block_size, mask, tuple(groups),
+        query_length,
+        key_length,
+        block_size,
+        mask,
+        tuple(groups),
         None if order is None else order.astype("int32"),
-    )  # fmt: skip
+    )
 
 
 def _band_group(rows, mask, width):
@@ -293,9 +297,12 @@ def _band_group(rows, mask, width):
     cols = np.concatenate([np.broadcast_to(shared, (num_rows, len(shared))), clipped], axis=1)
     valid = np.concatenate([np.ones((num_rows, len(shared)), bool), in_band], axis=1)
     return RowGroup(
-        rows.astype("int32"), cols.astype("int32"), valid,
-        shared.astype("int32"), offsets.astype("int32"),
-    )  # fmt: skip
+        rows.astype("int32"),
+        cols.astype("int32"),
+        valid,
+        shared.astype("int32"),
+        offsets.astype("int32"),
+    )
 
 
 @functools.lru_cache(maxsize=256)

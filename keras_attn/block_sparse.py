@@ -407,9 +407,18 @@ def _scatter_segment_weights(weights, cols, layout, heads):
 
 
 def block_sparse_attention(
-    query, key, value, layout, components, positions, mask=None, training=None,
-    return_weights=False, segment_layout=None, segments=None,
-):  # fmt: skip
+    query,
+    key,
+    value,
+    layout,
+    components,
+    positions,
+    mask=None,
+    training=None,
+    return_weights=False,
+    segment_layout=None,
+    segments=None,
+):
     """Attention computed only on the blocks `pattern` can reach; equals the dense path.
 
     Args:

@@ -270,9 +270,15 @@ def run(components, heads, settings=None, *, training=None, return_weights=False
         if the_plan.kernel is not None:
             _check_kernel_compiles(the_plan, heads)
         output, weights = attend(
-            the_plan, heads.query, heads.key, heads.value, heads.mask,
-            segments=heads.segments, training=training, return_weights=return_weights,
-        )  # fmt: skip
+            the_plan,
+            heads.query,
+            heads.key,
+            heads.value,
+            heads.mask,
+            segments=heads.segments,
+            training=training,
+            return_weights=return_weights,
+        )
     except Exception as error:  # a kernel that cannot run here: the portable paths can
         if the_plan.kernel is None or not kernel_fallback_enabled():
             raise
@@ -282,9 +288,15 @@ def run(components, heads, settings=None, *, training=None, return_weights=False
             fallback_from=the_plan.kernel
         )
         output, weights = attend(
-            the_plan, heads.query, heads.key, heads.value, heads.mask,
-            segments=heads.segments, training=training, return_weights=return_weights,
-        )  # fmt: skip
+            the_plan,
+            heads.query,
+            heads.key,
+            heads.value,
+            heads.mask,
+            segments=heads.segments,
+            training=training,
+            return_weights=return_weights,
+        )
     return output, weights, the_plan
 
 
@@ -339,8 +351,14 @@ def _check_kernel_compiles(the_plan, heads):
     ]
     if any(d is None for s_ in structs for d in s_.shape):
         return
-    key = (the_plan.kernel, the_plan.window, the_plan.scale, id(the_plan.layout),
-           the_plan.query_offset, tuple((s_.shape, str(s_.dtype)) for s_ in structs))  # fmt: skip
+    key = (
+        the_plan.kernel,
+        the_plan.window,
+        the_plan.scale,
+        id(the_plan.layout),
+        the_plan.query_offset,
+        tuple((s_.shape, str(s_.dtype)) for s_ in structs),
+    )
     if key in _compiled_kernels:
         if _compiled_kernels[key] is not None:
             raise _compiled_kernels[key]
@@ -456,17 +474,24 @@ class _Planner:
         if self._layout is None:
             c = self.call
             self._layout = block_layout_module.block_layout(
-                self.pattern, c.query_length, c.key_length, self.settings.block_size,
+                self.pattern,
+                c.query_length,
+                c.key_length,
+                self.settings.block_size,
                 c.query_offset,
-            )  # fmt: skip
+            )
         return self._layout
 
     def sparse_pays_off(self, mode, max_fraction=MAX_COMPUTED_FRACTION):
         c = self.call
         decided = _block_sparse_decision(
-            self.pattern, c.query_length, c.key_length, mode, self.settings.block_size,
+            self.pattern,
+            c.query_length,
+            c.key_length,
+            mode,
+            self.settings.block_size,
             c.query_offset,
-        )  # fmt: skip
+        )
         if decided is not None:
             return decided
         return self.layout().computed_fraction <= max_fraction
@@ -481,19 +506,26 @@ class _Planner:
         if c.segments is not None:
             segs = c.segments
             segment_layout = block_layout_module.segment_layout(
-                layout, segs.query_ids, segs.key_ids,
+                layout,
+                segs.query_ids,
+                segs.key_ids,
                 # Cross attention: the keys are another stream the bound says nothing of.
                 max_segment_length=self.settings.max_segment_length if segs.same_stream else None,
-                aligned=segs.query_ids is segs.key_ids and _static_int(c.query_offset)
+                aligned=segs.query_ids is segs.key_ids
+                and _static_int(c.query_offset)
                 and c.query_offset == 0,
-            )  # fmt: skip
+            )
         kernel = None
         if segment_layout is None and self.machine.native_kernels and self.pallas_applies(layout):
             kernel = pallas.KERNEL
         return Plan(
-            "block_sparse", self.components, c.query_offset, layout=layout,
-            segment_layout=segment_layout, kernel=kernel,
-        )  # fmt: skip
+            "block_sparse",
+            self.components,
+            c.query_offset,
+            layout=layout,
+            segment_layout=segment_layout,
+            kernel=kernel,
+        )
 
     def pallas_applies(self, layout):
         c = self.call
@@ -544,9 +576,12 @@ class _Planner:
             if cpu_fused and self.sparse_pays_off("auto", MAX_FRACTION_OVER_FUSED):
                 return self.block_sparse_plan()
             return Plan(
-                "fused", self.components, c.query_offset, scale=scale,
+                "fused",
+                self.components,
+                c.query_offset,
+                scale=scale,
                 flash_attention=s.flash_attention,
-            )  # fmt: skip
+            )
         if self.sparse_pays_off(s.block_sparse):
             return self.block_sparse_plan()
         return Plan("dense", self.components, c.query_offset)
@@ -579,8 +614,9 @@ class _Planner:
             and self.pattern.kernel_form is None  # full and causal: the fused path
             and machine.flex_attention_is_fast
         ):
-            return Plan("native", self.components, offset, scale=scale,
-                        kernel="torch_flex_attention")  # fmt: skip
+            return Plan(
+                "native", self.components, offset, scale=scale, kernel="torch_flex_attention"
+            )
         if (
             s.flash_attention is not False
             and not c.has_mask  # whole-key/query masks are expressible, but plan sees no shape
@@ -597,8 +633,9 @@ class _Planner:
             or not machine.cudnn_window(c.dtype)
         ):
             return None
-        return Plan("native", self.components, offset, scale=scale, kernel="jax_cudnn",
-                    window=window)  # fmt: skip
+        return Plan(
+            "native", self.components, offset, scale=scale, kernel="jax_cudnn", window=window
+        )
 
 
 _warned_unknown_lengths = set()
@@ -624,8 +661,9 @@ def warn_unknown_lengths(name, pattern, query_length, key_length):
     )
 
 
-def attend(plan, query, key, value, mask=None, *, segments=None, training=None,
-           return_weights=False):  # fmt: skip
+def attend(
+    plan, query, key, value, mask=None, *, segments=None, training=None, return_weights=False
+):
     """Run a `Plan` on projected heads.
 
     Args:
@@ -677,9 +715,14 @@ def attend(plan, query, key, value, mask=None, *, segments=None, training=None,
             mask = combine_masks(mask, pattern.mask(positions()))
             causal = False
         output = kernels.fused_attention(
-            query, key, value, scale=plan.scale, causal=causal, mask=mask,
+            query,
+            key,
+            value,
+            scale=plan.scale,
+            causal=causal,
+            mask=mask,
             flash_attention=plan.flash_attention,
-        )  # fmt: skip
+        )
         return output, None
     q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, Tq, D)
     k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, Tk, D)
@@ -692,9 +735,18 @@ def attend(plan, query, key, value, mask=None, *, segments=None, training=None,
         weights = None
     elif plan.path == "block_sparse":
         output, weights = block_sparse_attention(
-            q, k, v, plan.layout, plan.components, positions(), mask, training,
-            return_weights, plan.segment_layout, segments,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            plan.layout,
+            plan.components,
+            positions(),
+            mask,
+            training,
+            return_weights,
+            plan.segment_layout,
+            segments,
+        )
     else:
         output, weights = kernels.dense_attention(
             q, k, v, plan.components, positions(), mask, training, return_weights
@@ -708,9 +760,14 @@ def _native(plan, query, key, value, mask):
     offset = plan.query_offset
     if plan.kernel == "torch_flex_attention":
         return native.flex_attention(
-            query, key, value, plan.components.pattern, scale=plan.scale,
-            query_offset=offset, mask=mask,
-        )  # fmt: skip
+            query,
+            key,
+            value,
+            plan.components.pattern,
+            scale=plan.scale,
+            query_offset=offset,
+            mask=mask,
+        )
     if plan.kernel == "jax_splash":
         return native.splash_attention(
             query, key, value, plan.components.pattern, scale=plan.scale, query_offset=offset

@@ -138,9 +138,11 @@ class Padding(NamedTuple):
         Raises:
             ValueError: a mask whose shape is not its input's without the last axis.
         """
-        for name, mask, x in (("query_mask", self.query, query),
-                              ("value_mask", self.value, value),
-                              ("key_mask", self.key, key)):  # fmt: skip
+        for name, mask, x in (
+            ("query_mask", self.query, query),
+            ("value_mask", self.value, value),
+            ("key_mask", self.key, key),
+        ):
             if mask is None:
                 continue
             shape, expected = tuple(mask.shape), tuple(x.shape[:-1])

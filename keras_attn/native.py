@@ -375,9 +375,15 @@ def _splash_kernel(pattern, query_length, key_length, query_offset, num_heads, i
 
     size = SPLASH_BLOCK_SIZE
     blocks = sk.BlockSizes(
-        block_q=size, block_kv=size, block_kv_compute=size, block_q_dkv=size,
-        block_kv_dkv=size, block_kv_dkv_compute=size, block_q_dq=size, block_kv_dq=size,
-    )  # fmt: skip
+        block_q=size,
+        block_kv=size,
+        block_kv_compute=size,
+        block_q_dkv=size,
+        block_kv_dkv=size,
+        block_kv_dkv_compute=size,
+        block_q_dq=size,
+        block_kv_dq=size,
+    )
     mask = splash_mask(pattern, query_length, key_length, query_offset, num_heads)
     return sk.make_splash_mha(
         mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret

@@ -41,8 +41,9 @@ def make_positions(query_length, key_length, num_heads, query_offset=0, key_offs
     )
 
 
-def encode_heads(encoding, query, key, *, self_attention, query_offset=0, cached=False,
-                 segments=None):  # fmt: skip
+def encode_heads(
+    encoding, query, key, *, self_attention, query_offset=0, cached=False, segments=None
+):
     """Apply a position encoding to projected heads ``(B, T, H, D)``, before the score.
 
     Positions are absolute: queries from `query_offset` (the cache index with a

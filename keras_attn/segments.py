@@ -273,8 +273,15 @@ class SegmentRelative:
         return self.score_mod(logits, positions=relative)
 
 
-def for_call(ids, query_length, key_length, cache_slots=None, cache_update_index=None,
-             reset_positions=False, max_segment_length=None):  # fmt: skip
+def for_call(
+    ids,
+    query_length,
+    key_length,
+    cache_slots=None,
+    cache_update_index=None,
+    reset_positions=False,
+    max_segment_length=None,
+):
     """The `Segments` of one attention call, checked, or None without segment ids.
 
     Args:
@@ -308,16 +315,17 @@ def for_call(ids, query_length, key_length, cache_slots=None, cache_update_index
         check_segment_ids(key_ids, key_name, key_length, "the key length")
     else:
         check_segment_ids(
-            key_ids, key_name, cache_slots,
+            key_ids,
+            key_name,
+            cache_slots,
             "the number of cache slots: with a cache, `key_segment_ids` covers every slot",
-        )  # fmt: skip
+        )
     # One stream: self attention, or the new tokens written into a cache.
     same_stream = cache_slots is not None or query_ids is key_ids
     if same_stream:
         # With a cache the unfilled slots may hold one long run of one id: only the
         # new tokens' ids are checked (give unfilled slots an id of their own).
-        check_segment_lengths(query_ids if cache_slots is not None else key_ids,
-                              max_segment_length)  # fmt: skip
+        check_segment_lengths(query_ids if cache_slots is not None else key_ids, max_segment_length)
     if not reset_positions:
         return Segments(query_ids, key_ids, same_stream=same_stream)
     key_starts = segment_starts(key_ids)  # (B, Tk)

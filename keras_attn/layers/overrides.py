@@ -38,9 +38,11 @@ def _complete_mask(heads, pattern, num_heads):
             )
         return mask
     positions = make_positions(
-        ops.shape(heads.query)[1], ops.shape(heads.key)[1], num_heads,
+        ops.shape(heads.query)[1],
+        ops.shape(heads.key)[1],
+        num_heads,
         query_offset=heads.query_offset,
-    )  # fmt: skip
+    )
     mask = masks.combine_masks(mask, masks.pattern_mask_or_none(pattern, positions))
     return masks.keras_form(mask)
 
@@ -73,8 +75,9 @@ class KerasOverrides:
             )
         if self._overrides("_masked_softmax"):
             mask = _complete_mask(heads, pattern, self.num_heads)
-            return self._attend_with_masked_softmax(heads._replace(mask=mask), training,
-                                                    return_weights)  # fmt: skip
+            return self._attend_with_masked_softmax(
+                heads._replace(mask=mask), training, return_weights
+            )
         return self._engine(heads, pattern, training, return_weights)
 
     def _invoke_compute_attention(self, q, k, v, mask, training, return_attention_scores):
