@@ -15,6 +15,7 @@ import keras
 from keras import ops
 
 import keras_attn.layers.shapes as shapes
+from keras_attn import context_parallel as context_parallel_module
 from keras_attn import dispatch
 from keras_attn import kv_cache
 from keras_attn import masks
@@ -123,6 +124,12 @@ class Attention(KerasOverrides, keras.layers.Layer):
             (Gemma 3's ``1 + scale``), cloned for the queries and the keys
             (sublayers ``query_norm`` and ``key_norm``, whose weights follow all
             others). Computed in float32 under mixed precision.
+        context_parallel: A `keras_attn.ContextParallel` (or its config dict), or
+            None. While a `keras.distribution` whose mesh has its axis is active
+            (JAX backend), the attention core runs with the sequence sharded over
+            that axis (`keras_attn.context_parallel`; ``last_path`` is then
+            ``"context_parallel"``); otherwise the layer runs as usual. Raises
+            when called on another backend, or with a `cache` while sharding.
 
     Call arguments:
         query: Query tensor ``(B, Tq, dim)``.
@@ -195,6 +202,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
         reset_positions=False,
         max_segment_length=None,
         qk_norm=None,
+        context_parallel=None,
         **kwargs,
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
@@ -276,6 +284,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
         )
         self._qk_norm_spec = _Unattached(qk_norm_module.get(qk_norm))
         self._qk_norm_arg = qk_norm_module.serialize(qk_norm)
+        self.context_parallel = context_parallel_module.ContextParallel.get(context_parallel)
         self.last_path = None
         self._last_plan = _Unattached(None)
 
@@ -600,6 +609,8 @@ class Attention(KerasOverrides, keras.layers.Layer):
             query_offset=0 if cache_update_index is None else cache_update_index,
             cached=cache is not None, segments=call_segments,
         )  # fmt: skip
+        if cache is not None:
+            context_parallel_module.check_no_cache(self.context_parallel, self.name)
         read = kv_cache.read_write(
             cache, k, v, cache_update_index, self.num_key_value_heads, self._key_dim,
             self._value_dim,
@@ -687,10 +698,18 @@ class Attention(KerasOverrides, keras.layers.Layer):
         )
         if relative is not None:
             components = components.replace(score_mods=relative)
-        output, weights, plan = dispatch.run(
-            components, heads._replace(mask=masks.heads_mask(heads.mask)), self._settings,
-            training=training, return_weights=return_weights,
-        )  # fmt: skip
+        heads = heads._replace(mask=masks.heads_mask(heads.mask))
+        mesh = context_parallel_module.mesh_for(self.context_parallel, self.name)
+        if mesh is not None:
+            output, weights, plan = context_parallel_module.run(
+                components, heads, self.context_parallel, self._settings, mesh=mesh,
+                training=training, return_weights=return_weights,
+            )  # fmt: skip
+        else:
+            output, weights, plan = dispatch.run(
+                components, heads, self._settings, training=training,
+                return_weights=return_weights,
+            )  # fmt: skip
         self._record_path(plan.path, plan.kernel)
         self._last_plan = _Unattached(plan)
         return output, weights
@@ -822,6 +841,9 @@ class Attention(KerasOverrides, keras.layers.Layer):
                 "reset_positions": self.reset_positions,
                 "max_segment_length": self.max_segment_length,
                 "qk_norm": self._qk_norm_arg,
+                "context_parallel": (
+                    None if self.context_parallel is None else self.context_parallel.get_config()
+                ),
             }
         )
         return config

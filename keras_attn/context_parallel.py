@@ -1,0 +1,575 @@
+"""Context parallelism: one attention over a sequence sharded across devices (JAX).
+
+Under an active `keras.distribution` whose device mesh has the sequence axis named
+in a `ContextParallel`, `run` computes the attention core on projected heads
+``(B, T, H, D)`` inside ``jax.shard_map`` over that axis: each device holds ``T / P``
+queries, keys and values (inputs and outputs sharded along T), and the keys and
+values reach the other devices by one of two strategies, both exact:
+
+- ``"ring"``: the K/V shards (with their key padding and absolute positions) pass
+  around the ring of devices in ``P - 1`` ``ppermute`` steps; each step's partial
+  softmax is merged into the running one by log-sum-exp (as flash attention merges
+  blocks), so no device ever holds more than two K/V shards. Steps whose K/V shard
+  the pattern's block mask leaves empty are skipped: statically where no device
+  needs that step (e.g. the far shards of a sliding window), else per device with
+  ``lax.cond``. Softmax and ``sink_softmax`` only: their partial results merge.
+- ``"all_gather"``: every device gathers all keys and values and attends its query
+  shard to them at its absolute query positions, on the engine's own paths
+  (`keras_attn.dispatch.plan`/`attend`): any pattern, normalizer or mask, and the
+  weights when asked for.
+
+``"auto"`` takes the ring where it applies (a softmax or ``sink_softmax``
+normalizer, no weights asked for) and all_gather otherwise. ``"halo"`` (only the
+window's neighbours for banded patterns) and load balancing of causal patterns are
+not implemented yet.
+
+Only the JAX backend has ``keras.distribution`` complete; on TensorFlow and PyTorch
+a layer with context parallelism raises a clear error when called.
+"""
+
+import dataclasses
+import warnings
+from typing import NamedTuple
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_attn import dispatch
+from keras_attn.components import NEG_INF
+from keras_attn.masks import combine_masks
+from keras_attn.masks import pattern_mask_or_none
+from keras_attn.normalizers import SinkSoftmax
+from keras_attn.positions import Positions
+
+__all__ = ["STRATEGIES", "ContextParallel", "ContextParallelPlan", "mesh_for", "run"]
+
+STRATEGIES = ("auto", "ring", "all_gather", "halo")
+
+
+@keras.saving.register_keras_serializable(package="keras_attn")
+@dataclasses.dataclass(frozen=True)
+class ContextParallel:
+    """Context parallelism of an attention layer: its sequence sharded over a mesh axis.
+
+    Pass it to a layer (``Attention(..., context_parallel=ContextParallel("seq"))``).
+    While a `keras.distribution` whose device mesh has an axis named `axis` is active
+    (JAX backend), the layer's attention core runs with queries, keys and values
+    sharded along T over that axis (`keras_attn.context_parallel.run`); with no such
+    distribution the layer runs on one device as usual.
+
+    Args:
+        axis: Name of the device mesh's sequence axis.
+        strategy: ``"auto"`` (ring for softmax and ``sink_softmax``, all_gather
+            otherwise), ``"ring"``, ``"all_gather"``, or ``"halo"`` (accepted in
+            configs, not implemented yet: raises when called).
+
+    Raises:
+        ValueError: an empty axis name or an unknown strategy.
+    """
+
+    axis: str = "seq"
+    strategy: str = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.axis, str) or not self.axis:
+            raise ValueError(
+                f"`axis` must be the name of a device mesh axis (a non-empty string). "
+                f"Received: axis={self.axis!r}"
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"`strategy` must be one of {STRATEGIES}. Received: strategy={self.strategy!r}"
+            )
+
+    def get_config(self):
+        return {"axis": self.axis, "strategy": self.strategy}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    @classmethod
+    def get(cls, value):
+        """A `ContextParallel` from None, an instance or its config dict (None stays None).
+
+        Raises:
+            TypeError: anything else.
+        """
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            config = value.get("config", value) if "class_name" in value else value
+            return cls.from_config(config)
+        raise TypeError(
+            "`context_parallel` must be None, a keras_attn.ContextParallel or its config "
+            f"dict. Received: context_parallel={value!r} (of type {type(value).__name__})"
+        )
+
+
+class ContextParallelPlan(NamedTuple):
+    """What `run` did: the path ``"context_parallel"`` and how (as `dispatch.Plan` reads).
+
+    Attributes:
+        path: ``"context_parallel"``.
+        components: The `keras_attn.components.Components` of the call.
+        strategy: ``"ring"`` or ``"all_gather"`` (what ``"auto"`` chose).
+        axis: The mesh axis the sequence is sharded over.
+        num_shards: P, the size of that axis.
+        ring_steps: Ring: the steps (0 = the device's own shard) that some device
+            computes; the others were skipped for every device. None for all_gather.
+        local: All_gather: the `keras_attn.dispatch.Plan` each device ran on its
+            query shard; None for the ring.
+    """
+
+    path: str
+    components: object
+    strategy: str
+    axis: str
+    num_shards: int
+    ring_steps: object = None
+    local: object = None
+    query_offset: object = 0
+    layout: object = None
+    scale: object = None
+    flash_attention: object = None
+    kernel: object = None
+    window: object = None
+    segment_layout: object = None
+    fallback_from: object = None
+
+
+_warned_missing_axis = set()
+
+
+def mesh_for(config, name=None):
+    """The JAX mesh to shard over for `config`, or None where the layer runs on one device.
+
+    Args:
+        config: A `ContextParallel`, or None.
+        name: The layer's name, for the warning.
+
+    Returns:
+        The active distribution's ``jax.sharding.Mesh`` if it has ``config.axis``,
+        else None (no config, no distribution, or a mesh without that axis: warned
+        once per layer).
+
+    Raises:
+        RuntimeError: a backend other than JAX.
+    """
+    if config is None:
+        return None
+    backend = keras.backend.backend()
+    if backend != "jax":
+        raise RuntimeError(
+            f"Context parallelism needs the JAX backend (keras.distribution is complete "
+            f"only there). Received: context_parallel={config!r} on the {backend!r} "
+            "backend. Set KERAS_BACKEND=jax, or build the layer with "
+            "context_parallel=None (on one device; for data parallelism on "
+            f"{backend!r}, use its own distribution strategy)."
+        )
+    distribution = keras.distribution.distribution()
+    if distribution is None:
+        return None
+    device_mesh = distribution.device_mesh
+    if config.axis not in device_mesh.axis_names:
+        if name not in _warned_missing_axis:
+            _warned_missing_axis.add(name)
+            warnings.warn(
+                f"keras_attn layer {name!r}: context_parallel axis {config.axis!r} is not "
+                f"an axis of the active distribution's mesh {tuple(device_mesh.axis_names)}"
+                "; the attention runs without context parallelism. (Shown once per layer.)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return None
+    return device_mesh.backend_mesh
+
+
+def _mergeable(normalizer):
+    """Whether partial results of this normalizer merge exactly by log-sum-exp."""
+    if normalizer.is_softmax:
+        return True
+    cls = type(normalizer)
+    return (
+        isinstance(normalizer, SinkSoftmax)
+        and cls.normalize is SinkSoftmax.normalize
+        and cls.call is SinkSoftmax.call
+    )
+
+
+def _strategy(config, components, return_weights):
+    strategy = config.strategy
+    if strategy == "halo":
+        raise NotImplementedError(
+            "Context parallelism with strategy='halo' is not implemented yet. "
+            "Use strategy='ring' (it skips the ring steps a sliding window leaves "
+            "empty) or 'all_gather'. Received: "
+            f"context_parallel={config!r}"
+        )
+    mergeable = _mergeable(components.normalizer)
+    if strategy == "auto":
+        return "ring" if mergeable and not return_weights else "all_gather"
+    if strategy == "ring" and not mergeable:
+        raise ValueError(
+            "Context parallelism with strategy='ring' merges partial softmaxes, so it "
+            "takes a softmax or sink_softmax normalizer only; other normalizers cannot "
+            "be computed from partial results. Use strategy='all_gather' (or 'auto'). "
+            f"Received: normalizer={components.normalizer.name!r}"
+        )
+    if strategy == "ring" and return_weights:
+        raise ValueError(
+            "Context parallelism with strategy='ring' never forms whole rows of "
+            "weights, so it cannot return attention scores. Use strategy='all_gather' "
+            "(or 'auto'), or return_attention_scores=False."
+        )
+    return strategy
+
+
+def _check_call(heads, components, training, num_shards):
+    if heads.segments is not None:
+        raise NotImplementedError(
+            "Segment ids (packed sequences) under context parallelism are not "
+            "implemented yet. Received: segment_ids with context parallelism."
+        )
+    if components.dropout_active(training):
+        raise ValueError(
+            "Dropout on the attention weights under context parallelism is not "
+            "supported (each device would draw its own dropout mask). Set the layer's "
+            f"dropout=0.0 or call it with training=False. Received: "
+            f"dropout={components.dropout.rate}, training={training}"
+        )
+    if len(heads.query.shape) != 4:
+        raise ValueError(
+            "Context parallelism needs (B, T, dim) inputs (one sequence axis). "
+            f"Received: heads of shape {tuple(heads.query.shape)}"
+        )
+    tq, tk = heads.query.shape[1], heads.key.shape[1]
+    if tq is None or tk is None or tq % num_shards or tk % num_shards:
+        raise ValueError(
+            f"Context parallelism over {num_shards} devices needs query and key lengths "
+            f"that are multiples of {num_shards} (pad the sequence). Received: "
+            f"query_length={tq}, key_length={tk}"
+        )
+
+
+def check_no_cache(config, name=None):
+    """Raise if `config` shards the sequence now (a KV cache cannot be sharded along T).
+
+    Raises:
+        ValueError: a cache with context parallelism active.
+    """
+    if mesh_for(config, name) is not None:
+        raise ValueError(
+            "A KV cache cannot be used under context parallelism: decoding appends one "
+            "token at a time and the cache would have to be sharded along its length. "
+            f"Received: a `cache` with context_parallel={config!r} while the active "
+            "distribution's mesh has that axis. Decode outside the distribution (or "
+            "with a layer built with context_parallel=None)."
+        )
+
+
+def run(components, heads, config, settings=None, *, mesh=None, training=None,
+        return_weights=False):  # fmt: skip
+    """Run one attention with its sequence sharded over ``config.axis`` of `mesh`.
+
+    Args:
+        components: `keras_attn.components.Components` (the call's pattern).
+        heads: `keras_attn.dispatch.Heads` of ``(B, T, dim)`` inputs, without a cache:
+            query ``(B, Tq, H, D)``, key ``(B, Tk, H, D)``, value ``(B, Tk, H, Dv)``,
+            a bool mask broadcastable to ``(B, H, Tq, Tk)`` or None.
+        config: The `ContextParallel`.
+        settings: The layer's `keras_attn.dispatch.Settings` (all_gather's local plans).
+        mesh: The ``jax.sharding.Mesh`` (default: `mesh_for(config)`).
+        training: Whether training-only behaviour is active.
+        return_weights: Whether to return the weights (all_gather only).
+
+    Returns:
+        ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None, ContextParallelPlan)``.
+
+    Raises:
+        RuntimeError: a backend other than JAX.
+        ValueError: lengths not multiples of the axis size, a ring with a normalizer
+            other than softmax/sink_softmax or with weights asked for, active dropout,
+            no distribution with that axis.
+        NotImplementedError: strategy ``"halo"``, segment ids.
+    """
+    mesh = mesh_for(config) if mesh is None else mesh
+    if mesh is None:
+        raise ValueError(
+            f"Context parallelism over axis {config.axis!r} needs an active "
+            "keras.distribution whose device mesh has that axis. Received: "
+            f"distribution={keras.distribution.distribution()!r}"
+        )
+    num_shards = mesh.shape[config.axis]
+    _check_call(heads, components, training, num_shards)
+    strategy = _strategy(config, components, return_weights)
+    sharding = _Sharding(mesh, config.axis, heads)
+    if strategy == "ring":
+        output, steps = _ring(components, heads, sharding)
+        plan = ContextParallelPlan(
+            "context_parallel", components, "ring", config.axis, num_shards,
+            ring_steps=steps, query_offset=heads.query_offset,
+        )  # fmt: skip
+        return output, None, plan
+    output, weights, local = _all_gather(
+        components, heads, sharding, settings, training, return_weights
+    )
+    plan = ContextParallelPlan(
+        "context_parallel", components, "all_gather", config.axis, num_shards,
+        local=local, query_offset=heads.query_offset,
+    )  # fmt: skip
+    return output, weights, plan
+
+
+class _Sharding:
+    """How the call's tensors are laid out over the mesh inside ``shard_map``.
+
+    T is sharded over the sequence axis; the batch over the distribution's batch
+    axis where the mesh has one (and it divides B); other axes replicate. A data
+    mask ``(B|1, H|1, Tq|1, Tk|1)`` has its query axis sharded like the queries; a
+    key mask (query axis 1) has its key axis sharded like the keys and travels with
+    them; a mask with both axes keeps its key axis whole on every device.
+    """
+
+    def __init__(self, mesh, axis, heads):
+        from jax.sharding import PartitionSpec
+
+        self.mesh = mesh
+        self.axis = axis
+        self.num_shards = mesh.shape[axis]
+        self.batch = None
+        distribution = keras.distribution.distribution()
+        batch_axis = getattr(distribution, "batch_dim_name", None)
+        batch_size = heads.query.shape[0]
+        if (
+            batch_axis in mesh.shape
+            and batch_axis != axis
+            and batch_size is not None
+            and batch_size % mesh.shape[batch_axis] == 0
+        ):
+            self.batch = batch_axis
+        self.heads_spec = PartitionSpec(self.batch, axis, None, None)  # (B, T, H, D)
+        self.replicated = PartitionSpec()
+        mask = heads.mask
+        self.mask_rows = self.mask_keys = False
+        self.mask_spec = None
+        if mask is not None:
+            rank = len(mask.shape)
+            if rank < 4:
+                mask = ops.reshape(mask, (1,) * (4 - rank) + tuple(mask.shape))
+            self.mask = mask
+            _, _, rows, keys = mask.shape
+            self.mask_rows = rows != 1
+            self.mask_keys = keys != 1 and not self.mask_rows  # travels with the keys
+            batch = self.batch if mask.shape[0] != 1 else None
+            self.mask_spec = PartitionSpec(
+                batch, None, axis if self.mask_rows else None, axis if self.mask_keys else None
+            )
+
+
+def _shard_map(body, sharding, in_specs, out_specs):
+    import jax
+
+    # check_vma=False: the ring's per-device `lax.cond` must not hold the psum that
+    # the gradient of a replicated weight (a score's, a score_mod's) would get inside it.
+    return jax.shard_map(
+        body, mesh=sharding.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
+
+
+def _offset_arg(query_offset):
+    return ops.cast(ops.convert_to_tensor(query_offset), "int32")
+
+
+# -- all_gather -------------------------------------------------------------------
+
+
+def _all_gather(components, heads, sharding, settings, training, return_weights):
+    import jax
+    from jax.sharding import PartitionSpec
+
+    axis = sharding.axis
+    local_plans = []
+
+    def body(q, k, v, offset, *mask):
+        mask = mask[0] if mask else None
+        k = jax.lax.all_gather(k, axis, axis=1, tiled=True)  # (B, Tk, H, D)
+        v = jax.lax.all_gather(v, axis, axis=1, tiled=True)  # (B, Tk, H, Dv)
+        if sharding.mask_keys:
+            mask = jax.lax.all_gather(mask, axis, axis=3, tiled=True)  # (B|1, H|1, 1, Tk)
+        tq = q.shape[1]
+        query_offset = offset + jax.lax.axis_index(axis).astype("int32") * tq
+        call = dispatch.Call(
+            query_length=tq, key_length=k.shape[1], head_dim=q.shape[-1],
+            value_dim=v.shape[-1], dtype=q.dtype, query_offset=query_offset,
+            has_mask=mask is not None, return_weights=return_weights, training=training,
+        )  # fmt: skip
+        plan = dispatch.plan(components, call, settings)
+        local_plans.append(plan)
+        output, weights = dispatch.attend(
+            plan, q, k, v, mask, training=training, return_weights=return_weights
+        )
+        return (output, weights) if return_weights else output
+
+    in_specs = [sharding.heads_spec] * 3 + [sharding.replicated]
+    args = [heads.query, heads.key, heads.value, _offset_arg(heads.query_offset)]
+    if heads.mask is not None:
+        in_specs.append(sharding.mask_spec)
+        args.append(sharding.mask)
+    weights_spec = PartitionSpec(sharding.batch, None, axis, None)  # (B, H, Tq, Tk)
+    out_specs = (sharding.heads_spec, weights_spec) if return_weights else sharding.heads_spec
+    result = _shard_map(body, sharding, tuple(in_specs), out_specs)(*args)
+    output, weights = result if return_weights else (result, None)
+    return output, weights, local_plans[-1] if local_plans else None
+
+
+# -- ring -------------------------------------------------------------------------
+
+
+def _nonempty_shards(pattern, query_length, key_length, num_shards, query_offset):
+    """Bool numpy ``(P, P)``: whether query shard i may see any key of key shard j.
+
+    All True where it cannot be worked out ahead of time (an offset known only at run
+    time, or query and key shards of different lengths).
+    """
+    tq, tk = query_length // num_shards, key_length // num_shards
+    everything = np.ones((num_shards, num_shards), bool)
+    if pattern.kernel_form == "full" or tq != tk or not isinstance(query_offset, int):
+        return everything
+    return np.asarray(pattern.block_mask(query_length, key_length, tq, query_offset), bool)
+
+
+def _ring_schedule(table):
+    """Which ring steps some device computes, and per step whether every device does.
+
+    At step s, device i holds the K/V shard of device ``(i - s) mod P``.
+    """
+    num_shards = table.shape[0]
+    rows = np.arange(num_shards)
+    needed = [table[rows, (rows - s) % num_shards] for s in range(num_shards)]
+    steps = [s for s in range(num_shards) if needed[s].any()]
+    return steps, needed
+
+
+def _ring(components, heads, sharding):
+    import jax
+    import jax.numpy as jnp
+
+    axis, num_shards = sharding.axis, sharding.num_shards
+    tq_all, tk_all = heads.query.shape[1], heads.key.shape[1]
+    table = _nonempty_shards(components.pattern, tq_all, tk_all, num_shards, heads.query_offset)
+    steps, needed = _ring_schedule(table)
+    shift = [(j, (j + 1) % num_shards) for j in range(num_shards)]
+    sink = _sink_logits(components.normalizer, heads.query.shape[2])
+
+    def body(q, k, v, offset, *mask):
+        mask = mask[0] if mask else None
+        index = jax.lax.axis_index(axis).astype("int32")
+        tq, tk = q.shape[1], k.shape[1]
+        query_positions = offset + index * tq + jnp.arange(tq, dtype="int32")
+        qh = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, Tq, D)
+        batch, num_heads = qh.shape[0], qh.shape[1]
+        state = (
+            jnp.full((batch, num_heads, tq, 1), NEG_INF, "float32"),  # running max
+            jnp.zeros((batch, num_heads, tq, 1), "float32"),  # running sum
+            jnp.zeros((batch, num_heads, tq, v.shape[-1]), "float32"),  # running output
+        )
+        travelling = (k, v, mask if sharding.mask_keys else None)
+        for step in range(steps[-1] + 1 if steps else 0):
+            if step > 0:
+                travelling = jax.tree_util.tree_map(
+                    lambda x: jax.lax.ppermute(x, axis, shift), travelling
+                )
+            if step not in steps:
+                continue
+            source = (index - step) % num_shards
+
+            def merge(state, travelling=travelling, source=source):
+                block_mask = _block_data_mask(sharding, mask, travelling[2], source, tk)
+                return _merge_block(
+                    components, state, qh, travelling[0], travelling[1],
+                    query_positions, source * tk + jnp.arange(tk, dtype="int32"), block_mask,
+                )  # fmt: skip
+
+            if needed[step].all():
+                state = merge(state)
+            else:
+                state = jax.lax.cond(jnp.asarray(needed[step])[index], merge, lambda s: s, state)
+        output = _finish(state, sink)  # (B, H, Tq, Dv)
+        return jnp.transpose(output, (0, 2, 1, 3)).astype(v.dtype)  # (B, Tq, H, Dv)
+
+    in_specs = [sharding.heads_spec] * 3 + [sharding.replicated]
+    args = [heads.query, heads.key, heads.value, _offset_arg(heads.query_offset)]
+    if heads.mask is not None:
+        in_specs.append(sharding.mask_spec)
+        args.append(sharding.mask)
+    output = _shard_map(body, sharding, tuple(in_specs), sharding.heads_spec)(*args)
+    return output, tuple(steps)
+
+
+def _block_data_mask(sharding, mask, travelling_mask, source, key_length):
+    """The data mask of the local queries against key shard `source`."""
+    import jax
+
+    if mask is None:
+        return None
+    if sharding.mask_keys:
+        return travelling_mask  # (B|1, H|1, 1, Tk / P)
+    if mask.shape[3] == 1:
+        return mask
+    return jax.lax.dynamic_slice_in_dim(mask, source * key_length, key_length, axis=3)
+
+
+def _merge_block(components, state, qh, k, v, query_positions, key_positions, data_mask):
+    """Merge one K/V shard's partial softmax into the running state (log-sum-exp)."""
+    import jax
+    import jax.numpy as jnp
+
+    kh = jnp.transpose(k, (0, 2, 1, 3))  # (B, H, Tk, D)
+    vh = jnp.transpose(v, (0, 2, 1, 3))  # (B, H, Tk, Dv)
+    positions = Positions(
+        query=query_positions.reshape(1, 1, -1, 1),
+        key=key_positions.reshape(1, 1, 1, -1),
+        head=jnp.arange(qh.shape[1], dtype="int32").reshape(1, -1, 1, 1),
+    )
+    logits = components.score(qh, kh)  # (B, H, Tq, Tk)
+    for mod in components.score_mods:
+        logits = mod(logits, positions=positions)
+    mask = combine_masks(pattern_mask_or_none(components.pattern, positions), data_mask)
+    x = logits.astype("float32")
+    if mask is not None:
+        x = jnp.where(mask, x, NEG_INF)
+    running_max, running_sum, running_output = state
+    new_max = jax.lax.stop_gradient(jnp.maximum(running_max, x.max(axis=-1, keepdims=True)))
+    e = jnp.exp(x - new_max)
+    if mask is not None:
+        e = jnp.where(mask, e, 0.0)
+    correction = jnp.exp(running_max - new_max)
+    running_sum = running_sum * correction + e.sum(axis=-1, keepdims=True)
+    running_output = running_output * correction + jnp.matmul(e, vh.astype("float32"))
+    return new_max, running_sum, running_output
+
+
+def _sink_logits(normalizer, num_heads):
+    """``sink_softmax``'s sink logits ``(1, H|1, 1, 1)`` (float32), or None for softmax."""
+    if not isinstance(normalizer, SinkSoftmax):
+        return None
+    sinks = ops.cast(normalizer.sinks, "float32")
+    count = 1 if normalizer.num_heads == 1 else num_heads
+    return ops.reshape(sinks, (1, count, 1, 1))
+
+
+def _finish(state, sink):
+    """The merged output: the running output over the running sum (plus the sink)."""
+    import jax
+    import jax.numpy as jnp
+
+    running_max, running_sum, running_output = state
+    if sink is None:
+        # A row with no allowed key has a sum of 0 and gets zeros, as on one device.
+        has_key = running_sum > 0
+        return jnp.where(has_key, running_output / jnp.where(has_key, running_sum, 1.0), 0.0)
+    top = jax.lax.stop_gradient(jnp.maximum(running_max, sink))
+    scale = jnp.exp(running_max - top)
+    return running_output * scale / (running_sum * scale + jnp.exp(sink - top))
