@@ -58,6 +58,7 @@ _LAZY = {
     "PluginImportError": "keras_attn.errors",
     "UnknownComponentError": "keras_attn.errors",
     "check_file": "keras_attn.saving",
+    "layout_map": "keras_attn.layouts",
 }
 _SUBMODULES = {
     "plugins",
@@ -69,6 +70,7 @@ _SUBMODULES = {
     "layers",
     "saving",
     "testing",
+    "layouts",
 }
 
 __all__ = sorted([*_LAZY, "hookimpl", "plugins"])
