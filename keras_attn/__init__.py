@@ -67,6 +67,7 @@ _SUBMODULES = {
     "score_mods",
     "normalizers",
     "position_encodings",
+    "qk_norm",
     "layers",
     "saving",
     "testing",
