@@ -11,7 +11,18 @@ import keras
 import numpy as np
 from keras import ops
 
-__all__ = ["CacheRead", "cache_shape", "check_cache", "concrete_int", "read_write", "update"]
+from keras_attn.patterns import Local
+
+__all__ = [
+    "CacheRead",
+    "cache_shape",
+    "check_cache",
+    "concrete_int",
+    "read_write",
+    "read_write_ring",
+    "ring_window",
+    "update",
+]
 
 
 def cache_shape(batch_size, max_length, num_heads, head_dim):
@@ -146,7 +157,7 @@ class CacheRead(NamedTuple):
     query_offset: object = 0
 
 
-def read_write(cache, key, value, index, num_heads, key_dim, value_dim):
+def read_write(cache, key, value, index, num_heads, key_dim, value_dim, window=None):
     """Write the call's keys and values into `cache` at `index` and read it back.
 
     Without a cache the call's own keys and values are read. A cache without an
@@ -160,6 +171,8 @@ def read_write(cache, key, value, index, num_heads, key_dim, value_dim):
         key: ``(B, T, H, D)``; value ``(B, T, H, Dv)``: the call's new heads.
         index: Slot of the first new key (int, numpy or scalar tensor), or None.
         num_heads, key_dim, value_dim: The layer's key/value heads (`check_cache`).
+        window: The layer's `ring_window`, or None. A cache of exactly `window`
+            slots is then a ring (`read_write_ring`).
 
     Returns:
         A `CacheRead`.
@@ -172,8 +185,62 @@ def read_write(cache, key, value, index, num_heads, key_dim, value_dim):
     check_cache(cache, num_heads, key_dim, value_dim)
     if index is None:
         return CacheRead(cache[:, 0], cache[:, 1], cache)
+    if window is not None and cache.shape[2] == window:
+        return read_write_ring(cache, key, value, index, window)
     keys, values, cache, filled = update(cache, key, value, index)
     # An index known now (numpy, an eager tensor) is a Python int for the planner, so
     # the block-sparse path plans its blocks from it as from an int.
     known = concrete_int(index)
     return CacheRead(keys, values, cache, filled, index if known is None else known)
+
+
+def ring_window(pattern):
+    """The window of a causal sliding-window pattern (a ring cache of that many slots), or None.
+
+    Only `keras_attn.patterns.Local(window, causal=True)` itself (not a subclass that
+    changes its mask, not a combination) qualifies: its mask depends on ``query - key``
+    alone and never reaches further back than ``window - 1``, so a ring of `window`
+    slots holds every key a query can see.
+    """
+    if type(pattern) is not Local or not pattern.causal:
+        return None
+    return pattern.window
+
+
+def read_write_ring(cache, key, value, index, window):
+    """Attend over a ring cache of `window` slots: memory proportional to the window.
+
+    Slot ``s`` holds the keys and values of the absolute position ``p`` with
+    ``p % window == s``, for the `window` positions before `index`. A call reads them
+    in order of position, appends its own ``T`` new keys, and writes back the last
+    ``min(T, window)`` of them. Positions are counted from the oldest slot, so the
+    queries sit at `window`; a causal sliding window of `window` (or any pattern of
+    ``query - key`` within that reach) sees exactly the keys it would see in a full
+    cache. Position encodings stay absolute: keys are encoded before they are written.
+
+    Args:
+        cache: ``(B, 2, window, H, D)``.
+        key: ``(B, T, H, D)``; value ``(B, T, H, Dv)``: the call's new heads.
+        index: Absolute position of the first new token (int or scalar tensor), any
+            size: the ring never fills up.
+        window: The ring's slots.
+
+    Returns:
+        A `CacheRead` of ``window + T`` keys and values, the mask of the slots
+        written so far, and ``query_offset=window``.
+    """
+    index = ops.cast(index, "int32")
+    length = ops.shape(key)[1]
+    slots = ops.arange(window, dtype="int32")
+    order = ops.mod(index + slots, window)  # slot of position index - window + j
+    old_keys = ops.take(cache[:, 0], order, axis=1)  # (B, window, H, D), oldest first
+    old_values = ops.take(cache[:, 1], order, axis=1)
+    keys = ops.concatenate([old_keys, ops.cast(key, cache.dtype)], axis=1)  # (B, W + T, H, D)
+    values = ops.concatenate([old_values, ops.cast(value, cache.dtype)], axis=1)
+    written = ops.concatenate(
+        [index - window + slots >= 0, ops.ones((length,), "bool")], axis=0
+    )  # (W + T,)
+    # Slot s keeps the position p in [index + T - window, index + T) with p % window == s.
+    recent = ops.stack([keys[:, -window:], values[:, -window:]], axis=1)  # (B, 2, W, H, D)
+    new_cache = ops.take(recent, ops.mod(slots - index - length, window), axis=2)
+    return CacheRead(keys, values, new_cache, written[None, None, None, :], window)

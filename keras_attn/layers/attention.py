@@ -361,6 +361,10 @@ class Attention(KerasOverrides, keras.layers.Layer):
     def cache_shape(self, batch_size, max_length):
         """Shape of the key/value cache this layer takes: ``(B, 2, S, H, D)``.
 
+        For a causal sliding window (`keras_attn.patterns.Local` with ``causal=True``)
+        ``S`` is at most the window: the cache is a ring that any number of tokens
+        can be decoded into, in constant memory (`keras_attn.kv_cache.read_write_ring`).
+
         Raises:
             ValueError: if the layer is not built (its head size is not known yet).
         """
@@ -369,7 +373,9 @@ class Attention(KerasOverrides, keras.layers.Layer):
                 f"{type(self).__name__} {self.name!r} must be built before its cache shape "
                 "is known (the head size may come from the input)."
             )
-        return kv_cache.cache_shape(batch_size, max_length, self.num_key_value_heads, self._key_dim)
+        window = kv_cache.ring_window(self.pattern)
+        slots = max_length if window is None else min(max_length, window)
+        return kv_cache.cache_shape(batch_size, slots, self.num_key_value_heads, self._key_dim)
 
     # -- build ----------------------------------------------------------------------
 
@@ -555,6 +561,8 @@ class Attention(KerasOverrides, keras.layers.Layer):
         pattern = self.pattern
         if not use_causal_mask or pattern.causal:
             return pattern
+        if type(pattern) is patterns_module.Local:  # the same pairs as Local & Causal
+            return patterns_module.Local(pattern.window, causal=True)
         if pattern.kernel_form == "full":
             return patterns_module.Causal()
         return pattern & patterns_module.Causal()
@@ -611,9 +619,12 @@ class Attention(KerasOverrides, keras.layers.Layer):
         )  # fmt: skip
         if cache is not None:
             context_parallel_module.check_no_cache(self.context_parallel, self.name)
+        window = self._ring_window(
+            pattern, cache, padding.value, padding.key, attention_mask, call_segments
+        )
         read = kv_cache.read_write(
             cache, k, v, cache_update_index, self.num_key_value_heads, self._key_dim,
-            self._value_dim,
+            self._value_dim, window,
         )  # fmt: skip
         heads = dispatch.Heads(
             q, self._repeat_kv(read.key), self._repeat_kv(read.value),  # (B, Tk, H, D)
@@ -634,6 +645,27 @@ class Attention(KerasOverrides, keras.layers.Layer):
         if cache is not None:
             result += (read.cache,)
         return result[0] if len(result) == 1 else result
+
+    def _ring_window(self, pattern, cache, *masks_and_segments):
+        """The window of a ring cache (`kv_cache.read_write_ring`) this call writes, or None.
+
+        A causal sliding-window layer whose cache has exactly `window` slots (what
+        `cache_shape` gives it) keeps it as a ring: memory proportional to the window.
+
+        Raises:
+            ValueError: masks or segment ids with a ring cache.
+        """
+        window = kv_cache.ring_window(pattern)
+        if cache is None or window is None or cache.shape[2] != window:
+            return None
+        if any(m is not None for m in masks_and_segments):
+            raise ValueError(
+                f"{type(self).__name__} {self.name!r}: a ring cache of {window} slots (a "
+                "causal sliding window's `cache_shape`) takes no key/value padding masks, "
+                "`attention_mask` or segment ids: its slots do not keep their positions. "
+                "Use a cache of the full length (kv_cache.cache_shape) for those."
+            )
+        return window
 
     def _check_positions_known(self, pattern, cache, cache_update_index, self_attention):
         """Raise where the queries' positions are unknown but a component needs them.
