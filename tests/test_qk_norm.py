@@ -195,6 +195,19 @@ def test_local_attention_with_qk_norm_and_rope_like_numpy():
     np.testing.assert_allclose(numpy(layer(x, x)), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("norm", ["rms", "l2"])
+def test_inputs_of_rank_4_normalize_each_head_like_numpy(norm):
+    x = randn(B, 3, T, DIM)
+    layer = keras_attn.MultiHeadAttention(2, 4, attention_axes=(2,), qk_norm=norm)
+    layer(x, x)
+    weights = randomize(layer)
+    rows = x.reshape(B * 3, T, DIM)  # attention along axis 2: each row on its own
+    expected = ref_attention(weights, rows, rows, norm, 2, np.ones((T, T), bool))
+    np.testing.assert_allclose(
+        numpy(layer(x, x)), expected.reshape(B, 3, T, DIM), rtol=1e-4, atol=1e-4
+    )
+
+
 def test_the_drop_in_with_l2_norm_has_exactly_keras_weights():
     x = randn(B, T, DIM)
     theirs = keras.layers.MultiHeadAttention(4, 4)
