@@ -6,9 +6,21 @@ arguments, build Keras's weights in Keras's order, honour Keras's override point
 `_build_attention`) and pass Keras's own test files. Where they differ, they differ on
 purpose: a query row with no allowed key gets zero weights (Keras spreads them
 uniformly over the masked keys), and the caller's tensors keep their Keras masks.
+
+A subclass written against Keras's class reads its private attributes: the
+constructor's (`_num_heads`, `_key_dim`, `_use_bias`, `_kernel_initializer`, ...) and,
+once `_build_attention` ran, `_dot_product_equation`, `_combine_equation`, `_softmax`
+and `_dropout_layer` (KerasHub's Whisper, Moonshine and XLNet attention build their
+projections themselves from them). The drop-ins have them with Keras's meaning
+(`KERAS_PRIVATE_ATTRIBUTES` lists them), so such a subclass of keras_attn's class runs
+unchanged; Keras's other private names are not part of the contract.
 """
 
+import math
+import string
+
 import keras
+from keras import ops
 
 from keras_attn import patterns as patterns_module
 from keras_attn.components import builtin
@@ -43,8 +55,117 @@ def _sliding_window_pattern(sliding_window, kwargs):
     kwargs["pattern"] = patterns_module.Local(sliding_window)
 
 
+# Keras's private names that keras_attn's MultiHeadAttention has, with Keras's meaning.
+KERAS_PRIVATE_ATTRIBUTES = (
+    # Set by the constructor (an alias of the public attribute, read and written).
+    "_num_heads", "_key_dim", "_value_dim", "_dropout", "_use_bias", "_use_gate",
+    "_output_shape", "_attention_axes", "_flash_attention", "_sliding_window",
+    "_kernel_initializer", "_bias_initializer", "_kernel_regularizer",
+    "_bias_regularizer", "_activity_regularizer", "_kernel_constraint",
+    "_bias_constraint", "_inverse_sqrt_key_dim",
+    # Set by `_build_attention`.
+    "_dot_product_equation", "_combine_equation", "_softmax", "_dropout_layer",
+    # Set by `build`.
+    "_query_dense", "_key_dense", "_value_dense", "_output_dense", "_gate_dense",
+)  # fmt: skip
+
+
+def _alias(public):
+    """Keras's private spelling of the public attribute `public` (read and written)."""
+
+    def get(self):
+        return getattr(self, public)
+
+    def set(self, value):
+        setattr(self, public, value)
+
+    return property(get, set, doc=f"Keras's private name of `{public}`.")
+
+
+def attention_equations(rank, attention_axes):
+    """Keras's einsum equations of multi-head attention over heads of rank `rank`.
+
+    Heads are ``(B, *dims, H, D)``; the scores are laid out as Keras's,
+    ``(B, *other dims, H, *query attention axes, *key attention axes)``.
+
+    Args:
+        rank: Rank of the projected heads (the inputs' rank plus one).
+        attention_axes: Axes of the heads attended over (resolved, positive).
+
+    Returns:
+        ``(dot_product_equation, combine_equation, scores_rank)``: the first takes
+        ``(key, query)`` to the scores, the second ``(weights, value)`` to the output.
+    """
+    letters = string.ascii_lowercase
+    query = letters[:rank]
+    key = list(query)
+    for i, axis in enumerate(attention_axes):
+        key[axis] = letters[rank + i]  # key positions get letters of their own
+    key = "".join(key)
+    others = "".join(query[i] for i in range(rank - 1) if i not in attention_axes)
+    scores = (
+        others + "".join(query[a] for a in attention_axes) + "".join(key[a] for a in attention_axes)
+    )
+    return f"{key},{query}->{scores}", f"{scores},{key}->{query}", len(scores)
+
+
 class _KerasDropIn(Attention):
     """What both drop-ins share: the gate, sliding windows and Keras's private names."""
+
+    _num_heads = _alias("num_heads")
+    _dropout = _alias("dropout")
+    _use_bias = _alias("use_bias")
+    _use_gate = _alias("use_gate")
+    _kernel_initializer = _alias("kernel_initializer")
+    _bias_initializer = _alias("bias_initializer")
+    _kernel_regularizer = _alias("kernel_regularizer")
+    _bias_regularizer = _alias("bias_regularizer")
+    _activity_regularizer = _alias("activity_regularizer")
+    _kernel_constraint = _alias("kernel_constraint")
+    _bias_constraint = _alias("bias_constraint")
+
+    def _build_attention(self, rank):
+        """As `Attention._build_attention`, then Keras's equations and `_softmax`.
+
+        A subclass that builds its own projections (KerasHub's Whisper, Moonshine,
+        XLNet) calls this from its `build`, then reads them.
+        """
+        super()._build_attention(rank)
+        self._dot_product_equation, self._combine_equation = self._attention_equations(rank)
+        self._num_key_axes = len(self._attention_axes)
+        self._softmax = self._normalize_over_key_axes
+
+    def _attention_equations(self, rank):
+        return attention_equations(rank, self._attention_axes)[:2]
+
+    def _normalize_over_key_axes(self, inputs, mask=None):
+        """Keras's `_softmax`: the layer's normalizer over the scores' key axes.
+
+        Args:
+            inputs: Scores in Keras's layout, the key axes last.
+            mask: Bool (or 0/1) mask broadcastable to `inputs`, True where allowed.
+
+        Returns:
+            The weights, shaped as `inputs`; a row with no allowed key is all zero.
+        """
+        normalizer = self.components.normalizer
+        n = self._num_key_axes
+        if n == 1:
+            return normalizer(inputs, mask=mask)
+        shape = ops.shape(inputs)
+        flat = (*shape[:-n], math.prod(shape[-n:]))  # the key axes as one
+        if mask is not None:
+            mask = ops.reshape(ops.broadcast_to(ops.cast(mask, "bool"), shape), flat)
+        return ops.reshape(normalizer(ops.reshape(inputs, flat), mask=mask), shape)
+
+    def _post_build(self):
+        # A subclass whose own `build` replaces keras_attn's (KerasHub's, written
+        # for Keras's class) has not attached the components: attach them here, as
+        # the build ends, so their weights are tracked before the state is locked.
+        if getattr(self, "_normalizer", None) is None and hasattr(self, "_num_key_axes"):
+            unknown = (None,) * (max(self._attention_axes, default=0) + 2)
+            self._build_components(unknown, unknown)
+        super()._post_build()
 
     def _build_extra_projections(self, query_shape):
         # Keras builds the gate between key and value; keep its weight order.
@@ -130,6 +251,16 @@ class MultiHeadAttention(_KerasDropIn):
             attention_axes=attention_axes,
             **kwargs,
         )
+        # Keras's private names of the constructor's values (`build` resolves them
+        # again; `_build_attention` resolves the axes).
+        self._key_dim = key_dim
+        self._value_dim = value_dim or key_dim
+        self._attention_axes = self._attention_axes_arg
+
+    @property
+    def _inverse_sqrt_key_dim(self):
+        """Keras's scale of the dot products, ``1 / sqrt(key_dim)``."""
+        return 1.0 / math.sqrt(float(self._key_dim))
 
 
 @builtin("layer")
@@ -193,6 +324,15 @@ class GroupedQueryAttention(_KerasDropIn):
     @property
     def num_repeats(self):
         return self.num_heads // self.num_key_value_heads
+
+    @property
+    def _inverse_sqrt_head_dim(self):
+        """Keras's scale of the dot products, ``1 / sqrt(head_dim)``."""
+        return 1.0 / math.sqrt(float(self.head_dim))
+
+    def _attention_equations(self, rank):
+        # Keras's GroupedQueryAttention's: query first, heads (B, T, H, D).
+        return "bquh,bkuh->buqk", "buqk,bkuh->bquh"
 
     def call(
         self,
