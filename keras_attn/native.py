@@ -371,6 +371,7 @@ def _splash_pattern_mask(stripes, head):
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(pattern, query_length, key_length, query_offset, num_heads, interpret):
     """The splash kernel for this pattern and these lengths (its mask processed once)."""
+    import jax
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     size = SPLASH_BLOCK_SIZE
@@ -385,9 +386,13 @@ def _splash_kernel(pattern, query_length, key_length, query_offset, num_heads, i
         block_kv_dq=size,
     )
     mask = splash_mask(pattern, query_length, key_length, query_offset, num_heads)
-    return sk.make_splash_mha(
-        mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
-    )
+    # Made once and cached, usually while a caller's function is traced: its mask
+    # tables must be concrete arrays, not tracers of that trace (leaked into the
+    # next one, e.g. Keras's predict function after its train function).
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(
+            mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret
+        )
 
 
 def _segment_ids(mask, batch, query_length, key_length):
@@ -420,7 +425,9 @@ def _segment_ids(mask, batch, query_length, key_length):
     return q_ids.astype("int32"), k_ids.astype("int32")
 
 
-def splash_attention(query, key, value, pattern, *, scale, query_offset=0, mask=None):
+def splash_attention(
+    query, key, value, pattern, *, scale, query_offset=0, mask=None, interpret=None
+):
     """Splash attention (Pallas, TPU) on projected heads, with a mask made from `pattern`.
 
     Lengths are padded to `SPLASH_BLOCK_SIZE` (padded keys take a segment of their
@@ -436,6 +443,9 @@ def splash_attention(query, key, value, pattern, *, scale, query_offset=0, mask=
         scale: The score's factor (``scaled_dot``: ``1 / sqrt(D)``).
         mask: None, or a bool mask over whole keys ``(B|1, 1, 1, Tk)`` or whole
             queries ``(B|1, 1, Tq, 1)`` (`_segment_ids`).
+        interpret: Run Pallas in interpret mode; None: unless JAX's default backend
+            is a TPU. False builds the compiled TPU kernel anywhere, e.g. to lower it
+            for a TPU on a CPU host with ``jax.export`` (`tests/test_lowering.py`).
 
     Returns:
         ``(B, Tq, H, Dv)`` in the query's dtype; a query with no allowed key gets zeros.
@@ -446,7 +456,8 @@ def splash_attention(query, key, value, pattern, *, scale, query_offset=0, mask=
 
     batch, tq, heads, _ = query.shape
     tk, groups = key.shape[1], heads // key.shape[2]
-    interpret = devices.actual().platform != "tpu"
+    if interpret is None:
+        interpret = devices.actual().platform != "tpu"
     kernel = _splash_kernel(pattern, tq, tk, int(query_offset), heads, interpret)
     dtype = query.dtype
     q = jnp.transpose(query * jnp.asarray(scale, dtype), (0, 2, 1, 3))  # (B, H, Tq, D)

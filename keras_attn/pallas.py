@@ -1,8 +1,9 @@
 """Block-sparse attention as a Pallas kernel on JAX, driven by the same `BlockLayout`.
 
 OPT-IN, NOT YET MEASURED ON A GPU. The kernel is exact (tested against the dense
-path in Pallas's interpret mode on a CPU: outputs and gradients), but it has not been
-lowered, run or timed on a GPU yet, so nothing selects it by default. Set the
+path in Pallas's interpret mode on a CPU: outputs and gradients) and lowered for CUDA
+through Triton on a CPU host (`tests/test_lowering.py`), but it has not run or been
+timed on a GPU yet, so nothing selects it by default. Set the
 environment variable ``KERAS_ATTN_PALLAS``:
 
 - ``1`` (or ``gpu``): the block-sparse path runs this kernel where JAX sees a GPU;
@@ -34,7 +35,7 @@ logsumexp; the backward pass is two more Pallas kernels over the same layout: dq
 with no allowed key gives zeros, never NaN.
 
 GPU notes (unverified until run there): the kernels use only the generic
-``pallas_call`` API (Triton lowering on NVIDIA GPUs); block sizes must be powers of
+``pallas_call`` API, lowered through Triton (`_compiler_params`); block sizes must be powers of
 two, at least 16 (`applies` checks), and head sizes are zero-padded to a power of two.
 """
 
@@ -412,8 +413,22 @@ def _forward(static, tables, q, k, v, data):
             jax.ShapeDtypeStruct((batch, heads, tq), "float32"),  # logsumexp
         ],
         interpret=static.interpret,
+        compiler_params=_compiler_params(static),
         name=KERNEL,
     )(*inputs, q, k, v, *([] if data is None else [data]))
+
+
+def _compiler_params(static):
+    """Triton's compiler parameters, which make JAX lower the kernels through Triton.
+
+    Without them JAX (0.10) lowers a ``pallas_call`` for a GPU through Mosaic GPU,
+    which fails here: it holds the whole key/value sequences in shared memory.
+    """
+    if static.interpret:
+        return None
+    from jax.experimental.pallas import triton
+
+    return triton.CompilerParams(num_warps=4, num_stages=2)
 
 
 def _per_query(static):
@@ -448,6 +463,7 @@ def _backward(static, tables, q, k, v, data, output, lse, d_output):
         out_specs=blk(depth),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         interpret=static.interpret,
+        compiler_params=_compiler_params(static),
         name=KERNEL + "_dq",
     )(*inputs, q, k, v, d_output, lse, delta, *extra)
 
@@ -466,6 +482,7 @@ def _backward(static, tables, q, k, v, data, output, lse, d_output):
             jax.ShapeDtypeStruct(v.shape, v.dtype),
         ],
         interpret=static.interpret,
+        compiler_params=_compiler_params(static),
         name=KERNEL + "_dkdv",
     )(*inputs, q, k, v, d_output, lse, delta, *extra)
     return dq, dk, d_value
