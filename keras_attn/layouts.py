@@ -36,6 +36,7 @@ __all__ = [
 HEADS_OUT_PROJECTIONS = ("query", "key", "value", "gate")
 # The projection whose input holds the heads: kernel and `lora_kernel_a` (H, Dv, ...).
 HEADS_IN_PROJECTION = "attention_output"
+_PROJECTIONS = (*HEADS_OUT_PROJECTIONS, HEADS_IN_PROJECTION)
 
 # Built-in components holding one entry per (query) head: variable name -> heads axis.
 # A plugin's component or layer declares the same with a `heads_axes` attribute.
@@ -112,7 +113,7 @@ def check_layout(model, mesh, model_axis="model"):
         for argument, heads in (("num_heads", query_heads), ("num_key_value_heads", kv_heads)):
             if heads % size:
                 raise ValueError(
-                    f"{type(layer).__name__} {layer.path!r} cannot shard its heads over "
+                    f"{type(layer).__name__} {layer.path or layer.name!r} cannot shard its heads over "
                     f"the mesh axis {model_axis!r} of size {size}: {argument}={heads} is "
                     f"not a multiple of {size}. Use a model axis whose size divides "
                     f"num_heads={query_heads} and num_key_value_heads={kv_heads} (the "
@@ -147,10 +148,13 @@ def _component_heads_axes(layer):
 
 
 def _variable_layouts(layer, model_axis):
-    """``(prefix, suffix, axes)`` for every variable of `layer`, ``prefix + suffix`` its path."""
+    """``(prefix, pattern, axes)`` for every variable of `layer`.
+
+    ``prefix + pattern`` (a literal prefix and a regex) fully matches the variable's path.
+    """
     if not layer.weights:
         raise ValueError(
-            f"{type(layer).__name__} {layer.path!r} has no weights yet: build the model "
+            f"{type(layer).__name__} {layer.path or layer.name!r} has no weights yet: build the model "
             "before giving it to layout_map, or call layout_map without `model` (its "
             "keys then match every layer's projections by name) and check_layout once "
             "the model is built."
@@ -159,14 +163,18 @@ def _variable_layouts(layer, model_axis):
     for variable in layer.weights:
         parts = variable.path.split("/")
         rank = len(variable.shape)
+        suffix = "/".join(parts[-2:])
+        prefix, pattern = variable.path[: -len(suffix)], re.escape(suffix)
         if id(variable) in component_axes:
             axis = component_axes[id(variable)]
         else:
-            projection = parts[-2] if len(parts) >= 2 else ""
-            axis = _heads_axis(projection, parts[-1], rank)
-        axes = tuple(model_axis if i == axis else None for i in range(rank))
-        suffix = "/".join(parts[-2:])
-        yield variable.path[: -len(suffix)], suffix, axes
+            axis = _heads_axis(parts[-2] if len(parts) >= 2 else "", parts[-1], rank)
+        if prefix == f"{layer.path}/" and parts[-2] not in _PROJECTIONS:
+            # A component's name is made unique by Keras (`sink_softmax_3`): the same
+            # model made again (e.g. under the distribution) numbers it anew.
+            sublayer = re.sub(r"_\d+$", "", parts[-2])
+            pattern = rf"{re.escape(sublayer)}(?:_\d+)?/{re.escape(parts[-1])}"
+        yield prefix, pattern, tuple(model_axis if i == axis else None for i in range(rank))
 
 
 def _alternation(strings):
@@ -228,10 +236,10 @@ def layout_map(mesh, model=None, *, model_axis="model"):
         result[rf".+/{HEADS_IN_PROJECTION}/(?:kernel|lora_kernel_a)"] = (model_axis, None, None)
         return result
     check_layout(model, mesh, model_axis)
-    groups = {}  # (suffix, axes) -> prefixes, in the model's order
+    groups = {}  # (pattern, axes) -> prefixes, in the model's order
     for layer in attention_layers(model):
-        for prefix, suffix, axes in _variable_layouts(layer, model_axis):
-            groups.setdefault((suffix, axes), []).append(prefix)
-    for (suffix, axes), prefixes in groups.items():
-        result[_alternation(prefixes) + re.escape(suffix)] = axes
+        for prefix, pattern, axes in _variable_layouts(layer, model_axis):
+            groups.setdefault((pattern, axes), []).append(prefix)
+    for (pattern, axes), prefixes in groups.items():
+        result[_alternation(prefixes) + pattern] = axes
     return result
