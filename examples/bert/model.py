@@ -20,6 +20,8 @@ included; ``{"layer": "keras"}`` is the reference the `compare` command trains
 side by side.
 """
 
+import types
+
 import keras
 from keras import ops
 
@@ -110,20 +112,21 @@ class BertEncoder(keras.Model):
         attention = AttentionConfig.from_dict(attention)
 
         # === layers ===
-        self.padding_mask = PaddingMask(pad_id, name="padding_mask")
-        self.token_embedding = keras.layers.Embedding(
+        parts = types.SimpleNamespace()
+        parts.padding_mask = PaddingMask(pad_id, name="padding_mask")
+        parts.token_embedding = keras.layers.Embedding(
             vocab_size, hidden_dim, name="token_embedding"
         )
-        self.segment_embedding = keras.layers.Embedding(
+        parts.segment_embedding = keras.layers.Embedding(
             num_segments, hidden_dim, name="segment_embedding"
         )
-        self.embeddings_sum = keras.layers.Add(name="embeddings_sum")
-        self.position_embedding = PositionEmbedding(max_length, name="position_embedding")
-        self.embeddings_norm = keras.layers.LayerNormalization(
+        parts.embeddings_sum = keras.layers.Add(name="embeddings_sum")
+        parts.position_embedding = PositionEmbedding(max_length, name="position_embedding")
+        parts.embeddings_norm = keras.layers.LayerNormalization(
             epsilon=1e-12, name="embeddings_norm"
         )
-        self.embeddings_dropout = keras.layers.Dropout(dropout, name="embeddings_dropout")
-        self.blocks = [
+        parts.embeddings_dropout = keras.layers.Dropout(dropout, name="embeddings_dropout")
+        parts.blocks = [
             TransformerBlock(
                 num_heads,
                 intermediate_dim,
@@ -138,11 +141,16 @@ class BertEncoder(keras.Model):
         ]
 
         # === functional model ===
+        # A model takes layers as attributes only after `Model.__init__` (PyTorch's
+        # modules require it), so the wiring runs `embed` on a namespace of the layers;
+        # they become the model's attributes below.
         inputs = {k: keras.Input((None,), dtype="int32", name=k) for k in INPUTS}
-        x, arguments = self.embed(inputs)
-        for block in self.blocks:
+        x, arguments = BertEncoder.embed(parts, inputs)
+        for block in parts.blocks:
             x = block(x, **arguments)
         super().__init__(inputs, x, **kwargs)
+        for name, value in vars(parts).items():
+            setattr(self, name, value)
 
         # === config ===
         self.vocab_size = vocab_size
@@ -221,20 +229,19 @@ class BertPretrainer(_EncoderTask):
 
     def __init__(self, encoder, **kwargs):
         # === layers ===
-        self.encoder = encoder
-        self.gather = GatherPositions(name="gather_masked")
-        self.transform = keras.layers.Dense(
-            encoder.hidden_dim, activation="gelu", name="mlm_transform"
-        )
-        self.norm = keras.layers.LayerNormalization(epsilon=1e-12, name="mlm_norm")
-        self.head = keras.layers.Dense(encoder.vocab_size, dtype="float32", name="mlm_logits")
+        gather = GatherPositions(name="gather_masked")
+        transform = keras.layers.Dense(encoder.hidden_dim, activation="gelu", name="mlm_transform")
+        norm = keras.layers.LayerNormalization(epsilon=1e-12, name="mlm_norm")
+        head = keras.layers.Dense(encoder.vocab_size, dtype="float32", name="mlm_logits")
 
         # === functional model ===
         inputs = {k: keras.Input((None,), dtype="int32", name=k) for k in INPUTS}
         positions = keras.Input((None,), dtype="int32", name="mask_positions")
-        x = self.gather(self.encoder(inputs), positions)
-        logits = self.head(self.norm(self.transform(x)))
+        x = gather(encoder(inputs), positions)
+        logits = head(norm(transform(x)))
         super().__init__({**inputs, "mask_positions": positions}, logits, **kwargs)
+        self.encoder = encoder
+        self.head = head
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -251,17 +258,18 @@ class BertClassifier(_EncoderTask):
     def __init__(self, encoder, num_classes, dropout=0.1, **kwargs):
         validation.positive_int(num_classes, "num_classes")
         # === layers ===
-        self.encoder = encoder
-        self.cls_token = TakeToken(0, name="cls_token")
-        self.pooler = keras.layers.Dense(encoder.hidden_dim, activation="tanh", name="pooler")
-        self.classifier_dropout = keras.layers.Dropout(dropout, name="classifier_dropout")
-        self.head = keras.layers.Dense(num_classes, dtype="float32", name="logits")
+        cls_token = TakeToken(0, name="cls_token")
+        pooler = keras.layers.Dense(encoder.hidden_dim, activation="tanh", name="pooler")
+        classifier_dropout = keras.layers.Dropout(dropout, name="classifier_dropout")
+        head = keras.layers.Dense(num_classes, dtype="float32", name="logits")
 
         # === functional model ===
         inputs = {k: keras.Input((None,), dtype="int32", name=k) for k in INPUTS}
-        pooled = self.pooler(self.cls_token(self.encoder(inputs)))
-        logits = self.head(self.classifier_dropout(pooled))
+        pooled = pooler(cls_token(encoder(inputs)))
+        logits = head(classifier_dropout(pooled))
         super().__init__(inputs, logits, **kwargs)
+        self.encoder = encoder
+        self.head = head
 
         # === config ===
         self.num_classes = num_classes

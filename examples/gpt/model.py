@@ -16,6 +16,8 @@ another document, and positions (learned and the attention's position encoding)
 restart at each document.
 """
 
+import types
+
 import keras
 from keras import ops
 
@@ -162,10 +164,11 @@ class GPT(keras.Model):
         intermediate_dim = intermediate_dim or 4 * hidden_dim
 
         # === layers ===
-        self.embedding = TokenAndPositionEmbedding(
+        parts = types.SimpleNamespace(packed=packed)
+        parts.embedding = TokenAndPositionEmbedding(
             vocab_size, max_length, hidden_dim, name="embedding"
         )
-        self.blocks = [
+        parts.blocks = [
             TransformerBlock(
                 num_heads,
                 intermediate_dim,
@@ -180,21 +183,25 @@ class GPT(keras.Model):
             )
             for i in range(num_layers)
         ]
-        self.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")
-        self.head = keras.layers.Dense(vocab_size, dtype="float32", name="logits")
+        parts.final_norm = keras.layers.LayerNormalization(epsilon=1e-5, name="final_norm")
+        parts.head = keras.layers.Dense(vocab_size, dtype="float32", name="logits")
 
         # === functional model ===
-        self.packed = packed
+        # A model takes layers as attributes only after `Model.__init__` (PyTorch's
+        # modules require it), so the wiring runs `embed` on a namespace of the layers;
+        # they become the model's attributes below.
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         inputs = token_ids
         if packed:
             segment_ids = keras.Input(shape=(None,), dtype="int32", name="segment_ids")
             inputs = {"token_ids": token_ids, "segment_ids": segment_ids}
-        x, arguments = self.embed(inputs)
-        for block in self.blocks:
+        x, arguments = GPT.embed(parts, inputs)
+        for block in parts.blocks:
             x = block(x, **arguments)
-        logits = self.head(self.final_norm(x))
+        logits = parts.head(parts.final_norm(x))
         super().__init__(inputs, logits, **kwargs)
+        for name, value in vars(parts).items():
+            setattr(self, name, value)
 
         # === config ===
         self.vocab_size = vocab_size

@@ -11,6 +11,8 @@ The attention of every block is an argument, so ViT with hard attention is::
     build_vit(image_shape=(8, 8, 1), num_classes=10, patch_size=2, attention={"layer": "hard"})
 """
 
+import types
+
 import keras
 from keras import ops
 
@@ -130,16 +132,17 @@ class ViT(keras.Model):
         num_patches = (image_shape[0] // patch_size) * (image_shape[1] // patch_size)
 
         # === layers ===
-        self.rescale = keras.layers.Rescaling(1.0 / 255.0, name="rescale")
+        parts = types.SimpleNamespace()
+        parts.rescale = keras.layers.Rescaling(1.0 / 255.0, name="rescale")
         # A patch_size-strided convolution is a dense layer applied to each flattened patch.
-        self.patch_embedding = keras.layers.Conv2D(
+        parts.patch_embedding = keras.layers.Conv2D(
             hidden_dim, patch_size, strides=patch_size, name="patch_embedding"
         )
-        self.patches = keras.layers.Reshape((num_patches, hidden_dim), name="patches")
-        self.class_token = ClassToken(name="class_token")
-        self.position_embedding = PositionEmbedding(num_patches + 1, name="position_embedding")
-        self.embeddings_dropout = keras.layers.Dropout(dropout, name="embeddings_dropout")
-        self.blocks = [
+        parts.patches = keras.layers.Reshape((num_patches, hidden_dim), name="patches")
+        parts.class_token = ClassToken(name="class_token")
+        parts.position_embedding = PositionEmbedding(num_patches + 1, name="position_embedding")
+        parts.embeddings_dropout = keras.layers.Dropout(dropout, name="embeddings_dropout")
+        parts.blocks = [
             TransformerBlock(
                 num_heads,
                 mlp_dim,
@@ -152,17 +155,22 @@ class ViT(keras.Model):
             )
             for i in range(num_layers)
         ]
-        self.final_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")
-        self.class_output = TakeToken(0, name="class_output")
-        self.head = keras.layers.Dense(num_classes, dtype="float32", name="logits")
+        parts.final_norm = keras.layers.LayerNormalization(epsilon=1e-6, name="final_norm")
+        parts.class_output = TakeToken(0, name="class_output")
+        parts.head = keras.layers.Dense(num_classes, dtype="float32", name="logits")
 
         # === functional model ===
+        # A model takes layers as attributes only after `Model.__init__` (PyTorch's
+        # modules require it), so the wiring runs `embed` on a namespace of the layers;
+        # they become the model's attributes below.
         images = keras.Input(image_shape, name="images")
-        x, arguments = self.embed(images)
-        for block in self.blocks:
+        x, arguments = ViT.embed(parts, images)
+        for block in parts.blocks:
             x = block(x, **arguments)
-        x = self.class_output(self.final_norm(x))  # (B, E)
-        super().__init__(images, self.head(x), **kwargs)
+        x = parts.class_output(parts.final_norm(x))  # (B, E)
+        super().__init__(images, parts.head(x), **kwargs)
+        for name, value in vars(parts).items():
+            setattr(self, name, value)
 
         # === config ===
         self.image_shape = image_shape
