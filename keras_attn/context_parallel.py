@@ -7,12 +7,15 @@ queries, keys and values (inputs and outputs sharded along T), and the keys and
 values reach the other devices by one of two strategies, both exact:
 
 - ``"ring"``: the K/V shards (with their key padding and absolute positions) pass
-  around the ring of devices in ``P - 1`` ``ppermute`` steps; each step's partial
-  softmax is merged into the running one by log-sum-exp (as flash attention merges
-  blocks), so no device ever holds more than two K/V shards. Steps whose K/V shard
-  the pattern's block mask leaves empty are skipped: statically where no device
-  needs that step (e.g. the far shards of a sliding window), else per device with
-  ``lax.cond``. Softmax and ``sink_softmax`` only: their partial results merge.
+  around the ring of devices, both ways at once (``P / 2`` hops one way, ``P/2 - 1``
+  the other: ``P - 1`` ``ppermute`` steps in all); each step's partial softmax is
+  merged into the running one by log-sum-exp (as flash attention merges blocks), so
+  a device holds its own K/V shard and the two travelling ones, never all of them.
+  Steps whose K/V shard the pattern's block mask leaves empty are skipped:
+  statically where no device needs them (with the hops that would only carry shards
+  to them, e.g. all but one hop each way for a window within one shard), else per
+  device with ``lax.cond``. Softmax and ``sink_softmax`` only: their partial results
+  merge.
 - ``"all_gather"``: every device gathers all keys and values and attends its query
   shard to them at its absolute query positions, on the engine's own paths
   (`keras_attn.dispatch.plan`/`attend`): any pattern, normalizer or mask, and the
@@ -36,6 +39,7 @@ import numpy as np
 from keras import ops
 
 from keras_attn import dispatch
+from keras_attn import segments as segments_module
 from keras_attn.components import NEG_INF
 from keras_attn.masks import combine_masks
 from keras_attn.masks import pattern_mask_or_none
@@ -116,8 +120,9 @@ class ContextParallelPlan(NamedTuple):
         strategy: ``"ring"`` or ``"all_gather"`` (what ``"auto"`` chose).
         axis: The mesh axis the sequence is sharded over.
         num_shards: P, the size of that axis.
-        ring_steps: Ring: the steps (0 = the device's own shard) that some device
-            computes; the others were skipped for every device. None for all_gather.
+        ring_steps: Ring: the steps s (device i computing with the K/V shard of
+            device ``(i - s) mod P``; 0 is its own) that some device computes; the
+            others were skipped for every device. None for all_gather.
         local: All_gather: the `keras_attn.dispatch.Plan` each device ran on its
             query shard; None for the ring.
     """
@@ -215,7 +220,7 @@ def _strategy(config, components, return_weights):
             "Context parallelism with strategy='ring' merges partial softmaxes, so it "
             "takes a softmax or sink_softmax normalizer only; other normalizers cannot "
             "be computed from partial results. Use strategy='all_gather' (or 'auto'). "
-            f"Received: normalizer={components.normalizer.name!r}"
+            f"Received: normalizer={type(components.normalizer).name!r}"
         )
     if strategy == "ring" and return_weights:
         raise ValueError(
@@ -227,10 +232,11 @@ def _strategy(config, components, return_weights):
 
 
 def _check_call(heads, components, training, num_shards):
-    if heads.segments is not None:
+    if heads.segments is not None and heads.segments.reset_positions and components.score_mods:
         raise NotImplementedError(
-            "Segment ids (packed sequences) under context parallelism are not "
-            "implemented yet. Received: segment_ids with context parallelism."
+            "Score_mods with positions restarted at each segment (reset_positions=True) "
+            "are not implemented under context parallelism yet. Received: score_mods="
+            f"{[type(m).name for m in components.score_mods]} with reset_positions=True."
         )
     if components.dropout_active(training):
         raise ValueError(
@@ -292,7 +298,7 @@ def run(components, heads, config, settings=None, *, mesh=None, training=None,
         ValueError: lengths not multiples of the axis size, a ring with a normalizer
             other than softmax/sink_softmax or with weights asked for, active dropout,
             no distribution with that axis.
-        NotImplementedError: strategy ``"halo"``, segment ids.
+        NotImplementedError: strategy ``"halo"``; score_mods with ``reset_positions``.
     """
     mesh = mesh_for(config) if mesh is None else mesh
     if mesh is None:
@@ -366,16 +372,36 @@ class _Sharding:
             self.mask_spec = PartitionSpec(
                 batch, None, axis if self.mask_rows else None, axis if self.mask_keys else None
             )
+        ids_spec = PartitionSpec(self.batch, axis)  # (B, T)
+        self.arguments = {
+            "query": (heads.query, self.heads_spec),
+            "key": (heads.key, self.heads_spec),
+            "value": (heads.value, self.heads_spec),
+            "offset": (_offset_arg(heads.query_offset), self.replicated),
+        }
+        if mask is not None:
+            self.arguments["mask"] = (mask, self.mask_spec)
+        if heads.segments is not None:
+            self.same_stream = heads.segments.same_stream
+            self.arguments["query_ids"] = (heads.segments.query_ids, ids_spec)
+            self.arguments["key_ids"] = (heads.segments.key_ids, ids_spec)
 
+    def map(self, body, out_specs):
+        """``body(local)`` under ``shard_map``; `local` maps argument names to shards."""
+        import jax
 
-def _shard_map(body, sharding, in_specs, out_specs):
-    import jax
+        names = list(self.arguments)
 
-    # check_vma=False: the ring's per-device `lax.cond` must not hold the psum that
-    # the gradient of a replicated weight (a score's, a score_mod's) would get inside it.
-    return jax.shard_map(
-        body, mesh=sharding.mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-    )
+        def positional(*shards):
+            return body(dict(zip(names, shards, strict=True)))
+
+        # check_vma=False: the ring's per-device `lax.cond` must not hold the psum that
+        # the gradient of a replicated weight (a score's, a score_mod's) would get in it.
+        mapped = jax.shard_map(
+            positional, mesh=self.mesh, out_specs=out_specs, check_vma=False,
+            in_specs=tuple(self.arguments[n][1] for n in names),
+        )  # fmt: skip
+        return mapped(*(self.arguments[n][0] for n in names))
 
 
 def _offset_arg(query_offset):
@@ -392,34 +418,38 @@ def _all_gather(components, heads, sharding, settings, training, return_weights)
     axis = sharding.axis
     local_plans = []
 
-    def body(q, k, v, offset, *mask):
-        mask = mask[0] if mask else None
-        k = jax.lax.all_gather(k, axis, axis=1, tiled=True)  # (B, Tk, H, D)
-        v = jax.lax.all_gather(v, axis, axis=1, tiled=True)  # (B, Tk, H, Dv)
+    def gather(x, along):
+        return jax.lax.all_gather(x, axis, axis=along, tiled=True)
+
+    def body(local):
+        q, mask = local["query"], local.get("mask")
+        k = gather(local["key"], 1)  # (B, Tk, H, D)
+        v = gather(local["value"], 1)  # (B, Tk, H, Dv)
         if sharding.mask_keys:
-            mask = jax.lax.all_gather(mask, axis, axis=3, tiled=True)  # (B|1, H|1, 1, Tk)
+            mask = gather(mask, 3)  # (B|1, H|1, 1, Tk)
+        segs = None
+        if "query_ids" in local:
+            segs = segments_module.Segments(
+                local["query_ids"], gather(local["key_ids"], 1), same_stream=sharding.same_stream
+            )
         tq = q.shape[1]
-        query_offset = offset + jax.lax.axis_index(axis).astype("int32") * tq
+        query_offset = local["offset"] + jax.lax.axis_index(axis).astype("int32") * tq
         call = dispatch.Call(
             query_length=tq, key_length=k.shape[1], head_dim=q.shape[-1],
             value_dim=v.shape[-1], dtype=q.dtype, query_offset=query_offset,
-            has_mask=mask is not None, return_weights=return_weights, training=training,
+            has_mask=mask is not None or segs is not None, segments=segs,
+            return_weights=return_weights, training=training,
         )  # fmt: skip
         plan = dispatch.plan(components, call, settings)
         local_plans.append(plan)
         output, weights = dispatch.attend(
-            plan, q, k, v, mask, training=training, return_weights=return_weights
+            plan, q, k, v, mask, segments=segs, training=training, return_weights=return_weights
         )
         return (output, weights) if return_weights else output
 
-    in_specs = [sharding.heads_spec] * 3 + [sharding.replicated]
-    args = [heads.query, heads.key, heads.value, _offset_arg(heads.query_offset)]
-    if heads.mask is not None:
-        in_specs.append(sharding.mask_spec)
-        args.append(sharding.mask)
     weights_spec = PartitionSpec(sharding.batch, None, axis, None)  # (B, H, Tq, Tk)
     out_specs = (sharding.heads_spec, weights_spec) if return_weights else sharding.heads_spec
-    result = _shard_map(body, sharding, tuple(in_specs), out_specs)(*args)
+    result = sharding.map(body, out_specs)
     output, weights = result if return_weights else (result, None)
     return output, weights, local_plans[-1] if local_plans else None
 
@@ -441,9 +471,12 @@ def _nonempty_shards(pattern, query_length, key_length, num_shards, query_offset
 
 
 def _ring_schedule(table):
-    """Which ring steps some device computes, and per step whether every device does.
+    """Which ring steps some device computes, and per step which devices do.
 
-    At step s, device i holds the K/V shard of device ``(i - s) mod P``.
+    At step s, device i computes with the K/V shard of device ``(i - s) mod P``.
+    Steps up to P / 2 take that many hops forward around the ring, later ones
+    ``P - s`` hops backward, so both directions run at once and a banded pattern
+    (steps 0, 1 and P - 1) needs one hop each way.
     """
     num_shards = table.shape[0]
     rows = np.arange(num_shards)
@@ -460,14 +493,21 @@ def _ring(components, heads, sharding):
     tq_all, tk_all = heads.query.shape[1], heads.key.shape[1]
     table = _nonempty_shards(components.pattern, tq_all, tk_all, num_shards, heads.query_offset)
     steps, needed = _ring_schedule(table)
-    shift = [(j, (j + 1) % num_shards) for j in range(num_shards)]
+    half = num_shards // 2
+    forward = [s for s in steps if 0 < s <= half]
+    backward = [num_shards - s for s in steps if s > half]  # hops, nearest first
+    hops = {
+        1: [(j, (j + 1) % num_shards) for j in range(num_shards)],
+        -1: [(j, (j - 1) % num_shards) for j in range(num_shards)],
+    }
     sink = _sink_logits(components.normalizer, heads.query.shape[2])
 
-    def body(q, k, v, offset, *mask):
-        mask = mask[0] if mask else None
+    def body(local):
+        q, k, v, mask = local["query"], local["key"], local["value"], local.get("mask")
+        query_ids = local.get("query_ids")
         index = jax.lax.axis_index(axis).astype("int32")
         tq, tk = q.shape[1], k.shape[1]
-        query_positions = offset + index * tq + jnp.arange(tq, dtype="int32")
+        query_positions = local["offset"] + index * tq + jnp.arange(tq, dtype="int32")
         qh = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, Tq, D)
         batch, num_heads = qh.shape[0], qh.shape[1]
         state = (
@@ -475,36 +515,41 @@ def _ring(components, heads, sharding):
             jnp.zeros((batch, num_heads, tq, 1), "float32"),  # running sum
             jnp.zeros((batch, num_heads, tq, v.shape[-1]), "float32"),  # running output
         )
-        travelling = (k, v, mask if sharding.mask_keys else None)
-        for step in range(steps[-1] + 1 if steps else 0):
-            if step > 0:
-                travelling = jax.tree_util.tree_map(
-                    lambda x: jax.lax.ppermute(x, axis, shift), travelling
-                )
-            if step not in steps:
-                continue
+        # What travels: keys, values, their padding and their segment ids.
+        own = (k, v, mask if sharding.mask_keys else None, local.get("key_ids"))
+
+        def merge_step(state, step, travelling):
             source = (index - step) % num_shards
 
-            def merge(state, travelling=travelling, source=source):
+            def merge(state):
                 block_mask = _block_data_mask(sharding, mask, travelling[2], source, tk)
+                if query_ids is not None:
+                    same = segments_module.segment_mask(query_ids, travelling[3])
+                    block_mask = combine_masks(block_mask, same)  # (B, 1|H, Tq, Tk) / P
                 return _merge_block(
                     components, state, qh, travelling[0], travelling[1],
                     query_positions, source * tk + jnp.arange(tk, dtype="int32"), block_mask,
                 )  # fmt: skip
 
             if needed[step].all():
-                state = merge(state)
-            else:
-                state = jax.lax.cond(jnp.asarray(needed[step])[index], merge, lambda s: s, state)
+                return merge(state)
+            return jax.lax.cond(jnp.asarray(needed[step])[index], merge, lambda s: s, state)
+
+        if 0 in steps:
+            state = merge_step(state, 0, own)
+        for direction, wanted in ((1, forward), (-1, backward)):
+            travelling = own
+            for hop in range(1, max(wanted, default=0) + 1):
+                travelling = jax.tree_util.tree_map(
+                    lambda x: jax.lax.ppermute(x, axis, hops[direction]), travelling
+                )
+                if hop in wanted:
+                    step = hop if direction == 1 else num_shards - hop
+                    state = merge_step(state, step, travelling)
         output = _finish(state, sink)  # (B, H, Tq, Dv)
         return jnp.transpose(output, (0, 2, 1, 3)).astype(v.dtype)  # (B, Tq, H, Dv)
 
-    in_specs = [sharding.heads_spec] * 3 + [sharding.replicated]
-    args = [heads.query, heads.key, heads.value, _offset_arg(heads.query_offset)]
-    if heads.mask is not None:
-        in_specs.append(sharding.mask_spec)
-        args.append(sharding.mask)
-    output = _shard_map(body, sharding, tuple(in_specs), sharding.heads_spec)(*args)
+    output = sharding.map(body, sharding.heads_spec)
     return output, tuple(steps)
 
 
