@@ -294,7 +294,8 @@ class _PatternStripes:
             key=key.reshape(1, 1, 1, -1),
             head=np.arange(self.num_heads, dtype="int32").reshape(1, -1, 1, 1),
         )
-        m = ops.convert_to_numpy(self.pattern.mask(positions)).astype(bool)
+        with block_layout.eager():  # also while the caller's function is traced
+            m = ops.convert_to_numpy(self.pattern.mask(positions)).astype(bool)
         while m.ndim < 4:
             m = m[None]
         m = np.broadcast_to(m, m.shape[:-2] + (len(query), len(key)))
