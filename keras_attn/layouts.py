@@ -112,9 +112,10 @@ def check_layout(model, mesh, model_axis="model"):
         query_heads, kv_heads = _heads(layer)
         for argument, heads in (("num_heads", query_heads), ("num_key_value_heads", kv_heads)):
             if heads % size:
+                where = layer.path or layer.name
                 raise ValueError(
-                    f"{type(layer).__name__} {layer.path or layer.name!r} cannot shard its heads over "
-                    f"the mesh axis {model_axis!r} of size {size}: {argument}={heads} is "
+                    f"{type(layer).__name__} {where!r} cannot shard its heads over the "
+                    f"mesh axis {model_axis!r} of size {size}: {argument}={heads} is "
                     f"not a multiple of {size}. Use a model axis whose size divides "
                     f"num_heads={query_heads} and num_key_value_heads={kv_heads} (the "
                     "other devices can go to a data or sequence axis)."
@@ -141,8 +142,13 @@ def _component_heads_axes(layer):
                 declared.update(table)
         for variable in sublayer.weights:
             axis = declared.get(variable.name)
+            rank = len(variable.shape)
             # A weight shared by all heads (a single sink) stays replicated.
-            if axis is not None and variable.shape[axis] == query_heads > 1:
+            if (
+                axis is not None
+                and -rank <= axis < rank
+                and variable.shape[axis] == query_heads > 1
+            ):
                 axes[id(variable)] = axis % len(variable.shape)
     return axes
 
@@ -154,10 +160,10 @@ def _variable_layouts(layer, model_axis):
     """
     if not layer.weights:
         raise ValueError(
-            f"{type(layer).__name__} {layer.path or layer.name!r} has no weights yet: build the model "
-            "before giving it to layout_map, or call layout_map without `model` (its "
-            "keys then match every layer's projections by name) and check_layout once "
-            "the model is built."
+            f"{type(layer).__name__} {layer.path or layer.name!r} has no weights yet: build "
+            "the model before giving it to layout_map, or call layout_map without `model` "
+            "(its keys then match every layer's projections by name) and check_layout "
+            "once the model is built."
         )
     component_axes = _component_heads_axes(layer)
     for variable in layer.weights:

@@ -120,6 +120,26 @@ def test_gates_lora_grouped_heads_and_per_head_component_weights():
     assert axes_of(layout_map, "mha/relative_position/embeddings") == (None, M)
 
 
+class HeadScaled(keras_attn.Attention):
+    """A plugin's layer with a weight of its own, one entry per head, that it declares."""
+
+    heads_axes = {"head_scale": 0}
+
+    def build(self, query_shape, value_shape=None, key_shape=None):
+        super().build(query_shape, value_shape, key_shape)
+        self.head_scale = self.add_weight(name="head_scale", shape=(self.num_heads,))
+        self.shared_scale = self.add_weight(name="shared_scale", shape=(self.num_heads,))
+
+
+def test_a_plugin_layer_declares_its_per_head_weights():
+    inputs = keras.Input((T, F))
+    model = keras.Model(inputs, HeadScaled(num_heads=4, name="scaled")(inputs))
+    layout_map = keras_attn.layout_map(mesh(), model)
+    assert axes_of(layout_map, "scaled/head_scale") == (M,)
+    assert axes_of(layout_map, "scaled/shared_scale") == (None,)
+    assert axes_of(layout_map, "scaled/query/kernel") == (None, M, None)
+
+
 @pytest.mark.parametrize(
     "layer, mesh_shape, message",
     [
