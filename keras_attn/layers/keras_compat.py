@@ -82,7 +82,7 @@ def _alias(public):
     return property(get, set, doc=f"Keras's private name of `{public}`.")
 
 
-def attention_equations(rank, attention_axes):
+def _attention_equations(rank, attention_axes):
     """Keras's einsum equations of multi-head attention over heads of rank `rank`.
 
     Heads are ``(B, *dims, H, D)``; the scores are laid out as Keras's,
@@ -93,8 +93,8 @@ def attention_equations(rank, attention_axes):
         attention_axes: Axes of the heads attended over (resolved, positive).
 
     Returns:
-        ``(dot_product_equation, combine_equation, scores_rank)``: the first takes
-        ``(key, query)`` to the scores, the second ``(weights, value)`` to the output.
+        ``(dot_product_equation, combine_equation)``: the first takes ``(key, query)``
+        to the scores, the second ``(weights, value)`` to the output.
     """
     letters = string.ascii_lowercase
     query = letters[:rank]
@@ -106,7 +106,7 @@ def attention_equations(rank, attention_axes):
     scores = (
         others + "".join(query[a] for a in attention_axes) + "".join(key[a] for a in attention_axes)
     )
-    return f"{key},{query}->{scores}", f"{scores},{key}->{query}", len(scores)
+    return f"{key},{query}->{scores}", f"{scores},{key}->{query}"
 
 
 class _KerasDropIn(Attention):
@@ -136,7 +136,7 @@ class _KerasDropIn(Attention):
         self._softmax = self._normalize_over_key_axes
 
     def _attention_equations(self, rank):
-        return attention_equations(rank, self._attention_axes)[:2]
+        return _attention_equations(rank, self._attention_axes)
 
     def _normalize_over_key_axes(self, inputs, mask=None):
         """Keras's `_softmax`: the layer's normalizer over the scores' key axes.
@@ -153,7 +153,7 @@ class _KerasDropIn(Attention):
         if n == 1:
             return normalizer(inputs, mask=mask)
         shape = ops.shape(inputs)
-        flat = (*shape[:-n], math.prod(shape[-n:]))  # the key axes as one
+        flat = (*shape[:-n], -1)  # the key axes as one
         if mask is not None:
             mask = ops.reshape(ops.broadcast_to(ops.cast(mask, "bool"), shape), flat)
         return ops.reshape(normalizer(ops.reshape(inputs, flat), mask=mask), shape)
@@ -163,7 +163,7 @@ class _KerasDropIn(Attention):
         # for Keras's class) has not attached the components: attach them here, as
         # the build ends, so their weights are tracked before the state is locked.
         if getattr(self, "_normalizer", None) is None and hasattr(self, "_num_key_axes"):
-            unknown = (None,) * (max(self._attention_axes, default=0) + 2)
+            unknown = (None,) * (max(self._attention_axes, default=0) + 1)  # any lengths
             self._build_components(unknown, unknown)
         super()._post_build()
 
