@@ -220,6 +220,41 @@ def test_the_drop_in_with_l2_norm_has_exactly_keras_weights():
     np.testing.assert_allclose(numpy(ours(x, x)), expected, rtol=1e-4, atol=1e-4)
 
 
+class _BuildsItsOwnProjections(keras_attn.MultiHeadAttention):
+    """A subclass written for Keras's class: its `build` replaces the layer's own."""
+
+    def build(self, query_shape, value_shape, key_shape=None):
+        def projection(name, shape, heads, depth):
+            layer = keras.layers.EinsumDense(
+                "abc,cde->abde", output_shape=(None, heads, depth), bias_axes="de",
+                name=name, **self._get_common_kwargs_for_sublayer(),
+            )  # fmt: skip
+            layer.build(shape)
+            return layer
+
+        self._query_dense = projection("query", query_shape, self._num_heads, self._key_dim)
+        self._key_dense = projection(
+            "key", key_shape or value_shape, self._num_heads, self._key_dim
+        )
+        self._value_dense = projection("value", value_shape, self._num_heads, self._value_dim)
+        self._build_attention(4)
+        self._output_dense = self._make_output_dense(
+            query_shape, self._get_common_kwargs_for_sublayer(), "attention_output"
+        )
+        self._output_dense.build((*query_shape[:-1], self._num_heads, self._value_dim))
+
+
+def test_a_subclass_with_its_own_build_gets_the_qk_norm_last():
+    x, c = randn(B, T, DIM), randn(B, S, DIM, seed=1)
+    layer = _BuildsItsOwnProjections(4, 4, qk_norm="rms")
+    layer(x, c)
+    weights = randomize(layer)
+    paths = [w.path.split("/", 1)[1] for w in layer.weights]
+    assert paths[-2:] == ["query_norm/scale", "key_norm/scale"]
+    expected = ref_attention(weights, x, c, "rms", 4, np.ones((T, S), bool))
+    np.testing.assert_allclose(numpy(layer(x, c)), expected, rtol=1e-4, atol=1e-4)
+
+
 # -- KerasHub's own QK-normed attention ---------------------------------------------------
 
 

@@ -439,7 +439,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
         )
         self._output_dense.build((*query_shape[:-1], self.num_heads, self._value_dim))
         self._build_components(query_shape, key_shape)
-        self._build_qk_norm(rank)
+        self._build_qk_norm()
 
     def _make_output_dense(self, query_shape, common_kwargs, name=None):
         """The output projection ``(B, ..., H, Dv) -> (B, ..., *output_shape)`` (as Keras)."""
@@ -516,16 +516,24 @@ class Attention(KerasOverrides, keras.layers.Layer):
         """The QK-norm layer of the key heads (``qk_norm``), or None."""
         return getattr(self, "_key_norm", None)
 
-    def _build_qk_norm(self, input_rank):
+    def _build_qk_norm(self):
         # Built last, so that the weights of Keras's layers come first, in Keras's order.
         template = self._qk_norm_spec.value
         if template is None:
             return
-        heads = [None] * (input_rank - 1)
         self._query_norm = qk_norm_module.clone(template, "query_norm", self.dtype_policy)
-        self._query_norm.build((*heads, self.num_heads, self._key_dim))
+        self._query_norm.build((None, None, self.num_heads, self._key_dim))  # (B, T, H, D)
         self._key_norm = qk_norm_module.clone(template, "key_norm", self.dtype_policy)
-        self._key_norm.build((*heads, self.num_key_value_heads, self._key_dim))
+        self._key_norm.build((None, None, self.num_key_value_heads, self._key_dim))
+
+    def _post_build(self):
+        # A subclass whose own `build` replaces this one (written for Keras's class)
+        # has not built the QK-norm: build it as the build ends, before the state is
+        # locked, once the head size is known.
+        if self._qk_norm_spec.value is not None and self.query_norm is None:
+            if getattr(self, "_key_dim", None):
+                self._build_qk_norm()
+        super()._post_build()
 
     def _normalize_heads(self, q, k):
         """Apply the QK-norm to query heads ``(B, Tq, H, D)`` and key heads ``(B, Tk, Hkv, D)``."""
@@ -535,7 +543,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
             raise ValueError(
                 f"{type(self).__name__} {self.name!r} has qk_norm={self._qk_norm_arg!r} but "
                 "its QK-norm layers were not built: a subclass that overrides `build` must "
-                "call `super().build(...)` (or `self._build_qk_norm(len(query_shape))`)."
+                "set `_key_dim` (the head size) or call `super().build(...)`."
             )
         return self._query_norm(q), self._key_norm(k)
 
