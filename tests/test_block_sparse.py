@@ -19,33 +19,9 @@ from keras_attn import scores
 from keras_attn.components import Components
 from keras_attn.positions import make_positions
 from keras_attn.testing import value_and_grads
+from tests.strategies import any_pattern
 
 ATOL = 2e-5
-
-# -- strategies -----------------------------------------------------------------------
-
-simple_patterns = st.one_of(
-    st.builds(P.Local, st.integers(1, 40), causal=st.booleans()),
-    st.builds(P.Dilated, st.integers(1, 8), st.integers(1, 4), causal=st.booleans()),
-    st.builds(P.Strided, st.integers(1, 12), causal=st.booleans()),
-    st.builds(P.BlockLocal, st.integers(1, 20), causal=st.booleans()),
-    st.builds(P.GlobalTokens, st.integers(1, 3)),
-    st.builds(
-        lambda idx: P.GlobalTokens(indices=idx),
-        st.lists(st.integers(0, 90), min_size=1, max_size=3, unique=True),
-    ),
-    st.just(P.Causal()),
-)
-
-
-@st.composite
-def any_pattern(draw):
-    parts = draw(st.lists(simple_patterns, min_size=1, max_size=3))
-    out = parts[0]
-    for p in parts[1:]:
-        out = out | p if draw(st.booleans()) else out & p
-    return out
-
 
 # -- helpers --------------------------------------------------------------------------
 
@@ -57,11 +33,13 @@ def _pair(block_size=8, **kwargs):
     return sparse, dense
 
 
-def _run(layer, query, value, cotangents, scores=True, **call_kwargs):
+def _run(layer, query, value, cotangents, scores=True, compiled=None, **call_kwargs):
     """Output, weights and the gradients (inputs, then weights) of a fixed linear loss.
 
     With ``scores=False`` the layer is called without ``return_attention_scores``
     (softmax then takes its hand-written gradient) and the weights come back as None.
+    Under JAX the program is compiled once per layer and `scores` and kept in the
+    dict `compiled`: the cotangents are its arguments, so a second run reuses it.
     """
     c_out, c_w = cotangents
     if keras.backend.backend() == "jax":
@@ -70,7 +48,7 @@ def _run(layer, query, value, cotangents, scores=True, **call_kwargs):
 
         ntv = [v.value for v in layer.non_trainable_variables]
 
-        def loss(tv, q, v):
+        def loss(tv, q, v, c_out, c_w):
             result, _ = layer.stateless_call(
                 tv, ntv, q, v, return_attention_scores=scores, **call_kwargs
             )
@@ -78,10 +56,13 @@ def _run(layer, query, value, cotangents, scores=True, **call_kwargs):
             total = jnp.sum(out * c_out) + (jnp.sum(w * c_w) if scores else 0.0)
             return total, (out, w)
 
+        compiled = {} if compiled is None else compiled
+        if (id(layer), scores) not in compiled:
+            # One compiled program: much faster than op-by-op dispatch.
+            step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+            compiled[id(layer), scores] = step
         tv = [v.value for v in layer.trainable_variables]
-        # One compiled program per example: much faster than op-by-op dispatch.
-        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
-        (_, (out, w)), grads = step(tv, query, value)
+        (_, (out, w)), grads = compiled[id(layer), scores](tv, query, value, c_out, c_w)
         grads = [grads[1], grads[2], *grads[0]]
     else:
 
@@ -112,9 +93,10 @@ def _compare(sparse, dense, query, value, atol=ATOL, **call_kwargs):
         rng.normal(size=(b, tq, query.shape[-1])).astype("float32"),
         rng.normal(size=(b, h, tq, tk)).astype("float32"),
     )
-    got = _run(sparse, query, value, cot, **call_kwargs)
+    compiled = {}  # the layers live as long as this dict: their ids stay theirs
+    got = _run(sparse, query, value, cot, compiled=compiled, **call_kwargs)
     assert sparse.last_path == "block_sparse"
-    want = _run(dense, query, value, cot, **call_kwargs)
+    want = _run(dense, query, value, cot, compiled=compiled, **call_kwargs)
     assert dense.last_path == "dense"
     names = ["output", "weights", "d_query", "d_value"] + [
         v.path for v in sparse.trainable_variables
@@ -125,8 +107,8 @@ def _compare(sparse, dense, query, value, atol=ATOL, **call_kwargs):
     # hand-written gradient; the reference is the dense path's autodiff through the
     # normalizer (scores asked for, and left out of the loss).
     cot = (cot[0], np.zeros_like(cot[1]))
-    want = _run(dense, query, value, cot, **call_kwargs)
-    got_fast = _run(sparse, query, value, cot, scores=False, **call_kwargs)
+    want = _run(dense, query, value, cot, compiled=compiled, **call_kwargs)
+    got_fast = _run(sparse, query, value, cot, scores=False, compiled=compiled, **call_kwargs)
     for name, g, w in zip(names, got_fast, want, strict=True):
         if name != "weights":
             np.testing.assert_allclose(g, w, atol=atol, rtol=1e-4, err_msg=f"{name} (no scores)")
@@ -144,92 +126,6 @@ def _compiled(fn):
 
 def _inputs(rng, batch, length, dim=8):
     return rng.normal(size=(batch, length, dim)).astype("float32")
-
-
-# -- block masks and layouts ----------------------------------------------------------
-
-
-@given(
-    pattern=any_pattern(),
-    query_length=st.integers(1, 90),
-    key_length=st.integers(1, 90),
-    block_size=st.integers(1, 20),
-    offset=st.integers(0, 40),
-)
-@settings(max_examples=40)
-def test_closed_form_block_masks_equal_the_generic_one(
-    pattern, query_length, key_length, block_size, offset
-):
-    got = pattern.block_mask(query_length, key_length, block_size, offset)
-    # Reference: the element mask of the whole matrix, reduced block by block.
-    positions = make_positions(query_length, key_length, 1, query_offset=offset)
-    element = np.broadcast_to(
-        ops.convert_to_numpy(pattern.mask(positions)), (1, 1, query_length, key_length)
-    )[0, 0]
-    nq, nk = -(-query_length // block_size), -(-key_length // block_size)
-    element = np.pad(
-        element, ((0, nq * block_size - query_length), (0, nk * block_size - key_length))
-    )
-    want = element.reshape(nq, block_size, nk, block_size).any(axis=(1, 3))
-    if isinstance(pattern, P.Intersection):
-        # An intersection may keep a few extra blocks (masked exactly), never fewer.
-        assert not (want & ~got).any()
-    else:
-        np.testing.assert_array_equal(got, want)
-
-
-@given(pattern=any_pattern(), length=st.integers(1, 200), block_size=st.sampled_from([4, 16]))
-@settings(max_examples=30)
-def test_layout_covers_every_kept_block_once(pattern, length, block_size):
-    layout = block_layout.block_layout(pattern, length, length, block_size)
-    rows = np.concatenate([g.rows for g in layout.groups])
-    assert sorted(rows.tolist()) == list(range(layout.num_query_blocks))
-    for g in layout.groups:
-        assert g.cols.shape == g.valid.shape and g.cols.shape[0] == len(g.rows)
-        for r, cols, valid in zip(g.rows, g.cols, g.valid, strict=True):
-            assert sorted(cols[valid].tolist()) == np.flatnonzero(layout.block_mask[r]).tolist()
-
-
-def test_global_rows_get_their_own_group():
-    pattern = P.Local(256) | P.GlobalTokens(1)
-    layout = block_layout.block_layout(pattern, 65536, 65536, 128)
-    widths = sorted(g.cols.shape[1] for g in layout.groups)
-    assert widths == [6, 512]  # 2 blocks each side + own + the global column; one dense row
-    assert layout.computed_blocks == 511 * 6 + 512
-    assert layout.computed_fraction < 0.015
-
-
-def test_local_and_global_rows_take_the_band_form():
-    # Local windows lie on a few diagonals of blocks; global columns are kept by every
-    # row: both are cut from the key blocks with slices, without a gather.
-    (band,) = block_layout.block_layout(P.Local(256), 8192, 8192, 128).groups
-    assert band.offsets.tolist() == [-2, -1, 0, 1, 2] and band.shared.tolist() == []
-    assert not band.valid[0, :2].any() and band.valid[1:-1].sum() == 62 * 5 - 2
-    dense_row, rows = block_layout.block_layout(
-        P.Local(256) | P.GlobalTokens(1), 8192, 8192, 128
-    ).groups
-    assert dense_row.rows.tolist() == [0] and dense_row.shared.tolist() == list(range(64))
-    assert rows.shared.tolist() == [0] and rows.offsets.tolist() == [-2, -1, 0, 1, 2]
-    # Band entries that fall on a shared column are padding: no block is counted twice.
-    assert not rows.valid[0, 1 + np.flatnonzero(rows.cols[0, 1:] == 0)].any()
-
-
-def test_band_form_per_run_of_rows_and_a_gather_otherwise():
-    # Global rows 0 and 2 cut the other rows into runs [1] and [3..31]: all in band form.
-    pattern = P.Local(4) | P.GlobalTokens(indices=[0, 300])
-    groups = block_layout.block_layout(pattern, 4096, 4096, 128).groups
-    assert [g.rows.tolist() for g in groups] == [[0], [1], [2], list(range(3, 32))]
-    assert all(g.offsets is not None for g in groups)
-    assert groups[3].shared.tolist() == [0, 2] and groups[3].offsets.tolist() == [-1, 0, 1]
-    # Blocks of 200 tokens do not line up with blocks of 128: no few diagonals.
-    groups = block_layout.block_layout(P.BlockLocal(200), 4096, 4096, 128).groups
-    assert any(g.offsets is None for g in groups)
-
-
-def test_layout_is_cached_per_pattern_and_shape():
-    a = block_layout.block_layout(P.Local(8), 100, 100, 16)
-    assert block_layout.block_layout(P.Local(8), 100, 100, 16) is a
-    assert block_layout.block_layout(P.Local(9), 100, 100, 16) is not a
 
 
 # -- exactness against the dense path -------------------------------------------------
@@ -476,12 +372,3 @@ def test_pays_off():
         )
     with pytest.raises(ValueError, match="key_length=None"):
         dispatch.block_sparse_pays_off(local, 8, None, mode=True)
-
-
-def test_block_mask_of_wrong_shape_is_reported():
-    class Broken(P.Local):
-        def block_mask(self, query_length, key_length, block_size, query_offset=0):
-            return np.ones((1, 1), bool)
-
-    with pytest.raises(ValueError, match=r"Broken.block_mask must return .* shape \(4, 4\)"):
-        block_layout.block_layout(Broken(3), 30, 30, 8)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 from keras import ops
 
@@ -20,6 +21,7 @@ from keras_attn.patterns import Strided
 from keras_attn.patterns import Union
 from keras_attn.positions import Positions
 from keras_attn.positions import make_positions
+from tests.strategies import any_pattern
 
 # numpy references: (query positions (Tq,), key positions (Tk,)) -> bool (Tq, Tk).
 # Each is written from the pattern's definition, with i the query, j the key.
@@ -311,6 +313,20 @@ def test_block_mask_property(tq, tk, block_size, offset, window, num_tokens, cau
     _check_override(pattern, tq, tk, block_size, offset, expected)
 
 
+@given(
+    pattern=any_pattern(),
+    query_length=st.integers(1, 90),
+    key_length=st.integers(1, 90),
+    block_size=st.integers(1, 20),
+    offset=st.integers(0, 40),
+)
+@settings(max_examples=40)
+def test_block_masks_of_random_combinations(pattern, query_length, key_length, block_size, offset):
+    # Reference: the pattern's own element mask of the whole matrix, reduced block by block.
+    expected = ref_block_mask(_mask(pattern, query_length, key_length, offset), block_size)
+    _check_override(pattern, query_length, key_length, block_size, offset, expected)
+
+
 # Combination structure.
 
 
@@ -351,21 +367,7 @@ def test_causal_property():
             assert not np.any(_mask(pattern, 10, 10) & ~ref_causal(np.arange(10), np.arange(10)))
 
 
-# Config, serialization and the registry.
-
-ALL_PATTERNS = [p for p, _ in CASES]
-
-
-@pytest.mark.parametrize("pattern", ALL_PATTERNS, ids=IDS)
-def test_serialize_resolve_round_trip(pattern):
-    spec = plugins.serialize(pattern)
-    assert spec["name"] == plugins.registry_name(pattern)
-    restored = plugins.resolve("pattern", spec)
-    assert type(restored) is type(pattern)
-    assert restored == pattern
-    assert restored.get_config() == pattern.get_config()
-    np.testing.assert_array_equal(_mask(restored, 6, 11, 5), _mask(pattern, 6, 11, 5))
-    assert type(pattern).from_config(pattern.get_config()) == pattern
+# Config and the registry (round trips of every built-in: tests/test_round_trips.py).
 
 
 def test_config_is_plain_python():

@@ -15,6 +15,7 @@ import keras_attn
 from keras_attn import plugins
 from keras_attn import testing
 from keras_attn.position_encodings import Rope
+from tests.decoding import assert_decodes_like_one_pass
 
 
 def _np(x):
@@ -183,21 +184,15 @@ def test_layer_weights_with_rope_match_numpy():
 
 
 def test_decode_step_at_517_rotates_by_517():
-    length = 520
-    x = _heads((1, length, 8), 5)
+    x = _heads((1, 518, 8), 5)
     layer = keras_attn.Attention(num_heads=2, key_dim=4, position_encoding="rope")
-    whole = _np(layer(x, use_causal_mask=True))
-    cache = ops.zeros(layer.cache_shape(1, length))
-    _, cache = layer(x[:, :517], cache=cache, cache_update_index=0, use_causal_mask=True)
-    step, cache = layer(x[:, 517:518], cache=cache, cache_update_index=517, use_causal_mask=True)
-    np.testing.assert_allclose(_np(step), whole[:, 517:518], atol=1e-4)
+    # 517 tokens at once, then one step at 517.
+    _, cache = assert_decodes_like_one_pass(layer, x, prefill=517, atol=1e-4)
     # The cache holds the keys rotated where they stand.
     wk, bk = (np.asarray(w, "float64") for w in layer.get_weights()[2:4])
     key = np.einsum("tc,chd->htd", x[0, 517:518], wk) + bk[:, None, :]  # (H, 1, D)
     expected = ref_rope(key, np.array([517]))
-    np.testing.assert_allclose(
-        np.transpose(_np(cache)[0, 0, 517:518], (1, 0, 2)), expected, atol=1e-4
-    )
+    np.testing.assert_allclose(np.transpose(cache[0, 0, 517:518], (1, 0, 2)), expected, atol=1e-4)
 
 
 def test_cross_attention_encodes_queries_and_keys_at_their_own_positions():
@@ -213,17 +208,13 @@ def test_cross_attention_encodes_queries_and_keys_at_their_own_positions():
     np.testing.assert_allclose(_np(weights), expected, atol=1e-5)
 
 
-def test_config_round_trip_and_keras_file(tmp_path):
+def test_a_layer_with_rope_in_a_keras_file(tmp_path):
+    # (Config round trips of every built-in: tests/test_round_trips.py.)
     layer = keras_attn.Attention(
         num_heads=2,
         key_dim=4,
         position_encoding={"name": "rope", "config": {"max_wavelength": 100}},
     )
-    config = layer.get_config()
-    assert config["position_encoding"]["name"] == "rope"
-    assert config["position_encoding"]["config"]["max_wavelength"] == 100
-    clone = keras_attn.Attention.from_config(json.loads(json.dumps(config)))
-    assert clone.position_encoding.max_wavelength == 100
     assert keras_attn.Attention(num_heads=1).get_config()["position_encoding"] is None
 
     inputs = keras.Input((6, 8))

@@ -95,7 +95,8 @@ def test_softcap_mixed_precision(dtype):
     out = mod(x)
     assert keras.backend.standardize_dtype(out.dtype) == _logits_dtype(dtype)
     out = _np(ops.cast(out, "float32"))
-    assert np.all(np.isfinite(out)) and np.all(np.abs(out) <= 30.0)
+    expected = 30.0 * np.tanh(np.array([-6e4, -20.0, 0.0, 20.0, 6e4]) / 30.0)
+    np.testing.assert_allclose(out, expected, rtol=1e-2, atol=1e-2)
 
 
 def _logits_dtype(compute_dtype):
@@ -289,52 +290,7 @@ def test_softcap_bad_arguments(cap):
         score_mods.Softcap(cap=cap)
 
 
-# Config and serialization.
-
-CONFIGS = [
-    ("softcap", {"cap": 7.5}),
-    ("relative_position", {"num_buckets": 8, "max_distance": 20, "num_heads": 2}),
-    (
-        "relative_position",
-        {"num_buckets": 6, "max_distance": 10, "bidirectional": False, "num_heads": 3},
-    ),
-]
-
-
-def _copy_and_compare(original, restored, heads):
-    logits = np.random.default_rng(2).normal(scale=10, size=(2, heads, 4, 7)).astype("float32")
-    positions = make_positions(4, 7, heads, query_offset=3)
-    if original.get_config().get("num_heads"):
-        original.build()
-        original.embeddings.assign(
-            np.random.default_rng(3).normal(size=original.embeddings.shape).astype("float32")
-        )
-    expected = _np(original(logits, positions=positions))
-    if original.weights:
-        restored.build()
-        restored.set_weights(original.get_weights())
-    np.testing.assert_array_equal(_np(restored(logits, positions=positions)), expected)
-
-
-@pytest.mark.parametrize("name,config", CONFIGS)
-def test_get_config_from_config_round_trip(name, config):
-    cls = plugins.get("score_mod", name)
-    original = cls(**config)
-    restored = cls.from_config(original.get_config())
-    assert type(restored) is cls
-    assert restored.get_config() == original.get_config()
-    _copy_and_compare(original, restored, config.get("num_heads", 2))
-
-
-@pytest.mark.parametrize("name,config", CONFIGS)
-def test_plugins_serialize_resolve_round_trip(name, config):
-    original = plugins.get("score_mod", name)(**config)
-    spec = plugins.serialize(original)
-    assert spec["name"] == name
-    restored = plugins.resolve("score_mod", spec)
-    assert type(restored) is type(original)
-    assert restored.get_config() == original.get_config()
-    _copy_and_compare(original, restored, config.get("num_heads", 2))
+# The registry (config round trips: tests/test_round_trips.py).
 
 
 @pytest.mark.parametrize(

@@ -67,8 +67,9 @@ def ref_cosine(q, k, scale, epsilon=1e-6):
 @pytest.mark.parametrize("query_shape,key_shape", SHAPES)
 def test_dot(query_shape, key_shape):
     q, k = _inputs(query_shape, key_shape)
-    out = _np(scores.Dot()(q, k))
-    assert out.shape == (*query_shape[:-1], key_shape[-2])
+    score = scores.Dot()
+    out = _np(score(q, k))
+    assert score.compute_output_shape(query_shape, key_shape) == out.shape
     np.testing.assert_allclose(out, ref_dot(q, k), rtol=1e-5, atol=1e-5)
 
 
@@ -76,8 +77,9 @@ def test_dot(query_shape, key_shape):
 @pytest.mark.parametrize("scale", [None, 0.25, 3.0])
 def test_scaled_dot(query_shape, key_shape, scale):
     q, k = _inputs(query_shape, key_shape)
-    out = _np(scores.ScaledDot(scale=scale)(q, k))
-    assert out.shape == (*query_shape[:-1], key_shape[-2])
+    score = scores.ScaledDot(scale=scale)
+    out = _np(score(q, k))
+    assert score.compute_output_shape(query_shape, key_shape) == out.shape
     np.testing.assert_allclose(out, ref_scaled_dot(q, k, scale), rtol=1e-5, atol=1e-5)
 
 
@@ -98,6 +100,7 @@ def test_general(query_shape, key_shape):
     depth = query_shape[-1]
     assert kernel.shape == (depth, depth)
     assert len(score.trainable_weights) == 1
+    assert score.compute_output_shape(query_shape, key_shape) == out.shape
     np.testing.assert_allclose(out, ref_general(q, k, kernel), rtol=1e-5, atol=1e-5)
 
 
@@ -125,7 +128,7 @@ def test_additive(query_shape, key_shape, units):
     score.v.assign(v.astype("float32"))
     assert len(score.trainable_weights) == 4
     out = _np(score(q, k))
-    assert out.shape == (*query_shape[:-1], key_shape[-2])
+    assert score.compute_output_shape(query_shape, key_shape) == out.shape
     np.testing.assert_allclose(out, ref_additive(q, k, w_q, w_k, b, v), rtol=1e-4, atol=1e-4)
 
 
@@ -133,7 +136,9 @@ def test_additive(query_shape, key_shape, units):
 @pytest.mark.parametrize("scale", [1.0, 10.0])
 def test_cosine(query_shape, key_shape, scale):
     q, k = _inputs(query_shape, key_shape)
-    out = _np(scores.Cosine(scale=scale)(q, k))
+    score = scores.Cosine(scale=scale)
+    out = _np(score(q, k))
+    assert score.compute_output_shape(query_shape, key_shape) == out.shape
     np.testing.assert_allclose(out, ref_cosine(q, k, scale), rtol=1e-5, atol=1e-5)
     assert np.all(np.abs(out) <= scale * (1 + 1e-6))
 
@@ -170,14 +175,6 @@ def test_cosine_trainable_scale():
     np.testing.assert_allclose(_np(learned(q, k)), ref_cosine(q, k, 2.0), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["dot", "scaled_dot", "general", "additive", "cosine"])
-def test_compute_output_shape(name):
-    score = plugins.resolve("score", name)
-    assert score.compute_output_shape((2, 3, 5, 4), (2, 3, 7, 4)) == (2, 3, 5, 7)
-    q, k = _inputs((2, 3, 5, 4), (2, 3, 7, 4))
-    assert tuple(score(q, k).shape) == (2, 3, 5, 7)
-
-
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", ["dot", "scaled_dot", "general", "additive", "cosine"])
 def test_mixed_precision(name, dtype):
@@ -189,8 +186,13 @@ def test_mixed_precision(name, dtype):
     dot_product = name in ("dot", "scaled_dot", "general")
     expected = "float32" if dtype == "float16" and dot_product else dtype
     assert keras.backend.standardize_dtype(out.dtype) == expected
-    out = _np(ops.cast(out, "float32"))
-    assert np.all(np.isfinite(out))
+    # The same score in float32, with the same weights.
+    twin = plugins.get("score", name)(dtype="float32")
+    twin(q, k)
+    twin.set_weights(score.get_weights())
+    want = _np(twin(q, k))
+    tolerance = {"float16": 1e-2, "bfloat16": 6e-2}[dtype]
+    np.testing.assert_allclose(_np(out), want, rtol=tolerance, atol=tolerance * np.abs(want).max())
 
 
 @pytest.mark.parametrize("name", ["dot", "scaled_dot", "general"])
@@ -199,9 +201,13 @@ def test_float16_dot_products_beyond_65504_are_finite(name):
     score = plugins.resolve("score", name)
     q = np.full((1, 2, 64), 60.0, "float32")  # q · k = 230400, / 8 = 28800 scaled
     out = _np(score(q, q))
-    assert np.all(np.isfinite(out))
-    if name != "general":
-        np.testing.assert_allclose(out, 230400.0 / (8.0 if name == "scaled_dot" else 1.0))
+    if name == "general":
+        # q · W rounds to float16 on the way (values near 1500): a percent.
+        expected, rtol = ref_general(q, q, _np(score.kernel)), 2e-2
+    else:
+        expected = np.full((1, 2, 2), 230400.0 / (8.0 if name == "scaled_dot" else 1.0))
+        rtol = 1e-3
+    np.testing.assert_allclose(out, expected, rtol=rtol)
 
 
 # Property test: the scaled dot product for random sizes and scales.
@@ -221,54 +227,7 @@ def test_scaled_dot_property(tq, tk, depth, scale, seed):
     np.testing.assert_allclose(out, ref_scaled_dot(q, k, scale), rtol=1e-4, atol=1e-4)
 
 
-# Config and serialization.
-
-CONFIGS = [
-    ("dot", {}),
-    ("scaled_dot", {}),
-    ("scaled_dot", {"scale": 0.5}),
-    ("general", {}),
-    ("additive", {"units": 5}),
-    ("cosine", {"scale": 4.0, "trainable_scale": True, "epsilon": 1e-4}),
-]
-
-
-def _copy_and_compare(original, restored):
-    q, k = _inputs((2, 3, 4, 6), (2, 3, 5, 6))
-    expected = _np(original(q, k))
-    restored.build(q.shape)  # as the engine builds it: from the query shape
-    restored.set_weights(original.get_weights())
-    np.testing.assert_array_equal(_np(restored(q, k)), expected)
-
-
-@pytest.mark.parametrize("name,config", CONFIGS)
-def test_get_config_from_config_round_trip(name, config):
-    cls = plugins.get("score", name)
-    original = cls(**config)
-    for key, value in config.items():
-        assert original.get_config()[key] == value
-    restored = cls.from_config(original.get_config())
-    assert type(restored) is cls
-    assert restored.get_config() == original.get_config()
-    _copy_and_compare(original, restored)
-
-
-@pytest.mark.parametrize("name,config", CONFIGS)
-def test_plugins_serialize_resolve_round_trip(name, config):
-    original = plugins.get("score", name)(**config)
-    spec = plugins.serialize(original)
-    assert spec["name"] == name
-    restored = plugins.resolve("score", spec)
-    assert type(restored) is type(original)
-    assert restored.get_config() == original.get_config()
-    _copy_and_compare(original, restored)
-
-
-def test_keras_serialization_round_trip():
-    original = scores.Additive(units=3)
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(original))
-    assert type(restored) is scores.Additive and restored.units == 3
-    _copy_and_compare(original, restored)
+# The registry (config round trips: tests/test_round_trips.py).
 
 
 @pytest.mark.parametrize(

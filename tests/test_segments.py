@@ -11,11 +11,8 @@ from keras import ops
 import keras_attn
 from keras_attn import patterns
 from keras_attn import segments
-
-try:  # keras_attn.testing has the helper once tests/autodiff.py moves there
-    from keras_attn.testing import value_and_grads
-except ImportError:
-    from tests.autodiff import value_and_grads
+from keras_attn.testing import value_and_grads
+from tests.decoding import assert_decodes_like_one_pass
 
 SEGMENTS = np.array([[1] * 5 + [2] * 7 + [3] * 4, [7] * 9 + [8] * 7], "int32")  # (2, 16)
 
@@ -239,18 +236,14 @@ def test_cached_decoding_with_segments(reset_positions):
     layer = keras_attn.Attention(
         num_heads=2, key_dim=4, position_encoding="rope", reset_positions=reset_positions
     )
-    whole = _np(layer(x, segment_ids=SEGMENTS, use_causal_mask=True))
-    cache = ops.zeros(layer.cache_shape(2, 16))
-    for start, stop in [(0, 6)] + [(i, i + 1) for i in range(6, 16)]:
-        out, cache = layer(
-            x[:, start:stop],
-            cache=cache,
-            cache_update_index=start,
-            use_causal_mask=True,
-            segment_ids=SEGMENTS[:, start:stop],
-            key_segment_ids=SEGMENTS,  # every cache slot (later ones are masked anyway)
-        )
-        np.testing.assert_allclose(_np(out), whole[:, start:stop], atol=1e-4)
+
+    def step_kwargs(start, stop):
+        # The key ids of every cache slot (the later ones are masked anyway).
+        return {"segment_ids": SEGMENTS[:, start:stop], "key_segment_ids": SEGMENTS}
+
+    assert_decodes_like_one_pass(
+        layer, x, 6, 1e-4, full_kwargs={"segment_ids": SEGMENTS}, step_kwargs=step_kwargs
+    )
 
 
 # -- clear errors -------------------------------------------------------------------------
