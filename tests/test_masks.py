@@ -7,7 +7,6 @@ kind, and a cache read without an index (KerasHub's cross-attention convention).
 
 import warnings
 
-import keras
 import numpy as np
 import pytest
 from keras import layers
@@ -16,7 +15,6 @@ from keras import ops
 import keras_attn
 from keras_attn import masks
 from keras_attn import patterns
-from tests.decoding import decode_with_cache
 
 
 def randn(*shape, seed=0):
@@ -260,13 +258,3 @@ def test_a_self_attention_cache_without_an_index_warns():
         warnings.simplefilter("always")
         layer(x[:, :1], cache=cache)
     assert any("not written" in str(w.message) for w in caught)
-
-
-def test_decoding_helper_still_matches_one_pass_with_every_index_kind():
-    # The shared helper passes tensor indices after the prefill: the same numbers.
-    x = randn(1, 6, 8)
-    layer = keras_attn.Attention(num_heads=2, key_dim=4, pattern="causal")
-    layer(x)
-    got, _ = decode_with_cache(layer, x, prefill=2)
-    np.testing.assert_allclose(got, _np(layer(x)), atol=1e-5)
-    assert keras.backend.backend() in ("tensorflow", "jax", "torch")
