@@ -107,6 +107,15 @@ class Machine:
         """Whether FlexAttention runs compiled with a backward pass (PyTorch on CUDA)."""
         return self.backend == "torch" and self.flex_attention and self.platform == "gpu"
 
+    @property
+    def flex_attention_forward(self):
+        """Whether compiled FlexAttention runs a forward pass here (PyTorch, any platform).
+
+        On a CPU it has no backward pass: the plan takes it there only for calls that
+        need no gradient (`keras_attn.dispatch.Call.needs_grad`).
+        """
+        return self.backend == "torch" and self.flex_attention
+
     def splash(self, dtype):
         """Whether Splash attention runs compiled for heads of `dtype` (JAX, a TPU, f32/bf16)."""
         return (

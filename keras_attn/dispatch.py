@@ -9,7 +9,8 @@ once and hands it to the kernel). The paths, all exact and all agreeing:
 - ``native``: the backend's own exact kernel for this pattern (`keras_attn.native`:
   cuDNN's sliding-window flash kernel through ``jax.nn.dot_product_attention`` on a
   GPU; PyTorch's FlexAttention with a BlockMask from the pattern's ``block_mask``
-  where CUDA is visible; Splash attention with a mask made from the pattern on a
+  where CUDA is visible, or compiled on a CPU for calls that need no gradient
+  (``Call.needs_grad``: inference under ``torch.no_grad()``); Splash attention with a mask made from the pattern on a
   TPU), named in the plan's ``kernel``;
 - ``fused``: `keras.ops.dot_product_attention` (`keras_attn.kernels.fused_attention`;
   flash kernels on GPU/TPU where the backend has them) when a fused kernel computes
@@ -199,6 +200,9 @@ class Call:
         segments: The call's `keras_attn.segments.Segments` (packed sequences), or None.
         return_weights: Whether the caller needs the weights.
         training: Whether dropout is active.
+        needs_grad: Whether a gradient may be taken through the call (False under
+            PyTorch's ``torch.no_grad()``, e.g. Keras's predict and generation; always
+            True on the other backends, whose gradients are taken after the call).
     """
 
     query_length: object
@@ -211,6 +215,7 @@ class Call:
     segments: object = None
     return_weights: bool = False
     training: object = None
+    needs_grad: bool = True
 
     @classmethod
     def of(cls, heads, training=None, return_weights=False):
@@ -226,7 +231,17 @@ class Call:
             segments=heads.segments,
             return_weights=return_weights,
             training=training,
+            needs_grad=_grad_enabled(),
         )
+
+
+def _grad_enabled():
+    """PyTorch's ``torch.is_grad_enabled()``; True on the other backends."""
+    if devices.actual().backend != "torch":
+        return True
+    import torch
+
+    return torch.is_grad_enabled()
 
 
 class Heads(NamedTuple):
@@ -612,7 +627,11 @@ class _Planner:
         if (
             s.flash_attention is not False
             and self.pattern.kernel_form is None  # full and causal: the fused path
-            and machine.flex_attention_is_fast
+            and (
+                machine.flex_attention_is_fast
+                # Forward only (a CPU): where no gradient is taken (inference).
+                or (machine.flex_attention_forward and not c.needs_grad)
+            )
         ):
             return Plan(
                 "native", self.components, offset, scale=scale, kernel="torch_flex_attention"

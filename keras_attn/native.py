@@ -165,8 +165,12 @@ def flex_block_mask(pattern, query_length, key_length, query_offset=0, mask=None
     counts = blocks.sum(axis=1).astype("int32")  # (nq,)
     data_allowed = None if mask is None else _data_mask_mod(mask)
 
+    # A tensor, not a Python int: compiled FlexAttention guards on the ints a
+    # mask_mod captures, so each decoding step's offset would compile anew.
+    offset = torch.tensor(int(query_offset), dtype=torch.int32, device=device)
+
     def mask_mod(b, h, q_idx, kv_idx):
-        positions = Positions(query=q_idx + query_offset, key=kv_idx, head=h)
+        positions = Positions(query=q_idx + offset, key=kv_idx, head=h)
         allowed = pattern.mask(positions)
         if data_allowed is not None:
             allowed = torch.logical_and(allowed, data_allowed(b, h, q_idx, kv_idx))
@@ -181,11 +185,23 @@ def flex_block_mask(pattern, query_length, key_length, query_offset=0, mask=None
     )
 
 
+def _compiles(query):
+    """Whether FlexAttention runs compiled: on CUDA, or on a CPU without autograd.
+
+    Compiled FlexAttention has no backward pass on a CPU (torch 2.13): it runs there
+    only where no gradient is taken (the plan's ``Call.needs_grad``).
+    """
+    import torch
+
+    return query.device.type == "cuda" or not torch.is_grad_enabled()
+
+
 def flex_attention(query, key, value, pattern, *, scale, query_offset=0, mask=None):
     """FlexAttention on projected heads, with the BlockMask of `flex_block_mask`.
 
-    Compiled on a GPU (FlexAttention's fused kernels); elsewhere FlexAttention's own
-    eager implementation runs (forward only on a CPU, torch 2.13).
+    Compiled (`torch.compile`, FlexAttention's fused kernels) on a GPU, and on a CPU
+    where autograd is off (the CPU kernel has no backward pass, torch 2.13); else
+    FlexAttention's own eager implementation runs.
 
     Args:
         query: ``(B, Tq, H, D)``; key ``(B, Tk, H, D)``; value ``(B, Tk, H, Dv)``.
@@ -200,7 +216,7 @@ def flex_attention(query, key, value, pattern, *, scale, query_offset=0, mask=No
 
     tq, tk = query.shape[1], key.shape[1]
     block_mask = flex_block_mask(pattern, tq, tk, query_offset, mask, device=query.device)
-    kernel = _compiled_flex_attention() if query.device.type == "cuda" else eager_flex
+    kernel = _compiled_flex_attention() if _compiles(query) else eager_flex
     q = ops.transpose(query, (0, 2, 1, 3))  # (B, H, Tq, D)
     k = ops.transpose(key, (0, 2, 1, 3))  # (B, H, Tk, D)
     v = ops.transpose(value, (0, 2, 1, 3))  # (B, H, Tk, Dv)

@@ -187,10 +187,16 @@ PATTERNS = {
 
 
 @pytest.fixture
-def flex_here():
-    """Plan as on CUDA, so the native path runs on this CPU (forward only: no autograd)."""
-    import torch
+def flex_here(monkeypatch):
+    """Plan as on CUDA, so the native path runs on this CPU (forward only: no autograd).
 
+    FlexAttention runs eagerly here (the same BlockMask and mask_mod): compiling it
+    for each shape takes minutes on a CPU; `test_cpu_inference_*` run it compiled.
+    """
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(native, "_compiled_flex_attention", lambda: flex_attention)
     with torch.no_grad(), devices.assume(devices.Machine("torch", "gpu")):
         yield
 
@@ -426,3 +432,58 @@ def test_a_failing_kernel_warns_once_and_runs_the_portable_path(monkeypatch):
     monkeypatch.setenv(dispatch.FALLBACK_ENV_VAR, "0")
     with devices.assume(FLOAT32_GPU), pytest.raises(RuntimeError, match="cuDNN said no"):
         layer(x, x)
+
+
+# -- PyTorch on a CPU: inference on compiled FlexAttention (issue 20) -------------------
+
+
+def test_the_plan_takes_flex_attention_on_a_cpu_only_where_no_gradient_is_needed():
+    # Compiled FlexAttention has a forward pass only on a CPU (torch 2.13).
+    components = Components(scores.ScaledDot(), (), PATTERNS["local_causal_global"],
+                            normalizers.Softmax())  # fmt: skip
+    facts = dict(query_length=300, key_length=300, head_dim=8)
+    cpu = devices.Machine("torch", "cpu")
+    assert cpu.flex_attention_forward and not cpu.flex_attention_is_fast
+    inference = dispatch.plan(components, machine=cpu, needs_grad=False, **facts)
+    assert (inference.path, inference.kernel) == ("native", "torch_flex_attention")
+    assert dispatch.plan(components, machine=cpu, **facts).path != "native"  # needs_grad
+    no_flex = devices.Machine("torch", "cpu", flex_attention=False)
+    assert dispatch.plan(components, machine=no_flex, needs_grad=False, **facts).path != "native"
+    jax_cpu = devices.Machine("jax", "cpu")
+    assert not jax_cpu.flex_attention_forward
+    assert dispatch.plan(components, machine=jax_cpu, needs_grad=False, **facts).path != "native"
+
+
+@torch_only
+def test_cpu_inference_runs_compiled_flex_attention_and_equals_the_dense_path(monkeypatch):
+    import torch
+
+    if native.flex_attention_is_fast():
+        pytest.skip("a CUDA device is visible")
+    compiled = []
+    original = native._compiled_flex_attention
+
+    def spy():
+        compiled.append(True)
+        return original()
+
+    monkeypatch.setattr(native, "_compiled_flex_attention", spy)
+    rng = np.random.default_rng(5)
+    fast, slow = _pair(num_heads=2, key_dim=8, pattern=PATTERNS["local_causal_global"])
+    x = rng.normal(size=(2, 300, 16)).astype("float32")  # 300: blocks of 128 cut short
+    fast.build(x.shape, x.shape)
+    slow.build(x.shape, x.shape)
+    slow.set_weights(fast.get_weights())
+    assert dispatch.Call.of(dispatch.Heads(*[ops.zeros((1, 2, 1, 4))] * 3)).needs_grad
+    with torch.no_grad():
+        got = ops.convert_to_numpy(fast(x, x))
+        assert not dispatch.Call.of(dispatch.Heads(*[ops.zeros((1, 2, 1, 4))] * 3)).needs_grad
+    assert (fast.last_path, fast.last_plan.kernel) == ("native", "torch_flex_attention")
+    assert fast.last_plan.fallback_from is None and compiled  # torch.compile'd, not eager
+    want = ops.convert_to_numpy(slow(x, x))
+    assert slow.last_path != "native"
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-4)
+    # With autograd on (training), the same layer takes a path with a backward pass.
+    out = fast(x, x)
+    assert fast.last_path != "native"
+    np.testing.assert_allclose(ops.convert_to_numpy(out.detach()), want, atol=2e-5, rtol=1e-4)
