@@ -629,8 +629,13 @@ class _Planner:
             and self.pattern.kernel_form is None  # full and causal: the fused path
             and (
                 machine.flex_attention_is_fast
-                # Forward only (a CPU): where no gradient is taken (inference).
-                or (machine.flex_attention_forward and not c.needs_grad)
+                # Forward only (a CPU): where no gradient is taken (inference), and on
+                # inputs where skipping blocks pays off (compiling costs seconds).
+                or (
+                    machine.flex_attention_forward
+                    and not c.needs_grad
+                    and self.sparse_pays_off("auto")
+                )
             )
         ):
             return Plan(

@@ -441,12 +441,14 @@ def test_the_plan_takes_flex_attention_on_a_cpu_only_where_no_gradient_is_needed
     # Compiled FlexAttention has a forward pass only on a CPU (torch 2.13).
     components = Components(scores.ScaledDot(), (), PATTERNS["local_causal_global"],
                             normalizers.Softmax())  # fmt: skip
-    facts = dict(query_length=300, key_length=300, head_dim=8)
+    facts = dict(query_length=1000, key_length=1000, head_dim=8)
     cpu = devices.Machine("torch", "cpu")
     assert cpu.flex_attention_forward and not cpu.flex_attention_is_fast
     inference = dispatch.plan(components, machine=cpu, needs_grad=False, **facts)
     assert (inference.path, inference.kernel) == ("native", "torch_flex_attention")
     assert dispatch.plan(components, machine=cpu, **facts).path != "native"  # needs_grad
+    small = dict(facts, query_length=300, key_length=300)  # 3 x 3 blocks: not worth compiling
+    assert dispatch.plan(components, machine=cpu, needs_grad=False, **small).path != "native"
     no_flex = devices.Machine("torch", "cpu", flex_attention=False)
     assert dispatch.plan(components, machine=no_flex, needs_grad=False, **facts).path != "native"
     jax_cpu = devices.Machine("jax", "cpu")
@@ -470,7 +472,7 @@ def test_cpu_inference_runs_compiled_flex_attention_and_equals_the_dense_path(mo
     monkeypatch.setattr(native, "_compiled_flex_attention", spy)
     rng = np.random.default_rng(5)
     fast, slow = _pair(num_heads=2, key_dim=8, pattern=PATTERNS["local_causal_global"])
-    x = rng.normal(size=(2, 300, 16)).astype("float32")  # 300: blocks of 128 cut short
+    x = rng.normal(size=(1, 1000, 16)).astype("float32")  # 1000: blocks of 128 cut short
     fast.build(x.shape, x.shape)
     slow.build(x.shape, x.shape)
     slow.set_weights(fast.get_weights())
