@@ -33,6 +33,10 @@ def test_config_round_trips_and_validates():
     config = layer.get_config()
     assert config["context_parallel"] == {"axis": "sp", "strategy": "all_gather"}
     assert keras_attn.Attention.from_config(config).context_parallel == cp
+    inputs = keras.Input((8, 4))
+    model = keras.Model(inputs, keras.layers.MultiHeadAttention(2, 2)(inputs, inputs))
+    converted = keras_attn.convert(model, context_parallel=cp)
+    assert [getattr(layer, "context_parallel", None) for layer in converted.layers] == [None, cp]
     with pytest.raises(ValueError, match="strategy"):
         ContextParallel("seq", "zigzag")
     with pytest.raises(TypeError, match="context_parallel"):
