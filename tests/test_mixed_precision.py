@@ -267,12 +267,18 @@ def test_every_normalizer_in_low_precision_is_close_to_float32(name, policy):
 
 def test_cosine_with_a_trainable_scale_trains_under_mixed_float16():
     keras.config.set_dtype_policy("mixed_float16")
-    layer = keras_attn.Attention(
-        num_heads=2, score={"name": "cosine", "config": {"trainable_scale": True}}
-    )
+
+    def make(**kwargs):
+        score = {"name": "cosine", "config": {"trainable_scale": True}}
+        return keras_attn.Attention(num_heads=2, score=score, **kwargs)
+
+    layer = make()
     output = layer(X, C)
     assert keras.backend.standardize_dtype(output.dtype) == "float16"
-    assert np.isfinite(ops.convert_to_numpy(ops.cast(output, "float32"))).all()
+    assert keras.backend.standardize_dtype(layer.score.log_scale.dtype) == "float32"
+    expected = ops.convert_to_numpy(twin_in_float32(layer, make, (X, C))(X, C))
+    output = ops.convert_to_numpy(ops.cast(output, "float32"))
+    np.testing.assert_allclose(output, expected, atol=3 * TOLERANCE["float16"])
 
 
 @pytest.mark.parametrize("block_sparse, path", [(False, "fused"), (True, "block_sparse")])

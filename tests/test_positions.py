@@ -74,9 +74,10 @@ def test_offset_traced_under_jit():
 def test_positions_is_a_named_tuple_exported_at_top_level():
     assert keras_attn.Positions is Positions
     assert Positions._fields == ("query", "key", "head")
-    q, k, h = make_positions(2, 3, 1)
-    assert _np(q).shape == (1, 1, 2, 1) and _np(k).shape == (1, 1, 1, 3)
-    assert _np(h).shape == (1, 1, 1, 1)
+    q, k, h = make_positions(2, 3, 1, query_offset=4)
+    np.testing.assert_array_equal(_np(q), [[[[4], [5]]]])
+    np.testing.assert_array_equal(_np(k), [[[[0, 1, 2]]]])
+    np.testing.assert_array_equal(_np(h), [[[[0]]]])
 
 
 @given(
