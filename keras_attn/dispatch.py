@@ -630,11 +630,17 @@ class _Planner:
             and (
                 machine.flex_attention_is_fast
                 # Forward only (a CPU): where no gradient is taken (inference), and on
-                # inputs where skipping blocks pays off (compiling costs seconds).
+                # inputs where skipping its blocks pays off (compiling costs seconds).
                 or (
                     machine.flex_attention_forward
                     and not c.needs_grad
-                    and self.sparse_pays_off("auto")
+                    and block_sparse_pays_off(
+                        self.pattern,
+                        c.query_length,
+                        c.key_length,
+                        block_size=native.FLEX_BLOCK_SIZE,
+                        query_offset=offset,
+                    )
                 )
             )
         ):
