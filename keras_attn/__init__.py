@@ -74,6 +74,7 @@ _SUBMODULES = {
     "saving",
     "testing",
     "layouts",
+    "viz",
 }
 
 __all__ = sorted([*_LAZY, "hookimpl", "plugins"])

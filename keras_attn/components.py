@@ -298,6 +298,15 @@ class Normalizer(keras.layers.Layer):
     entries already set to a large negative number and returns float32 weights;
     the base class casts, and zeroes the masked-out pairs (so fully masked rows
     are zeros) afterwards. Override ``call`` instead to take over all of it.
+
+    Args of ``normalize``:
+        logits: float32 ``(..., Tq, Tk)``.
+        mask: bool, broadcastable to the logits (e.g. ``(B, 1, Tq, Tk)`` or a
+            block's ``(B, H, R, bs, W * bs)``), True where a pair is allowed; or
+            **None** when every pair is allowed (no padding, pattern or explicit
+            mask on this call: the engine does not build an all-True mask). A
+            normalizer that reads the mask must handle None.
+        training: Whether training-only behaviour (noise) is active; may be None.
     """
 
     name = None

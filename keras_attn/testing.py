@@ -69,6 +69,18 @@ def _fail(what, message):
     raise AssertionError(f"{what}: {message}")
 
 
+def _run(what, context, fn, *args, **kwargs):
+    """Call the component under check; an error it raises is a failed check, saying where."""
+    try:
+        return fn(*args, **kwargs)
+    except AssertionError:
+        raise
+    except Exception as error:
+        raise AssertionError(
+            f"{what}: raised {type(error).__name__} when {context}: {error}"
+        ) from error
+
+
 def _numpy(x):
     return np.asarray(ops.convert_to_numpy(x))
 
@@ -505,32 +517,68 @@ def check_normalizer(normalizer, *, sums_to_one=False, save=True, train=True, at
     rng = _rng()
     logits = (3 * rng.normal(size=(B, H, TQ, TK))).astype("float32")
     mask = _probe_mask(rng, (B, 1, TQ, TK))  # broadcast over heads, as the engine does
-    weights = normalizer(logits, mask=mask, training=False)
+    weights = _run(
+        what, "called with a (B, 1, Tq, Tk) mask", normalizer, logits, mask=mask, training=False
+    )
     _check_weights(
         weights, logits, mask, what, "float32 logits, a (B, 1, Tq, Tk) mask", sums_to_one
     )
     for lead in [(), (B, H, 1)]:
         full_mask = np.broadcast_to(mask, logits.shape)
         if lead == ():
-            out = normalizer(logits[1, 0], mask=full_mask[1, 0], training=False)
+            out = _run(
+                what,
+                "called without leading dims",
+                normalizer,
+                logits[1, 0],
+                mask=full_mask[1, 0],
+                training=False,
+            )
             expected = _numpy(weights)[1, 0]
         else:
             shape = lead + (TQ, TK)
-            out = normalizer(logits.reshape(shape), mask=full_mask.reshape(shape), training=False)
+            out = _run(
+                what,
+                f"called with leading dims {lead}",
+                normalizer,
+                logits.reshape(shape),
+                mask=full_mask.reshape(shape),
+                training=False,
+            )
             expected = _numpy(weights).reshape(shape)
         _assert_close(out, expected, what, f"called with leading dims {lead}", atol, atol)
-    unmasked = normalizer(logits, mask=None, training=False)
+    # mask=None: the engine passes no mask when every pair is allowed.
+    unmasked = _run(
+        what,
+        "called with mask=None (every pair allowed)",
+        normalizer,
+        logits,
+        mask=None,
+        training=False,
+    )
     _check_weights(unmasked, logits, None, what, "mask=None", sums_to_one)
     for scale in (1e4, -1e4):
-        big = normalizer(logits * scale, mask=mask, training=False)
+        big = _run(
+            what,
+            f"called with logits times {scale:g}",
+            normalizer,
+            logits * scale,
+            mask=mask,
+            training=False,
+        )
         _check_weights(big, logits, mask, what, f"logits times {scale:g}", sums_to_one)
-    trained = normalizer(logits, mask=mask, training=True)
+    trained = _run(what, "called with training=True", normalizer, logits, mask=mask, training=True)
     _check_weights(trained, logits, mask, what, "training=True", sums_to_one)
     for dtype in ("float16", "bfloat16"):
         # As inside a layer under the mixed_float16 / mixed_bfloat16 policy.
         config = {**normalizer.get_config(), "dtype": f"mixed_{dtype}"}
-        out = type(normalizer).from_config(config)(
-            ops.cast(logits, dtype), mask=mask, training=False
+        out = _run(
+            what,
+            f"called on {dtype} logits",
+            type(normalizer).from_config(config),
+            ops.cast(logits, dtype),
+            mask=mask,
+            training=False,
         )
         if ops.dtype(out) != dtype:
             _fail(what, f"{dtype} logits came back as {ops.dtype(out)}; keep the logits' dtype.")
@@ -754,6 +802,12 @@ def plugin_for(*classes, **by_kind):
     return plugin
 
 
+def _already_registered(cls):
+    kind = plugins.kind_of(cls)
+    name = getattr(cls, "name", None)
+    return isinstance(name, str) and name in plugins.names(kind) and plugins.get(kind, name) is cls
+
+
 @contextlib.contextmanager
 def registered(*items, name=None, **by_kind):
     """Register component classes (or a plugin object) while the block runs.
@@ -761,9 +815,15 @@ def registered(*items, name=None, **by_kind):
     ``with registered(MyScore, MyPattern): ...`` makes ``"my_score"`` and
     ``"my_pattern"`` resolvable by name (and savable in `.keras` files) inside the
     block. An item that is not a component class is taken as a plugin object with
-    ``@keras_attn.hookimpl`` functions.
+    ``@keras_attn.hookimpl`` functions. A class already registered under its name
+    (e.g. by the installed plugin package it comes from) is left as it is, so the
+    same test passes before and after the plugin is installed.
     """
-    classes = [i for i in items if isinstance(i, type) and plugins.kind_of(i) is not None]
+    classes = [
+        i
+        for i in items
+        if isinstance(i, type) and plugins.kind_of(i) is not None and not _already_registered(i)
+    ]
     others = [i for i in items if not (isinstance(i, type) and plugins.kind_of(i) is not None)]
     registered_plugins = []
     try:

@@ -563,3 +563,40 @@ def test_check_position_encoding_reports_what_is_wrong(cls, message):
     with testing.registered(cls):
         with pytest.raises(AssertionError, match=message):
             testing.check_position_encoding(cls)
+
+
+class _MaskReading(Normalizer):
+    """A plugin normalizer that assumes a mask is always given (the issue 18 report)."""
+
+    name = "test_mask_reading"
+
+    def normalize(self, logits, mask, training):
+        allowed = ops.cast(mask, "float32")  # fails on mask=None
+        return ops.softmax(logits, axis=-1) * allowed
+
+
+def test_a_normalizer_that_crashes_fails_the_check_saying_where():
+    # A crash inside the plugin is reported as a failed check, not an error of the check.
+    with pytest.raises(
+        AssertionError, match=r"test_mask_reading.*raised \w+ when called with mask=None"
+    ):
+        testing.check_normalizer(_MaskReading)
+    np.testing.assert_allclose(
+        _np_weights(_MaskReading()), _np_weights(keras_attn.normalizers.Softmax()), atol=1e-6
+    )
+
+
+def _np_weights(normalizer):
+    logits = np.arange(6, dtype="float32").reshape(1, 2, 3)
+    mask = np.array([[[True, True, False], [True, False, True]]])
+    return ops.convert_to_numpy(normalizer(logits, mask=mask))
+
+
+def test_registering_a_class_its_installed_plugin_registered_is_a_no_op():
+    # docs/plugins.md's `keras_attn_tmp_plugin(L1)` keeps passing once L1's package is
+    # installed: the same class under the same name is not registered twice.
+    softmax = plugins.get("normalizer", "softmax")
+    with testing.registered(softmax) as plugin:
+        assert plugins.get("normalizer", "softmax") is softmax
+    assert plugin == []  # nothing was registered
+    assert plugins.get("normalizer", "softmax") is softmax

@@ -161,3 +161,18 @@ def test_tokens_of_the_wrong_length_are_rejected(figure_of):
         figure_of(_weights(1, 4, 4), list("abc"))
     with pytest.raises(ValueError, match="not one string"):
         figure_of(_weights(1, 4, 4), "abcd")
+
+
+def test_the_readme_lines_run(tmp_path):
+    # README "Using it": the weights of a call, as a PNG and as the viewer's page.
+    import keras_attn
+
+    layer = keras_attn.SelfAttention(num_heads=2, key_dim=4)
+    x = np.random.default_rng(0).random((1, 5, 8)).astype("float32")
+    words = "the cat sat on mats".split()
+    _, weights = layer(x, return_attention_scores=True)
+    png = keras_attn.viz.plot_attention(weights, str(tmp_path / "heads.png"), tokens=words)
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    viewer = keras_attn.viz.attention_viewer(weights, words, path=str(tmp_path / "a.html"))
+    page = (tmp_path / "a.html").read_text()
+    assert page == viewer.html and all(w in page for w in words)
