@@ -281,11 +281,10 @@ def run(components, heads, settings=None, *, training=None, return_weights=False
     call = Call.of(heads, training, return_weights)
     machine = devices.current() if machine is None else machine
     the_plan = plan(components, call, settings, machine)
-    try:
-        if the_plan.kernel is not None:
-            _check_kernel_compiles(the_plan, heads)
-        output, weights = attend(
-            the_plan,
+
+    def run_plan(a_plan):
+        return attend(
+            a_plan,
             heads.query,
             heads.key,
             heads.value,
@@ -294,6 +293,11 @@ def run(components, heads, settings=None, *, training=None, return_weights=False
             training=training,
             return_weights=return_weights,
         )
+
+    try:
+        if the_plan.kernel is not None:
+            _check_kernel_compiles(the_plan, heads)
+        output, weights = run_plan(the_plan)
     except Exception as error:  # a kernel that cannot run here: the portable paths can
         if the_plan.kernel is None or not kernel_fallback_enabled():
             raise
@@ -302,16 +306,7 @@ def run(components, heads, settings=None, *, training=None, return_weights=False
         the_plan = plan(components, call, settings, portable)._replace(
             fallback_from=the_plan.kernel
         )
-        output, weights = attend(
-            the_plan,
-            heads.query,
-            heads.key,
-            heads.value,
-            heads.mask,
-            segments=heads.segments,
-            training=training,
-            return_weights=return_weights,
-        )
+        output, weights = run_plan(the_plan)
     return output, weights, the_plan
 
 
