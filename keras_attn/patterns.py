@@ -290,6 +290,72 @@ class SinkTokens(_Banded):
         return {"num_tokens": self.num_tokens, "causal": self.causal}
 
 
+def with_causal(pattern, use_causal_mask=True):
+    """`pattern` with Keras's ``use_causal_mask`` applied, in its simplest form.
+
+    A causal pattern (or ``use_causal_mask=False``) is returned as it is,
+    ``Local(w)`` becomes ``Local(w, causal=True)`` (the same pairs, and a form the
+    ring cache and native kernels know), a full pattern becomes `Causal`, anything
+    else ``pattern & Causal()``.
+    """
+    if not use_causal_mask or pattern.causal:
+        return pattern
+    if type(pattern) is Local:
+        return Local(pattern.window, causal=True)
+    if pattern.kernel_form == "full":
+        return Causal()
+    return pattern & Causal()
+
+
+def reach(pattern):
+    """How far a banded pattern reaches: ``(before, after)``, or None if it is not banded.
+
+    Query i may see key j only when ``i - before <= j <= i + after``, whatever the
+    positions (the pattern depends on ``i - j`` within that band or is narrower):
+    `Local` ``(window - 1, window - 1)``, `Dilated` ``(window * dilation - 1, ...)``,
+    `BlockLocal` ``(block_size - 1, ...)`` (``after`` is 0 when causal), `Causal`
+    bounds only ``after``. A union reaches as far as its widest part, an
+    intersection as far as its narrowest. Used to exchange only a window's
+    neighbours (`keras_attn.context_parallel`'s halo).
+
+    Args:
+        pattern: A pattern.
+
+    Returns:
+        ``(before, after)`` non-negative ints, or None when either side is unbounded
+        or unknown (`Full`, `Causal`, `Strided`, `GlobalTokens`, `SinkTokens`, a
+        subclass that overrides ``mask``, a plugin pattern).
+    """
+    before, after = _bounds(pattern)
+    return None if before is None or after is None else (before, after)
+
+
+def _bounds(pattern):
+    """``(before, after)`` of `reach`, each side None where unbounded or unknown."""
+    cls = type(pattern)
+    if isinstance(pattern, Causal) and cls.mask is Causal.mask:
+        return None, 0
+    if isinstance(pattern, Local) and cls.mask is Local.mask:
+        side = pattern.window - 1
+    elif isinstance(pattern, Dilated) and cls.mask is Dilated.mask:
+        side = pattern.window * pattern.dilation - 1
+    elif isinstance(pattern, BlockLocal) and cls.mask is BlockLocal.mask:
+        side = pattern.block_size - 1
+    elif isinstance(pattern, (Union, Intersection)) and cls.mask in (Union.mask, Intersection.mask):
+        parts = [_bounds(p) for p in pattern.patterns]
+        if cls.mask is Union.mask:
+            return tuple(
+                None if None in sides else max(sides) for sides in zip(*parts, strict=True)
+            )
+        return tuple(
+            min((s for s in sides if s is not None), default=None)
+            for sides in zip(*parts, strict=True)
+        )
+    else:
+        return None, None
+    return side, 0 if pattern.causal else side
+
+
 @hookimpl
 def register_patterns(register):
     for cls in (
