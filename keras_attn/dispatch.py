@@ -34,6 +34,7 @@ from keras_attn import devices
 from keras_attn import kernels
 from keras_attn import native
 from keras_attn import pallas
+from keras_attn import segments as segments_module
 from keras_attn.block_sparse import block_sparse_attention
 from keras_attn.masks import combine_masks
 from keras_attn.positions import make_positions
@@ -278,6 +279,12 @@ def run(components, heads, settings=None, *, training=None, return_weights=False
     Returns:
         ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None, plan)``.
     """
+    # Score_mods see positions restarted at each segment (`reset_positions`).
+    relative = segments_module.relative_score_mods(
+        components.score_mods, heads.segments, heads.query_offset
+    )
+    if relative is not None:
+        components = components.replace(score_mods=relative)
     call = Call.of(heads, training, return_weights)
     machine = devices.current() if machine is None else machine
     the_plan = plan(components, call, settings, machine)

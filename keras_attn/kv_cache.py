@@ -5,12 +5,14 @@ A cache is one tensor ``(B, 2, S, H, D)``: keys at ``[:, 0]``, values at ``[:, 1
 and values at the cache index and attends over every slot written so far.
 """
 
+import warnings
 from typing import NamedTuple
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_attn import plugins
 from keras_attn.patterns import Local
 
 __all__ = [
@@ -21,6 +23,8 @@ __all__ = [
     "read_write",
     "read_write_ring",
     "ring_window",
+    "ring_window_of_call",
+    "check_read_only",
     "update",
 ]
 
@@ -157,7 +161,7 @@ class CacheRead(NamedTuple):
     query_offset: object = 0
 
 
-def read_write(cache, key, value, index, num_heads, key_dim, value_dim, window=None):
+def read_write(cache, key, value, index, window=None):
     """Write the call's keys and values into `cache` at `index` and read it back.
 
     Without a cache the call's own keys and values are read. A cache without an
@@ -170,7 +174,6 @@ def read_write(cache, key, value, index, num_heads, key_dim, value_dim, window=N
         cache: ``(B, 2, S, H, D)`` or None.
         key: ``(B, T, H, D)``; value ``(B, T, H, Dv)``: the call's new heads.
         index: Slot of the first new key (int, numpy or scalar tensor), or None.
-        num_heads, key_dim, value_dim: The layer's key/value heads (`check_cache`).
         window: The layer's `ring_window`, or None. A cache of exactly `window`
             slots is then a ring (`read_write_ring`).
 
@@ -178,11 +181,11 @@ def read_write(cache, key, value, index, num_heads, key_dim, value_dim, window=N
         A `CacheRead`.
 
     Raises:
-        ValueError: from `check_cache` and `update`.
+        ValueError: a cache that cannot hold these heads (`check_cache`), from `update`.
     """
     if cache is None:
         return CacheRead(key, value)
-    check_cache(cache, num_heads, key_dim, value_dim)
+    check_cache(cache, key.shape[-2], key.shape[-1], value.shape[-1])
     if index is None:
         return CacheRead(cache[:, 0], cache[:, 1], cache)
     if window is not None and cache.shape[2] == window:
@@ -205,6 +208,79 @@ def ring_window(pattern):
     if type(pattern) is not Local or not pattern.causal:
         return None
     return pattern.window
+
+
+def ring_window_of_call(pattern, cache, extras=(), owner="the layer"):
+    """The window of the ring cache this call reads and writes, or None (a full cache).
+
+    A causal sliding-window layer whose cache has exactly `window` slots (what its
+    `cache_shape` gives) keeps it as a ring (`read_write_ring`): memory
+    proportional to the window.
+
+    Args:
+        pattern: The call's pattern (`ring_window` says whether it has a ring).
+        cache: ``(B, 2, S, H, D)`` or None.
+        extras: The call's key/value padding masks, `attention_mask` and segments
+            (None where absent): a ring takes none of them.
+        owner: The layer, as the error names it.
+
+    Raises:
+        ValueError: a ring cache with masks or segment ids.
+    """
+    window = ring_window(pattern)
+    if cache is None or window is None or cache.shape[2] != window:
+        return None
+    if any(extra is not None for extra in extras):
+        raise ValueError(
+            f"{owner}: a ring cache of {window} slots (a causal sliding window's "
+            "`cache_shape`) takes no key/value padding masks, `attention_mask` or "
+            "segment ids: its slots do not keep their positions. Use a cache of the full "
+            "length (kv_cache.cache_shape) for those."
+        )
+    return window
+
+
+def check_read_only(components, position_encoding, owner, self_attention):
+    """Check a call that reads a cache without `cache_update_index` (writing nothing).
+
+    KerasHub computes a cross-attention cache once and reads it as it is; such a call
+    says nothing of where its queries stand, so a component that needs positions
+    (a pattern other than full, a score_mod, a position encoding) would run at
+    made-up positions: it raises instead. A self-attention call reading its own
+    cache without an index is surely a mistake, and warns.
+
+    Args:
+        components: The call's `keras_attn.components.Components` (its pattern).
+        position_encoding: The layer's position encoding, or None.
+        owner: The layer, as messages name it.
+        self_attention: Whether the call is self-attention.
+
+    Raises:
+        ValueError: naming the components that need positions.
+    """
+    if self_attention:
+        warnings.warn(
+            f"{owner}: a self-attention call was given a `cache` without "
+            "`cache_update_index`, so the cache is only read and the new keys and values "
+            "are not written. Pass `cache_update_index` (the slot of the first new token) "
+            "to decode with it.",
+            stacklevel=4,
+        )
+    needs = []
+    if components.pattern.kernel_form != "full":
+        needs.append(f"pattern {plugins.registry_name(components.pattern)!r}")
+    needs += [f"score_mod {plugins.registry_name(m)!r}" for m in components.score_mods]
+    if position_encoding is not None:
+        needs.append(f"position_encoding {plugins.registry_name(position_encoding)!r}")
+    if needs:
+        raise ValueError(
+            f"{owner} was given a `cache` without `cache_update_index`: the cache is read "
+            "as it is (KerasHub's convention for cross-attention) and the queries' "
+            f"positions are unknown, but {', '.join(needs)} need(s) them. Pass "
+            "`cache_update_index` (the position of the first query), or use a full "
+            "pattern without position-dependent components for this layer (e.g. convert "
+            "only self-attention layers)."
+        )
 
 
 def read_write_ring(cache, key, value, index, window):

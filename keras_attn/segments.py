@@ -29,6 +29,7 @@ from keras_attn.positions import Positions
 
 __all__ = [
     "SegmentRelative",
+    "Packing",
     "Segments",
     "block_meets",
     "check_segment_ids",
@@ -273,31 +274,41 @@ class SegmentRelative:
         return self.score_mod(logits, positions=relative)
 
 
-def for_call(
-    ids,
-    query_length,
-    key_length,
-    cache_slots=None,
-    cache_update_index=None,
-    reset_positions=False,
-    max_segment_length=None,
-):
+class Packing(NamedTuple):
+    """A layer's settings for packed sequences (its `reset_positions`, `max_segment_length`)."""
+
+    reset_positions: bool = False
+    max_segment_length: int | None = None
+
+
+def for_call(ids, query, key, cache=None, cache_update_index=None, packing=Packing()):
     """The `Segments` of one attention call, checked, or None without segment ids.
 
     Args:
         ids: ``(segment_ids, query_segment_ids, key_segment_ids)`` as the layer got
             them: `segment_ids` for self-attention, or the other two.
-        query_length: Tq; key_length: Tk (the call's keys).
-        cache_slots: S with a cache (then `key_segment_ids` covers every slot), or None.
+        query: The call's query ``(B, Tq, dim)``; key: its key ``(B, Tk, dim)``.
+        cache: The cache ``(B, 2, S, H, D)`` (then `key_segment_ids` covers every
+            slot), or None.
         cache_update_index: The cache index (the queries' first slot), or None.
-        reset_positions: Whether positions restart at each segment (`Segments` then
-            carries the segment starts).
-        max_segment_length: The layer's bound, checked on ids known now.
+        packing: The layer's `Packing`: whether positions restart at each segment
+            (`Segments` then carries the segment starts), and the bound on segment
+            lengths, checked on ids known now.
 
     Raises:
-        ValueError: only one of query/key ids, ids of the wrong shape or dtype, or
-            a known segment longer than `max_segment_length`.
+        ValueError: only one of query/key ids, ids of the wrong shape or dtype, a
+            known segment longer than ``packing.max_segment_length``, or ids with
+            inputs of rank > 3.
     """
+    if all(i is None for i in ids):
+        return None
+    if len(query.shape) > 3:
+        raise ValueError(
+            f"Segment ids need (B, T, dim) inputs. Received: query.shape={tuple(query.shape)}"
+        )
+    query_length, key_length = query.shape[1], key.shape[1]
+    cache_slots = None if cache is None else cache.shape[2]
+    reset_positions, max_segment_length = packing
     segment_ids, query_ids, key_ids = ids
     query_name = "query_segment_ids" if query_ids is not None else "segment_ids"
     key_name = "key_segment_ids" if key_ids is not None else "segment_ids"

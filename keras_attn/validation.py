@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-__all__ = ["boolean", "integer", "number", "positive_int", "positive_number"]
+__all__ = ["boolean", "integer", "number", "one_of", "positive_int", "positive_number"]
 
 
 def integer(value, arg, minimum=None, allow_none=False):
@@ -89,3 +89,15 @@ def number(value, arg, low=None, high=None, low_open=False, high_open=False, all
         )
         raise ValueError(f"`{arg}` must be a number in {interval}. Received: {arg}={value!r}")
     return float(value)
+
+
+def one_of(value, arg, choices):
+    """One of `choices` (compared with ``==`` and by type, so ``1`` is not ``True``).
+
+    Raises:
+        ValueError: `value` is none of them.
+    """
+    if not any(type(value) is type(c) and value == c for c in choices):
+        expected = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"`{arg}` must be one of {expected}. Received: {arg}={value!r}")
+    return value

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import warnings
+from operator import attrgetter
 
 import keras
 from keras import ops
@@ -43,6 +44,18 @@ def _masks_stay_on_inputs():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not support masking.*")
         yield
+
+
+# The options of the projections' weights, with the Keras module that serializes each.
+_WEIGHT_OPTIONS = {
+    "kernel_initializer": keras.initializers,
+    "bias_initializer": keras.initializers,
+    "kernel_regularizer": keras.regularizers,
+    "bias_regularizer": keras.regularizers,
+    "activity_regularizer": keras.regularizers,
+    "kernel_constraint": keras.constraints,
+    "bias_constraint": keras.constraints,
+}
 
 
 class _Unattached:
@@ -207,33 +220,32 @@ class Attention(KerasOverrides, keras.layers.Layer):
     ):
         super().__init__(activity_regularizer=activity_regularizer, **kwargs)
         self.supports_masking = True
-        validation.positive_int(num_heads, "num_heads")
-        validation.positive_int(key_dim, "key_dim", allow_none=True)
-        validation.positive_int(value_dim, "value_dim", allow_none=True)
+        self.num_heads = validation.positive_int(num_heads, "num_heads")
+        self._key_dim_arg = validation.positive_int(key_dim, "key_dim", allow_none=True)
+        self._value_dim_arg = validation.positive_int(value_dim, "value_dim", allow_none=True)
         validation.number(dropout, "dropout", 0.0, 1.0, high_open=True)
-        validation.boolean(use_bias, "use_bias")
+        self.dropout = dropout
+        self.use_bias = validation.boolean(use_bias, "use_bias")
+        self.flash_attention = flash_attention
         if flash_attention is not None:
             validation.boolean(flash_attention, "flash_attention")
-        validation.integer(seed, "seed", allow_none=True)
-        if not (isinstance(block_sparse, bool) or block_sparse == "auto"):
-            raise ValueError(
-                "`block_sparse` must be 'auto', True or False. "
-                f"Received: block_sparse={block_sparse!r}"
-            )
-        validation.positive_int(block_size, "block_size", allow_none=True)
+        self.seed = validation.integer(seed, "seed", allow_none=True)
+        self.block_sparse = validation.one_of(block_sparse, "block_sparse", ("auto", True, False))
+        self.block_size = validation.positive_int(block_size, "block_size", allow_none=True)
         validation.positive_int(num_key_value_heads, "num_key_value_heads", allow_none=True)
         if num_key_value_heads is not None and num_heads % num_key_value_heads:
             raise ValueError(
                 "`num_heads` must be divisible by `num_key_value_heads`. Received: "
                 f"num_heads={num_heads}, num_key_value_heads={num_key_value_heads}"
             )
+        self.num_key_value_heads = num_key_value_heads or num_heads
         if flash_attention and dropout > 0.0:
             raise ValueError(
                 "Dropout is not supported when flash attention is enabled. "
                 "Please set dropout to 0.0 to use flash attention."
             )
-        output_shape = shapes.output_shape_arg(output_shape)
-        attention_axes = shapes.attention_axes_arg(attention_axes)
+        self._output_shape = shapes.output_shape_arg(output_shape)
+        self._attention_axes_arg = shapes.attention_axes_arg(attention_axes)
         if isinstance(score_mods, (str, dict)) or plugins.kind_of(score_mods) is not None:
             score_mods = [score_mods]
         if not isinstance(score_mods, (list, tuple)):
@@ -241,24 +253,12 @@ class Attention(KerasOverrides, keras.layers.Layer):
                 "`score_mods` must be a list of score_mods (names, config dicts or "
                 f"instances). Received: score_mods={score_mods!r}"
             )
-        self.num_heads = num_heads
-        self.num_key_value_heads = num_key_value_heads or num_heads
-        self._key_dim_arg = key_dim
-        self._value_dim_arg = value_dim
-        self._attention_axes_arg = attention_axes
-        self._output_shape = output_shape
-        self.dropout = dropout
-        self.use_bias = use_bias
-        self.block_sparse = block_sparse
-        self.block_size = block_size
-        self.flash_attention = flash_attention
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
-        self.seed = seed
         layer_defaults = {"dtype": self.dtype_policy}
         # Attached as sublayers in `build`, after the projections, so that every
         # layer's weight list starts with the query/key/value/output kernels of
@@ -304,39 +304,20 @@ class Attention(KerasOverrides, keras.layers.Layer):
         """The layer's `keras_attn.components.Components` (its own pattern, no dropout)."""
         return self._components.value
 
-    @property
-    def score(self):
-        return self.components.score
+    score = property(attrgetter("components.score"), doc="The layer's `keras_attn.Score`.")
+    pattern = property(attrgetter("components.pattern"), doc="The layer's `keras_attn.Pattern`.")
+    normalizer = property(attrgetter("components.normalizer"), doc="Its `keras_attn.Normalizer`.")
 
     @property
     def score_mods(self):
+        """The layer's score_mods, a list of `keras_attn.ScoreMod`."""
         return list(self.components.score_mods)
 
-    @property
-    def pattern(self):
-        return self.components.pattern
-
-    @property
-    def normalizer(self):
-        return self.components.normalizer
-
     # Read-only handles, as on keras.layers.MultiHeadAttention (set by `build`).
-
-    @property
-    def query_dense(self):
-        return self._query_dense
-
-    @property
-    def key_dense(self):
-        return self._key_dense
-
-    @property
-    def value_dense(self):
-        return self._value_dense
-
-    @property
-    def output_dense(self):
-        return self._output_dense
+    query_dense = property(attrgetter("_query_dense"))
+    key_dense = property(attrgetter("_key_dense"))
+    value_dense = property(attrgetter("_value_dense"))
+    output_dense = property(attrgetter("_output_dense"))
 
     @property
     def key_dim(self):
@@ -565,16 +546,6 @@ class Attention(KerasOverrides, keras.layers.Layer):
 
     # -- call -----------------------------------------------------------------------
 
-    def _effective_pattern(self, use_causal_mask):
-        pattern = self.pattern
-        if not use_causal_mask or pattern.causal:
-            return pattern
-        if type(pattern) is patterns_module.Local:  # the same pairs as Local & Causal
-            return patterns_module.Local(pattern.window, causal=True)
-        if pattern.kernel_form == "full":
-            return patterns_module.Causal()
-        return pattern & patterns_module.Causal()
-
     def call(
         self,
         query,
@@ -595,56 +566,37 @@ class Attention(KerasOverrides, keras.layers.Layer):
     ):
         value = query if value is None else value
         key = value if key is None else key
-        self._check_flash_attention(return_attention_scores)
-        high_rank = len(query.shape) > 3
         self_attention = key is query
+        self._check_flash_attention(return_attention_scores)
         padding = masks.Padding.of_call(query, value, key, query_mask, value_mask, key_mask)
         masks.check_call(query, value, key, padding, attention_mask, cache, self.num_heads)
         # A padded position has no influence, not even through a gradient's 0 * nan.
         query, value, key = padding.zero_inputs(query, value, key)
-        with _masks_stay_on_inputs():
-            q = self._query_dense(query)  # (B, Tq, H, D)
-            k = self._key_dense(key)  # (B, Tk, Hkv, D)
-            gate = self._gate(query)
-            v = self._value_dense(value)  # (B, Tk, Hkv, Dv)
-
+        q, k, v, gate = self._project(query, key, value)  # (B, T, H|Hkv, D) each
         ids = (segment_ids, query_segment_ids, key_segment_ids)
-        if high_rank and any(i is not None for i in ids):
-            raise ValueError(
-                f"Segment ids need (B, T, dim) inputs. Received: query.shape={tuple(query.shape)}"
-            )
-        call_segments = segments.for_call(
-            ids, query.shape[1], key.shape[1], None if cache is None else cache.shape[2],
-            cache_update_index, self.reset_positions, self.max_segment_length,
-        )  # fmt: skip
-        pattern = self._effective_pattern(use_causal_mask)
-        self._check_positions_known(pattern, cache, cache_update_index, self_attention)
+        call_segments = segments.for_call(ids, query, key, cache, cache_update_index, self._packing)
+        pattern = patterns_module.with_causal(self.pattern, use_causal_mask)
+        if cache is not None:
+            self._check_cache(pattern, cache_update_index, self_attention)
         q, k = self._normalize_heads(q, k)
         q, k = positions_module.encode_heads(
-            self.position_encoding, q, k, self_attention=self_attention,
+            self.position_encoding,
+            q,
+            k,
+            self_attention=self_attention,
             query_offset=0 if cache_update_index is None else cache_update_index,
-            cached=cache is not None, segments=call_segments,
-        )  # fmt: skip
-        if cache is not None:
-            context_parallel_module.check_no_cache(self.context_parallel, self.name)
-        window = self._ring_window(
-            pattern, cache, padding.value, padding.key, attention_mask, call_segments
+            cached=cache is not None,
+            segments=call_segments,
         )
-        read = kv_cache.read_write(
-            cache, k, v, cache_update_index, self.num_key_value_heads, self._key_dim,
-            self._value_dim, window,
-        )  # fmt: skip
-        heads = dispatch.Heads(
-            q, self._repeat_kv(read.key), self._repeat_kv(read.value),  # (B, Tk, H, D)
-            masks.call_mask(
-                padding, attention_mask, read.mask, self._attention_axes if high_rank else None
-            ),
-            call_segments, read.query_offset,
-        )  # fmt: skip
+        extras = (padding.value, padding.key, attention_mask, call_segments)
+        window = kv_cache.ring_window_of_call(pattern, cache, extras, self._owner)
+        read = kv_cache.read_write(cache, k, v, cache_update_index, window)
+        axes = self._attention_axes if len(query.shape) > 3 else None
+        mask = masks.call_mask(padding, attention_mask, read.mask, axes)
+        key_heads, value_heads = self._repeat_kv(read.key), self._repeat_kv(read.value)
+        heads = dispatch.Heads(q, key_heads, value_heads, mask, call_segments, read.query_offset)
         output, weights = self._attention(heads, pattern, training, return_attention_scores)
-        if gate is not None:
-            output = output * gate
-        output = self._output_dense(output)  # (B, Tq, E)
+        output = self._output_dense(output if gate is None else output * gate)  # (B, Tq, E)
         if padding.query is not None:
             masks.set_keras_mask(output, padding.query)
         result = (output,)
@@ -654,61 +606,29 @@ class Attention(KerasOverrides, keras.layers.Layer):
             result += (read.cache,)
         return result[0] if len(result) == 1 else result
 
-    def _ring_window(self, pattern, cache, *masks_and_segments):
-        """The window of a ring cache (`kv_cache.read_write_ring`) this call writes, or None.
+    @property
+    def _owner(self):
+        """The layer as error messages name it."""
+        return f"{type(self).__name__} {self.name!r}"
 
-        A causal sliding-window layer whose cache has exactly `window` slots (what
-        `cache_shape` gives it) keeps it as a ring: memory proportional to the window.
+    @property
+    def _packing(self):
+        return segments.Packing(self.reset_positions, self.max_segment_length)
 
-        Raises:
-            ValueError: masks or segment ids with a ring cache.
-        """
-        window = kv_cache.ring_window(pattern)
-        if cache is None or window is None or cache.shape[2] != window:
-            return None
-        if any(m is not None for m in masks_and_segments):
-            raise ValueError(
-                f"{type(self).__name__} {self.name!r}: a ring cache of {window} slots (a "
-                "causal sliding window's `cache_shape`) takes no key/value padding masks, "
-                "`attention_mask` or segment ids: its slots do not keep their positions. "
-                "Use a cache of the full length (kv_cache.cache_shape) for those."
-            )
-        return window
+    def _project(self, query, key, value):
+        """The query, key and value heads and the gate (None without one) of the inputs."""
+        with _masks_stay_on_inputs():
+            q = self._query_dense(query)  # (B, Tq, H, D)
+            k = self._key_dense(key)  # (B, Tk, Hkv, D)
+            v = self._value_dense(value)  # (B, Tk, Hkv, Dv)
+            return q, k, v, self._gate(query)
 
-    def _check_positions_known(self, pattern, cache, cache_update_index, self_attention):
-        """Raise where the queries' positions are unknown but a component needs them.
-
-        A cache read without `cache_update_index` (KerasHub's cross-attention
-        convention) says nothing of where the queries stand, so a pattern other than
-        full, a score_mod or a position encoding would run at made-up positions.
-
-        Raises:
-            ValueError: naming the components that need positions.
-        """
-        if cache is None or cache_update_index is not None:
-            return
-        if self_attention:
-            warnings.warn(
-                f"{type(self).__name__} {self.name!r}: a self-attention call was given a "
-                "`cache` without `cache_update_index`, so the cache is only read and the "
-                "new keys and values are not written. Pass `cache_update_index` (the slot "
-                "of the first new token) to decode with it.",
-                stacklevel=3,
-            )
-        needs = []
-        if pattern.kernel_form != "full":
-            needs.append(f"pattern {plugins.registry_name(pattern)!r}")
-        needs += [f"score_mod {plugins.registry_name(m)!r}" for m in self.components.score_mods]
-        if self.position_encoding is not None:
-            needs.append(f"position_encoding {plugins.registry_name(self.position_encoding)!r}")
-        if needs:
-            raise ValueError(
-                f"{type(self).__name__} {self.name!r} was given a `cache` without "
-                "`cache_update_index`: the cache is read as it is (KerasHub's convention "
-                "for cross-attention) and the queries' positions are unknown, but "
-                f"{', '.join(needs)} need(s) them. Pass `cache_update_index` (the position "
-                "of the first query), or use a full pattern without position-dependent "
-                "components for this layer (e.g. convert only self-attention layers)."
+    def _check_cache(self, pattern, cache_update_index, self_attention):
+        context_parallel_module.check_no_cache(self.context_parallel, self.name)
+        if cache_update_index is None:  # a read-only cache: the queries' positions unknown
+            components = self.components.replace(pattern=pattern)
+            kv_cache.check_read_only(
+                components, self.position_encoding, self._owner, self_attention
             )
 
     def _check_flash_attention(self, return_attention_scores):
@@ -729,27 +649,16 @@ class Attention(KerasOverrides, keras.layers.Layer):
         """The attention on `keras_attn.dispatch.Heads` of any rank, through `dispatch.run`."""
         if len(heads.query.shape) > 4:
             return self._engine_over_axes(heads, pattern, training, return_weights)
-        components = self.components.replace(
-            pattern=pattern, dropout=self._dropout_layer if self.dropout else None
-        )
-        # Score_mods see positions restarted at each segment (`reset_positions`).
-        relative = segments.relative_score_mods(
-            components.score_mods, heads.segments, heads.query_offset
-        )
-        if relative is not None:
-            components = components.replace(score_mods=relative)
-        heads = heads._replace(mask=masks.heads_mask(heads.mask))
+        dropout = self._dropout_layer if self.dropout else None
+        components = self.components.replace(pattern=pattern, dropout=dropout)
+        options = dict(training=training, return_weights=return_weights)
         mesh = context_parallel_module.mesh_for(self.context_parallel, self.name)
-        if mesh is not None:
-            output, weights, plan = context_parallel_module.run(
-                components, heads, self.context_parallel, self._settings, mesh=mesh,
-                training=training, return_weights=return_weights,
-            )  # fmt: skip
+        if mesh is None:
+            output, weights, plan = dispatch.run(components, heads, self._settings, **options)
         else:
-            output, weights, plan = dispatch.run(
-                components, heads, self._settings, training=training,
-                return_weights=return_weights,
-            )  # fmt: skip
+            output, weights, plan = context_parallel_module.run(
+                components, heads, self.context_parallel, self._settings, mesh=mesh, **options
+            )
         self._record_path(plan.path, plan.kernel)
         self._last_plan = _Unattached(plan)
         return output, weights
@@ -765,7 +674,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
             )
         mask = heads.mask
         if mask is not None:
-            mask = shapes.fold_mask(mask, query, key, axes)
+            mask = masks.heads_mask(shapes.fold_mask(mask, query, key, axes))
         folded = dispatch.Heads(
             shapes.fold(query, axes), shapes.fold(key, axes), shapes.fold(value, axes), mask
         )
@@ -865,13 +774,6 @@ class Attention(KerasOverrides, keras.layers.Layer):
                 "block_sparse": self.block_sparse,
                 "block_size": self.block_size,
                 "flash_attention": self.flash_attention,
-                "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
-                "bias_initializer": keras.initializers.serialize(self.bias_initializer),
-                "kernel_regularizer": keras.regularizers.serialize(self.kernel_regularizer),
-                "bias_regularizer": keras.regularizers.serialize(self.bias_regularizer),
-                "activity_regularizer": keras.regularizers.serialize(self.activity_regularizer),
-                "kernel_constraint": keras.constraints.serialize(self.kernel_constraint),
-                "bias_constraint": keras.constraints.serialize(self.bias_constraint),
                 "seed": self.seed,
                 "position_encoding": (
                     None
@@ -881,6 +783,10 @@ class Attention(KerasOverrides, keras.layers.Layer):
                 "reset_positions": self.reset_positions,
                 "max_segment_length": self.max_segment_length,
                 "qk_norm": self._qk_norm_arg,
+                **{
+                    name: module.serialize(getattr(self, name))
+                    for name, module in _WEIGHT_OPTIONS.items()
+                },
                 "context_parallel": (
                     None if self.context_parallel is None else self.context_parallel.get_config()
                 ),

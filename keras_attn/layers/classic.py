@@ -127,14 +127,6 @@ class _ClassicAttention(keras.layers.Layer):
         if not self._normalizer.built:
             self._normalizer.build(logits_shape)
 
-    def _effective_pattern(self, use_causal_mask):
-        pattern = self._pattern
-        if not use_causal_mask or pattern.causal:
-            return pattern
-        if pattern.kernel_form == "full":
-            return patterns_module.Causal()
-        return pattern & patterns_module.Causal()
-
     def call(
         self,
         inputs,
@@ -152,7 +144,7 @@ class _ClassicAttention(keras.layers.Layer):
         output, weights = self._attend(
             _as_heads(query), _as_heads(key), _as_heads(value),
             value_mask=None if value_mask is None else _flat(value_mask, 1),
-            pattern=self._effective_pattern(use_causal_mask),
+            pattern=patterns_module.with_causal(self._pattern, use_causal_mask),
             return_weights=return_attention_scores or dropout_active,
             training=training,
         )  # fmt: skip
@@ -201,7 +193,7 @@ class _ClassicAttention(keras.layers.Layer):
 
         As Keras's: the value mask as it is when the pattern allows every pair.
         """
-        pattern = self._effective_pattern(use_causal_mask)
+        pattern = patterns_module.with_causal(self._pattern, use_causal_mask)
         if pattern.kernel_form == "full":
             return v_mask
         tq, tk = scores.shape[-2], scores.shape[-1]
