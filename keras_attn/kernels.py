@@ -82,40 +82,39 @@ def softmax_weighted_sum(logits, value, mask=None):
     Returns:
         ``(..., Tq, Dv)`` in the value's dtype.
     """
+    x = ops.cast(logits, "float32")  # its gradient is cast back to the logits' dtype
     has_key = None
     if mask is not None:
+        # Masked outside the custom gradient, which then closes over no tensor of the
+        # caller: jax2tf (Keras's SavedModel export on JAX) cannot lower a gradient
+        # that captures the caller's traced values. `where`'s own gradient is the mask.
         mask = ops.cast(mask, "bool")
         has_key = ops.any(mask, axis=-1, keepdims=True)  # (..., Tq|1, 1), on the mask's shape
-    logits_dtype = logits.dtype
+        x = ops.where(mask, x, NEG_INF)
 
     @ops.custom_gradient
-    def attend(logits, value):
-        x = ops.cast(logits, "float32")
-        if mask is not None:
-            x = ops.where(mask, x, NEG_INF)
+    def attend(x, value):
         weights = ops.softmax(x, axis=-1)
         cast_weights = ops.cast(weights, value.dtype)
         output = ops.matmul(cast_weights, value)
-        if has_key is not None:
-            output = ops.where(has_key, output, ops.zeros_like(output))
 
         def grad(*args, upstream=None):
             if upstream is None:
                 (upstream,) = args
             d_output = ops.cast(upstream, value.dtype)
-            if has_key is not None:
-                d_output = ops.where(has_key, d_output, ops.zeros_like(d_output))
             d_value = ops.einsum("...qk,...qd->...kd", cast_weights, d_output)
             d_weights = ops.cast(ops.einsum("...qd,...kd->...qk", d_output, value), "float32")
             delta = ops.sum(
                 ops.cast(d_output, "float32") * ops.cast(output, "float32"), axis=-1, keepdims=True
             )
-            d_logits = weights * (d_weights - delta)
-            return ops.cast(d_logits, logits_dtype), d_value
+            return weights * (d_weights - delta), d_value
 
         return output, grad
 
-    return attend(logits, value)
+    output = attend(x, value)
+    if has_key is not None:
+        output = ops.where(has_key, output, ops.zeros_like(output))
+    return output
 
 
 def drop_masked_positions(query, key, value, mask):
