@@ -6,8 +6,10 @@ whose calls keras_attn's layers take as they are) with keras_attn's drop-in hold
 same weights, LoRA factors included. A layer shared by two parents, or a model nested
 twice, is converted once and stays shared. With no `attention` arguments the converted
 model computes what the original did; with them (a pattern, a normalizer, a score, ...)
-every replaced layer uses that attention, e.g. to fine-tune a pretrained model with
-local attention.
+every replaced layer (or those `apply_to` chooses) uses that attention, e.g. to
+fine-tune a pretrained model with local attention. Other attention layers (subclasses
+with code of their own, a model's own attention class) stay as they are, and `convert`
+says so (`unconverted`).
 
 The copy is made through Keras's own saving (so a KerasHub task keeps its tokenizer's
 vocabulary), then given the original's exact weights, trainable flags and compile
@@ -51,6 +53,8 @@ COMPATIBLE_SUBCLASSES = {
 
 # Keras's projections, in Keras's weight order. A layer without them (Keras's
 # dot-product and additive attention) gives its weights as a whole.
+_OURS = tuple(KERAS_ATTENTION_CLASSES.values())
+
 _PROJECTIONS = ("_query_dense", "_key_dense", "_gate_dense", "_value_dense", "_output_dense")
 
 
@@ -59,25 +63,90 @@ def _qualified_name(cls):
 
 
 def _target_class(layer):
-    """keras_attn's class for `layer`, None to keep it, or raise for a foreign subclass."""
-    if isinstance(layer, tuple(KERAS_ATTENTION_CLASSES.values())):
+    """keras_attn's class for `layer`, or None to keep it (keras_attn's own, not Keras's
+    attention, or a subclass of Keras's with code of its own)."""
+    if isinstance(layer, _OURS):
         return None
     cls = type(layer)
     if cls in KERAS_ATTENTION_CLASSES:
         return KERAS_ATTENTION_CLASSES[cls]
-    for keras_class, ours in KERAS_ATTENTION_CLASSES.items():
-        if not isinstance(layer, keras_class):
-            continue
-        if _qualified_name(cls) in COMPATIBLE_SUBCLASSES:
-            return ours
-        raise ValueError(
-            f"keras_attn.convert replaces {keras_class.__name__} and KerasHub's "
-            f"CachedMultiHeadAttention, not other subclasses, whose own code it cannot "
-            f"keep. Received: layer {layer.name!r} of class {_qualified_name(cls)}. "
-            f"Subclass keras_attn.{ours.__name__} instead (it honours Keras's override "
-            "points)."
-        )
+    if _qualified_name(cls) in COMPATIBLE_SUBCLASSES:
+        return next(
+            ours for keras_class, ours in KERAS_ATTENTION_CLASSES.items()
+            if isinstance(layer, keras_class)
+        )  # fmt: skip
     return None
+
+
+def _attention_like(layer):
+    """Whether `layer` is an attention layer: Keras's (or a subclass), keras_attn's, or a
+    class named so (KerasHub's `Qwen3Attention`, ...; not a mask maker)."""
+    if isinstance(layer, (*KERAS_ATTENTION_CLASSES, *_OURS)):
+        return True
+    name = type(layer).__name__.lower()
+    return "attention" in name and "mask" not in name
+
+
+def _targets(model):
+    """The layers `convert` replaces, once each, in the order it meets them."""
+    found = {}
+    for parent in model._flatten_layers(include_self=True, recursive=True):
+        for sublayer in parent._layers:
+            if _target_class(sublayer) is not None:
+                found.setdefault(id(sublayer), sublayer)
+    return list(found.values())
+
+
+def _unconverted(model):
+    """The attention layers of `model` that `convert` leaves as they are, innermost only
+    (a block holding an attention layer is not one)."""
+    inside_ours = {
+        id(inner)
+        for layer in model._flatten_layers(include_self=False)
+        if isinstance(layer, _OURS)
+        for inner in layer._flatten_layers(include_self=False)
+    }
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False)
+        if _attention_like(layer)
+        and _target_class(layer) is None
+        and not isinstance(layer, _OURS)
+        and id(layer) not in inside_ours
+        and not any(_attention_like(inner) for inner in layer._flatten_layers(include_self=False))
+    ]
+
+
+def _describe_layers(layers):
+    return ", ".join(
+        f"{layer.path or layer.name!r} ({_qualified_name(type(layer))})" for layer in layers
+    )
+
+
+_WHAT_IT_CONVERTS = (
+    "keras_attn.convert converts Keras's MultiHeadAttention, GroupQueryAttention, "
+    "Attention and AdditiveAttention and KerasHub's CachedMultiHeadAttention; not a "
+    "subclass of Keras's attention with code of its own (e.g. KerasHub's Whisper, "
+    "Moonshine and XLNet attention) nor a model's own attention class (e.g. KerasHub's "
+    "Llama, Qwen3 or Gemma 3 attention, whose QK-norm and rope it does not map)"
+)
+
+
+def _report_unconverted(model, layers, unconverted):
+    if not layers or unconverted == "ignore":
+        return
+    message = (
+        f"keras_attn.convert leaves {len(layers)} attention layer(s) of model "
+        f"{model.name!r} as they are, with their own code and without the attention "
+        f"arguments: {_describe_layers(layers)}. {_WHAT_IT_CONVERTS}."
+    )
+    if unconverted == "raise":
+        raise ValueError(f"{message} Received: unconverted='raise'.")
+    warnings.warn(
+        f"{message} Pass unconverted='ignore' to convert the rest without this warning, "
+        "or unconverted='raise' to make it an error.",
+        stacklevel=3,
+    )
 
 
 def _serialize_attention(attention):
@@ -188,16 +257,17 @@ def _swap(parent, old, new):
         }
 
 
-def _convert_in_place(model, attention):
+def _convert_in_place(model, attention, selected=None):
+    """Replace `model`'s targets; those whose index is in `selected` (all if None) get
+    `attention`, the others none."""
     replacements = {}  # id(old) -> new: a layer shared by two parents stays shared
+    for index, layer in enumerate(_targets(model)):
+        chosen = attention if selected is None or index in selected else {}
+        replacements[id(layer)] = _replacement(layer, _target_class(layer), chosen)
     for parent in model._flatten_layers(include_self=True, recursive=True):
         for sublayer in list(parent._layers):
-            cls = _target_class(sublayer)
-            if cls is None:
-                continue
-            if id(sublayer) not in replacements:
-                replacements[id(sublayer)] = _replacement(sublayer, cls, attention)
-            _swap(parent, sublayer, replacements[id(sublayer)])
+            if id(sublayer) in replacements:
+                _swap(parent, sublayer, replacements[id(sublayer)])
     # KerasHub's backbones count their LoRA layers by position, which converting shifts.
     for layer in model._flatten_layers(include_self=True):
         if getattr(layer, "_lora_enabled_layers", None):
@@ -207,11 +277,12 @@ def _convert_in_place(model, attention):
             ]
 
 
-def _finish(model, attention):
+def _finish(model, attention, selected=None):
     """Convert `model` in place and make it a `Converted` of its class."""
-    _convert_in_place(model, attention)
+    _convert_in_place(model, attention, selected)
     object.__setattr__(model, "__class__", _converted_class(type(model)))
     object.__setattr__(model, "_keras_attn_attention", attention)
+    object.__setattr__(model, "_keras_attn_selected", selected)
     return model
 
 
@@ -247,12 +318,19 @@ class Converted:
                 "config": super().get_config(),
             },
             "attention": self._keras_attn_attention,
+            # The indices (in `convert`'s order) of the layers given `attention`.
+            "apply_to": None
+            if self._keras_attn_selected is None
+            else sorted(self._keras_attn_selected),
         }
 
     @classmethod
     def from_config(cls, config):
         model = keras.saving.deserialize_keras_object(config["model"])
-        return _finish(model, config.get("attention") or {})
+        selected = config.get("apply_to")
+        return _finish(
+            model, config.get("attention") or {}, None if selected is None else set(selected)
+        )
 
     def get_compile_config(self):
         return _with_sampler(self, super().get_compile_config())
@@ -352,15 +430,22 @@ def _compile_like(copy, model):
         )
 
 
-def convert(model, **attention):
+def convert(model, apply_to=None, unconverted="warn", **attention):
     """A copy of `model` whose Keras attention layers are keras_attn layers.
 
-    Every `keras.layers.MultiHeadAttention` and `keras.layers.GroupQueryAttention`,
-    at any depth (and KerasHub's `CachedMultiHeadAttention`), becomes
-    `keras_attn.MultiHeadAttention` or `keras_attn.GroupedQueryAttention` with the
-    same configuration and weights (LoRA factors too, with the same rank), plus
-    `attention`. A layer used in two places is converted once and stays shared.
-    `model` itself is not changed.
+    Every `keras.layers.MultiHeadAttention`, `keras.layers.GroupQueryAttention`,
+    `keras.layers.Attention` and `keras.layers.AdditiveAttention`, at any depth (and
+    KerasHub's `CachedMultiHeadAttention`), becomes keras_attn's drop-in
+    (`MultiHeadAttention`, `GroupedQueryAttention`, `LuongAttention`,
+    `BahdanauAttention`) with the same configuration and weights (LoRA factors too,
+    with the same rank), plus `attention`. A layer used in two places is converted
+    once and stays shared. `model` itself is not changed.
+
+    Other attention layers are left as they are, with their own code: subclasses of
+    Keras's attention with code of their own (KerasHub's Whisper, Moonshine, XLNet
+    attention) and models' own attention classes (KerasHub's Llama, Qwen3, Gemma 3
+    attention: their QK-norm and rope are not mapped). `unconverted` says what
+    `convert` does about them.
 
     The copy is an instance of `model`'s class and of `keras_attn.Converted`: it
     keeps the original's trainable flags, compile settings (a KerasHub task's sampler
@@ -371,6 +456,16 @@ def convert(model, **attention):
     Args:
         model: A built Keras model that saves and loads with Keras (functional,
             sequential, a registered subclass, or a KerasHub backbone or task).
+        apply_to: None (every converted layer takes `attention`), or a callable
+            ``layer -> bool`` called with each Keras attention layer of `model` that
+            is converted; the layers it rejects are converted without `attention`
+            (they compute what they did). E.g. position-dependent components on
+            self-attention only: ``apply_to=lambda layer: "cross" not in layer.name``
+            (KerasHub's cached cross-attention does not know its queries'
+            positions).
+        unconverted: What to do about attention layers left as they are: ``"warn"``
+            (default: one warning naming each layer's path and class), ``"raise"``
+            (a ValueError naming them), or ``"ignore"``.
         **attention: Arguments of keras_attn's layers for every replaced layer, e.g.
             ``pattern=keras_attn.patterns.Local(64)``, ``normalizer="sparsemax"``,
             ``score=MyPluginScore()`` (each layer gets its own copy). None: the
@@ -380,24 +475,60 @@ def convert(model, **attention):
         The converted copy.
 
     Raises:
-        TypeError: `model` is not a Keras model.
-        ValueError: a subclass of Keras's attention that overrides Keras's code (its
-            code would be lost); no Keras attention layer at all (or an already
-            converted model); a model that does not save and load with Keras; weights
-            that keras_attn's layer made with `attention` cannot hold (the error names
-            the layer, its weights and keras_attn's).
+        TypeError: `model` is not a Keras model; `apply_to` is not callable.
+        ValueError: no attention layer that `convert` converts (or an already
+            converted model; the error names the attention layers it does not
+            convert); with ``unconverted="raise"``, attention layers it does not
+            convert; `apply_to` rejecting every layer while `attention` is given; an
+            `unconverted` other than the three; a model that does not save and load
+            with Keras; weights that keras_attn's layer made with `attention` cannot
+            hold (the error names the layer, its weights and keras_attn's).
+
+    Warns:
+        UserWarning: with ``unconverted="warn"``, naming the attention layers left
+            as they are.
     """
     if not isinstance(model, keras.Model):
         raise TypeError(
             "keras_attn.convert takes a Keras model (functional, sequential, or a KerasHub "
             f"backbone or task). Received: model={model!r} of type {type(model).__name__}"
         )
-    targets = [layer for layer in model._flatten_layers() if _target_class(layer) is not None]
+    if unconverted not in ("warn", "raise", "ignore"):
+        raise ValueError(
+            f"Expected unconverted='warn', 'raise' or 'ignore'. Received: unconverted={unconverted!r}"
+        )
+    if apply_to is not None and not callable(apply_to):
+        raise TypeError(
+            "Expected apply_to=None or a callable layer -> bool. "
+            f"Received: apply_to={apply_to!r} of type {type(apply_to).__name__}"
+        )
+    targets = _targets(model)
+    left = _unconverted(model)
     if not targets:
         converted = " (it is already converted)" if isinstance(model, Converted) else ""
-        raise ValueError(
-            f"keras_attn.convert found no Keras attention layer in model {model.name!r}{converted}."
+        others = (
+            f" It has these, which it does not convert: {_describe_layers(left)}." if left else ""
         )
+        raise ValueError(
+            f"keras_attn.convert found no attention layer that it converts in model "
+            f"{model.name!r}{converted}.{others} {_WHAT_IT_CONVERTS}."
+        )
+    _report_unconverted(model, left, unconverted)
+    selected = None
+    if apply_to is not None:
+        selected = {i for i, layer in enumerate(targets) if apply_to(layer)}
+        if attention and not selected:
+            raise ValueError(
+                f"apply_to chose none of the attention layers of model {model.name!r} "
+                f"({_describe_layers(targets)}), so no layer would take {sorted(attention)}."
+            )
     copy = _copy(model)
+    copied = _targets(copy)
+    if [type(layer) for layer in targets] != [type(layer) for layer in copied]:
+        raise ValueError(  # _copy checks the layers that hold weights; this, the rest
+            f"keras_attn.convert cannot copy model {model.name!r}: its attention layers "
+            f"{_describe_layers(targets)} come back from its config as "
+            f"{_describe_layers(copied)}."
+        )
     _compile_like(copy, model)
-    return _finish(copy, _serialize_attention(attention))
+    return _finish(copy, _serialize_attention(attention), selected)

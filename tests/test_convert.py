@@ -137,20 +137,35 @@ def test_nested_conversion_survives_saving(tmp_path):
     assert normalizers == {"Sparsemax"}
 
 
-def test_a_subclass_with_its_own_code_is_an_error():
-    class Custom(keras.layers.MultiHeadAttention):
-        def _compute_attention(self, query, key, value, attention_mask=None, training=None):
-            return super()._compute_attention(query, key, value, attention_mask, training)
+@keras.saving.register_keras_serializable(package="test_convert")
+class Custom(keras.layers.MultiHeadAttention):
+    """A subclass of Keras's attention with code of its own."""
 
+    def _compute_attention(self, query, key, value, attention_mask=None, training=None):
+        return super()._compute_attention(query, key, value, attention_mask, training)
+
+
+def test_a_subclass_with_its_own_code_is_left_as_it_is_and_named():
     inputs = keras.Input((T, F))
-    model = keras.Model(inputs, Custom(2, 4, name="custom")(inputs, inputs))
-    with pytest.raises(ValueError, match="layer 'custom' of class .*Custom"):
-        keras_attn.convert(model)
+    alone = keras.Model(inputs, Custom(2, 4, name="custom")(inputs, inputs))
+    with pytest.raises(
+        ValueError, match=r"found no attention layer that it converts.*'custom' \(.*Custom\)"
+    ):
+        keras_attn.convert(alone)
+    # Beside a layer that converts: a warning naming it, or an error if asked for.
+    x = Custom(2, 4, name="custom")(inputs, inputs)
+    model = keras.Model(inputs, keras.layers.MultiHeadAttention(2, 4, name="mha")(x, x))
+    with pytest.warns(UserWarning, match=r"leaves 1 attention layer.*'custom' \(.*Custom\)"):
+        converted = keras_attn.convert(model, pattern=patterns.Local(2))
+    assert type(converted.get_layer("custom")) is Custom
+    assert isinstance(converted.get_layer("mha").pattern, patterns.Local)
+    with pytest.raises(ValueError, match=r"'custom' \(.*Custom\).*unconverted='raise'"):
+        keras_attn.convert(model, unconverted="raise")
 
 
 def test_a_model_without_attention_is_an_error():
     inputs = keras.Input((T, F))
-    with pytest.raises(ValueError, match="found no Keras attention layer"):
+    with pytest.raises(ValueError, match="found no attention layer that it converts"):
         keras_attn.convert(keras.Model(inputs, keras.layers.Dense(2)(inputs)))
 
 
