@@ -2,29 +2,39 @@
 
 Under an active `keras.distribution` whose device mesh has the sequence axis named
 in a `ContextParallel`, `run` computes the attention core on projected heads
-``(B, T, H, D)`` inside ``jax.shard_map`` over that axis: each device holds ``T / P``
-queries, keys and values (inputs and outputs sharded along T), and the keys and
-values reach the other devices by one of two strategies, both exact:
+``(B, T, H, D)`` inside ``jax.shard_map`` over that axis: each device holds
+``ceil(T / P)`` queries, keys and values (inputs and outputs sharded along T; a T
+that is not a multiple of P is padded at the end inside the run, the padded keys
+masked out and the padded queries dropped), and the keys and values reach the
+other devices by one of three strategies, all exact:
 
-- ``"ring"``: the K/V shards (with their key padding and absolute positions) pass
-  around the ring of devices, both ways at once (``P / 2`` hops one way, ``P/2 - 1``
-  the other: ``P - 1`` ``ppermute`` steps in all); each step's partial softmax is
-  merged into the running one by log-sum-exp (as flash attention merges blocks), so
-  a device holds its own K/V shard and the two travelling ones, never all of them.
-  Steps whose K/V shard the pattern's block mask leaves empty are skipped:
-  statically where no device needs them (with the hops that would only carry shards
-  to them, e.g. all but one hop each way for a window within one shard), else per
-  device with ``lax.cond``. Softmax and ``sink_softmax`` only: their partial results
-  merge.
-- ``"all_gather"``: every device gathers all keys and values and attends its query
-  shard to them at its absolute query positions, on the engine's own paths
+- ``"ring"`` (Ring Attention, Liu et al. 2023): the K/V shards (with their key
+  padding and segment ids; positions follow from the shard) pass around the ring
+  of devices, both ways at once (``P / 2`` hops one way, ``P/2 - 1`` the other:
+  ``P - 1`` ``ppermute`` steps in all); each step's partial softmax is merged into
+  the running one by log-sum-exp (as flash attention merges blocks), so a device
+  holds its own K/V shard and the two travelling ones, never all of them. Steps
+  whose K/V shard the pattern's block mask leaves empty are skipped: statically
+  where no device needs them (with the hops that would only carry shards to them),
+  else per device with ``lax.cond``. Softmax and ``sink_softmax`` only: their
+  partial results merge.
+- ``"halo"``: for a banded pattern (`keras_attn.patterns.reach` gives
+  ``(before, after)``, e.g. ``window - 1`` each side for `Local`) that reaches no
+  further than one shard, each device receives only the last ``before`` keys of
+  the previous device and the first ``after`` keys of the next (one ``ppermute``
+  each way for keys and values, one more for their padding and segment ids; no
+  ring), and attends its queries to them and its own keys in one block: every
+  row it needs is whole, so any normalizer works.
+- ``"all_gather"`` (Llama 3's context parallelism, Dubey et al. 2024): every
+  device gathers all keys and values and attends its query shard to them at its
+  absolute query positions, on the engine's own paths
   (`keras_attn.dispatch.plan`/`attend`): any pattern, normalizer or mask, and the
   weights when asked for.
 
-``"auto"`` takes the ring where it applies (a softmax or ``sink_softmax``
-normalizer, no weights asked for) and all_gather otherwise. ``"halo"`` (only the
-window's neighbours for banded patterns) and load balancing of causal patterns are
-not implemented yet.
+``"auto"`` takes the halo where it applies (a banded pattern within one shard, self
+attention, no weights asked for), else the ring where it applies (a softmax or
+``sink_softmax`` normalizer, no weights asked for), else all_gather. Load balancing
+of causal patterns is not implemented yet.
 
 Only the JAX backend has ``keras.distribution`` complete; on TensorFlow and PyTorch
 a layer with context parallelism raises a clear error when called.
@@ -39,12 +49,15 @@ import numpy as np
 from keras import ops
 
 from keras_attn import dispatch
+from keras_attn import kernels
+from keras_attn import patterns as patterns_module
 from keras_attn import segments as segments_module
 from keras_attn.components import NEG_INF
 from keras_attn.masks import combine_masks
 from keras_attn.masks import pattern_mask_or_none
 from keras_attn.normalizers import SinkSoftmax
 from keras_attn.positions import Positions
+from keras_attn.positions import make_positions
 
 __all__ = ["STRATEGIES", "ContextParallel", "ContextParallelPlan", "mesh_for", "run"]
 
@@ -64,9 +77,9 @@ class ContextParallel:
 
     Args:
         axis: Name of the device mesh's sequence axis.
-        strategy: ``"auto"`` (ring for softmax and ``sink_softmax``, all_gather
-            otherwise), ``"ring"``, ``"all_gather"``, or ``"halo"`` (accepted in
-            configs, not implemented yet: raises when called).
+        strategy: ``"auto"`` (halo for banded patterns within one shard, else
+            ring for softmax and ``sink_softmax``, else all_gather), ``"ring"``,
+            ``"halo"`` or ``"all_gather"`` (see `keras_attn.context_parallel`).
 
     Raises:
         ValueError: an empty axis name or an unknown strategy.
@@ -117,14 +130,16 @@ class ContextParallelPlan(NamedTuple):
     Attributes:
         path: ``"context_parallel"``.
         components: The `keras_attn.components.Components` of the call.
-        strategy: ``"ring"`` or ``"all_gather"`` (what ``"auto"`` chose).
+        strategy: ``"ring"``, ``"halo"`` or ``"all_gather"`` (what ``"auto"`` chose).
         axis: The mesh axis the sequence is sharded over.
         num_shards: P, the size of that axis.
         ring_steps: Ring: the steps s (device i computing with the K/V shard of
             device ``(i - s) mod P``; 0 is its own) that some device computes; the
             others were skipped for every device. None for all_gather.
         local: All_gather: the `keras_attn.dispatch.Plan` each device ran on its
-            query shard; None for the ring.
+            query shard; None for the ring and the halo.
+        halo: Halo: ``(before, after)``, how many keys each device received from
+            the previous and the next device (`keras_attn.patterns.reach`); else None.
     """
 
     path: str
@@ -142,6 +157,7 @@ class ContextParallelPlan(NamedTuple):
     window: object = None
     segment_layout: object = None
     fallback_from: object = None
+    halo: object = None
 
 
 _warned_missing_axis = set()
@@ -203,18 +219,22 @@ def _mergeable(normalizer):
     )
 
 
-def _strategy(config, components, return_weights):
+def _strategy(config, components, heads, num_shards, return_weights):
+    """``(strategy, band)``: the strategy to run, and the halo's ``(before, after)`` or None."""
     strategy = config.strategy
-    if strategy == "halo":
-        raise NotImplementedError(
-            "Context parallelism with strategy='halo' is not implemented yet. "
-            "Use strategy='ring' (it skips the ring steps a sliding window leaves "
-            "empty) or 'all_gather'. Received: "
-            f"context_parallel={config!r}"
-        )
     mergeable = _mergeable(components.normalizer)
-    if strategy == "auto":
-        return "ring" if mergeable and not return_weights else "all_gather"
+    if strategy in ("auto", "halo"):
+        band, why_not = _halo_band(components.pattern, heads, num_shards, return_weights)
+        if band is not None:
+            return "halo", band
+        if strategy == "halo":
+            raise ValueError(
+                "Context parallelism with strategy='halo' exchanges only the keys a "
+                "banded pattern reaches in the neighbouring shards, and here "
+                f"{why_not}. Use strategy='ring' or 'all_gather' (or 'auto', which "
+                f"takes the halo where it applies). Received: context_parallel={config!r}"
+            )
+        return ("ring" if mergeable and not return_weights else "all_gather"), None
     if strategy == "ring" and not mergeable:
         raise ValueError(
             "Context parallelism with strategy='ring' merges partial softmaxes, so it "
@@ -228,7 +248,36 @@ def _strategy(config, components, return_weights):
             "weights, so it cannot return attention scores. Use strategy='all_gather' "
             "(or 'auto'), or return_attention_scores=False."
         )
-    return strategy
+    return strategy, None
+
+
+def _halo_band(pattern, heads, num_shards, return_weights):
+    """``(band, None)`` where the halo applies, else ``(None, why not)``."""
+    band = patterns_module.reach(pattern)
+    tq, tk = heads.query.shape[1], heads.key.shape[1]
+    shard = -(-tk // num_shards)  # keys per device, the sequence padded to P shards
+    offset = heads.query_offset
+    if band is None:
+        return None, (
+            f"pattern={pattern!r} is not banded (keras_attn.patterns.reach gives no "
+            "bound on how far it reaches)"
+        )
+    if tq != tk or not isinstance(offset, (int, np.integer)) or offset != 0:
+        return None, (
+            "queries and keys are not one sequence from position 0 (query_length="
+            f"{tq}, key_length={tk}, query_offset={offset!r})"
+        )
+    if max(band) > shard:
+        return None, (
+            f"pattern={pattern!r} reaches {band} keys (before, after), more than one "
+            f"shard of {shard} keys ({tk} keys over {num_shards} devices)"
+        )
+    if return_weights:
+        return None, (
+            "the attention scores were asked for (a device holds only its window's keys, "
+            "not whole (B, H, Tq, Tk) rows)"
+        )
+    return band, None
 
 
 def _check_call(heads, components, training, num_shards):
@@ -251,12 +300,53 @@ def _check_call(heads, components, training, num_shards):
             f"Received: heads of shape {tuple(heads.query.shape)}"
         )
     tq, tk = heads.query.shape[1], heads.key.shape[1]
-    if tq is None or tk is None or tq % num_shards or tk % num_shards:
+    if tq is None or tk is None:
         raise ValueError(
             f"Context parallelism over {num_shards} devices needs query and key lengths "
-            f"that are multiples of {num_shards} (pad the sequence). Received: "
-            f"query_length={tq}, key_length={tk}"
+            f"known when the layer is traced. Received: query_length={tq}, key_length={tk}"
         )
+
+
+def _pad_to_shards(heads, num_shards):
+    """`heads` with Tq and Tk padded at the end to multiples of `num_shards`.
+
+    The padded keys are masked out by position (each strategy knows the true key
+    length); the padded queries see no key and are dropped by `run`. A data mask is
+    padded with False, segment ids and starts with their last value (a segment stays
+    contiguous).
+    """
+    tq, tk = heads.query.shape[1], heads.key.shape[1]
+    pad_q, pad_k = -tq % num_shards, -tk % num_shards
+    if not pad_q and not pad_k:
+        return heads
+
+    def pad(x, axis, amount, mode="constant"):
+        if x is None or not amount:
+            return x
+        widths = [(0, 0)] * len(x.shape)
+        widths[axis] = (0, amount)
+        return ops.pad(x, widths, mode=mode)
+
+    segments = heads.segments
+    if segments is not None:
+        segments = segments._replace(
+            query_ids=pad(segments.query_ids, 1, pad_q, "edge"),
+            key_ids=pad(segments.key_ids, 1, pad_k, "edge"),
+            query_starts=pad(segments.query_starts, 1, pad_q, "edge"),
+            key_starts=pad(segments.key_starts, 1, pad_k, "edge"),
+        )
+    mask = heads.mask
+    if mask is not None:
+        # (B|1, H|1, Tq|1, Tk|1): an axis of 1 broadcasts and stays 1.
+        mask = pad(mask, 2, pad_q if mask.shape[2] != 1 else 0)
+        mask = pad(mask, 3, pad_k if mask.shape[3] != 1 else 0)
+    return heads._replace(
+        query=pad(heads.query, 1, pad_q),
+        key=pad(heads.key, 1, pad_k),
+        value=pad(heads.value, 1, pad_k),
+        mask=mask,
+        segments=segments,
+    )
 
 
 def check_no_cache(config, name=None):
@@ -292,13 +382,17 @@ def run(components, heads, config, settings=None, *, mesh=None, training=None,
 
     Returns:
         ``(output (B, Tq, H, Dv), weights (B, H, Tq, Tk) or None, ContextParallelPlan)``.
+        Tq and Tk need not be multiples of the axis size P: they are padded to
+        multiples inside (the padded keys masked out, the padded queries dropped).
 
     Raises:
         RuntimeError: a backend other than JAX.
-        ValueError: lengths not multiples of the axis size, a ring with a normalizer
-            other than softmax/sink_softmax or with weights asked for, active dropout,
-            no distribution with that axis.
-        NotImplementedError: strategy ``"halo"``; score_mods with ``reset_positions``.
+        ValueError: lengths unknown when traced; a ring with a normalizer other than
+            softmax/sink_softmax or with weights asked for; a halo with a pattern
+            that is not banded (`keras_attn.patterns.reach`), that reaches further
+            than one shard, with cross attention or a query offset, or with weights
+            asked for; active dropout; no distribution with that axis.
+        NotImplementedError: score_mods with ``reset_positions``.
     """
     mesh = mesh_for(config) if mesh is None else mesh
     if mesh is None:
@@ -309,21 +403,26 @@ def run(components, heads, config, settings=None, *, mesh=None, training=None,
         )
     num_shards = mesh.shape[config.axis]
     _check_call(heads, components, training, num_shards)
-    strategy = _strategy(config, components, return_weights)
-    sharding = _Sharding(mesh, config.axis, heads)
-    if strategy == "ring":
-        output, steps = _ring(components, heads, sharding)
-        plan = ContextParallelPlan(
-            "context_parallel", components, "ring", config.axis, num_shards,
-            ring_steps=steps, query_offset=heads.query_offset,
-        )  # fmt: skip
-        return output, None, plan
-    output, weights, local = _all_gather(
-        components, heads, sharding, settings, training, return_weights
+    strategy, band = _strategy(config, components, heads, num_shards, return_weights)
+    query_length, key_length = heads.query.shape[1], heads.key.shape[1]
+    sharding = _Sharding(
+        mesh, config.axis, _pad_to_shards(heads, num_shards), query_length, key_length
     )
+    weights = local = steps = None
+    if strategy == "ring":
+        output, steps = _ring(components, sharding)
+    elif strategy == "halo":
+        output = _halo(components, sharding, band, training)
+    else:
+        output, weights, local = _all_gather(
+            components, sharding, settings, training, return_weights
+        )
+    output = output[:, :query_length]  # (B, Tq, H, Dv): the padded queries dropped
+    if weights is not None:
+        weights = weights[:, :, :query_length, :key_length]  # (B, H, Tq, Tk)
     plan = ContextParallelPlan(
-        "context_parallel", components, "all_gather", config.axis, num_shards,
-        local=local, query_offset=heads.query_offset,
+        "context_parallel", components, strategy, config.axis, num_shards,
+        ring_steps=steps, local=local, query_offset=heads.query_offset, halo=band,
     )  # fmt: skip
     return output, weights, plan
 
@@ -335,12 +434,17 @@ class _Sharding:
     axis where the mesh has one (and it divides B); other axes replicate. A data
     mask ``(B|1, H|1, Tq|1, Tk|1)`` has its query axis sharded like the queries; a
     key mask (query axis 1) has its key axis sharded like the keys and travels with
-    them; a mask with both axes keeps its key axis whole on every device.
+    them; a mask with both axes keeps its key axis whole on every device. `heads`
+    are padded to P shards (`_pad_to_shards`); `query_length` and `key_length` are
+    the lengths before the padding.
     """
 
-    def __init__(self, mesh, axis, heads):
+    def __init__(self, mesh, axis, heads, query_length, key_length):
         from jax.sharding import PartitionSpec
 
+        self.heads = heads  # padded to P shards
+        self.query_length = query_length  # before the padding
+        self.key_length = key_length
         self.mesh = mesh
         self.axis = axis
         self.num_shards = mesh.shape[axis]
@@ -411,8 +515,9 @@ def _offset_arg(query_offset):
 # -- all_gather -------------------------------------------------------------------
 
 
-def _all_gather(components, heads, sharding, settings, training, return_weights):
+def _all_gather(components, sharding, settings, training, return_weights):
     import jax
+    import jax.numpy as jnp
     from jax.sharding import PartitionSpec
 
     axis = sharding.axis
@@ -427,6 +532,9 @@ def _all_gather(components, heads, sharding, settings, training, return_weights)
         v = gather(local["value"], 1)  # (B, Tk, H, Dv)
         if sharding.mask_keys:
             mask = gather(mask, 3)  # (B|1, H|1, 1, Tk)
+        if k.shape[1] != sharding.key_length:  # the keys padded to P shards
+            valid = jnp.arange(k.shape[1]) < sharding.key_length
+            mask = combine_masks(mask, valid.reshape(1, 1, 1, -1))
         segs = None
         if "query_ids" in local:
             segs = segments_module.Segments(
@@ -485,13 +593,21 @@ def _ring_schedule(table):
     return steps, needed
 
 
-def _ring(components, heads, sharding):
+def _ring(components, sharding):
     import jax
     import jax.numpy as jnp
 
-    axis, num_shards = sharding.axis, sharding.num_shards
+    axis, num_shards, heads = sharding.axis, sharding.num_shards, sharding.heads
     tq_all, tk_all = heads.query.shape[1], heads.key.shape[1]
     table = _nonempty_shards(components.pattern, tq_all, tk_all, num_shards, heads.query_offset)
+    # Shards that hold only padding (a sequence shorter than P) are never computed.
+    first = np.arange(num_shards)
+    table = (
+        table
+        & (first * (tq_all // num_shards) < sharding.query_length)[:, None]
+        & (first * (tk_all // num_shards) < sharding.key_length)[None, :]
+    )
+    padded = tk_all != sharding.key_length
     steps, needed = _ring_schedule(table)
     half = num_shards // 2
     forward = [s for s in steps if 0 < s <= half]
@@ -522,13 +638,17 @@ def _ring(components, heads, sharding):
             source = (index - step) % num_shards
 
             def merge(state):
+                key_positions = source * tk + jnp.arange(tk, dtype="int32")
                 block_mask = _block_data_mask(sharding, mask, travelling[2], source, tk)
                 if query_ids is not None:
                     same = segments_module.segment_mask(query_ids, travelling[3])
                     block_mask = combine_masks(block_mask, same)  # (B, 1|H, Tq, Tk) / P
+                if padded:
+                    valid = key_positions < sharding.key_length
+                    block_mask = combine_masks(block_mask, valid.reshape(1, 1, 1, -1))
                 return _merge_block(
                     components, state, qh, travelling[0], travelling[1],
-                    query_positions, source * tk + jnp.arange(tk, dtype="int32"), block_mask,
+                    query_positions, key_positions, block_mask,
                 )  # fmt: skip
 
             if needed[step].all():
@@ -551,6 +671,91 @@ def _ring(components, heads, sharding):
 
     output = sharding.map(body, sharding.heads_spec)
     return output, tuple(steps)
+
+
+# -- halo -------------------------------------------------------------------------
+
+
+def _halo(components, sharding, band, training):
+    """Each device attends its queries to its keys and the `band` of its neighbours'."""
+    import jax
+    import jax.numpy as jnp
+
+    axis, num_shards = sharding.axis, sharding.num_shards
+    before, after = band
+    # Not a ring: the first device receives nothing from before (zeros, masked out by
+    # position), the last nothing from after.
+    to_next = [(j, j + 1) for j in range(num_shards - 1)]
+    to_previous = [(j + 1, j) for j in range(num_shards - 1)]
+
+    def exchange(x):
+        """``(B, n, ...)`` -> ``(B, before + n + after, ...)``: x with its neighbours' ends."""
+        n = x.shape[1]
+        parts = [x]
+        if before:
+            parts.insert(0, jax.lax.ppermute(x[:, n - before :], axis, to_next))
+        if after:
+            parts.append(jax.lax.ppermute(x[:, :after], axis, to_previous))
+        return jnp.concatenate(parts, axis=1) if len(parts) > 1 else x
+
+    def body(local):
+        q, k, v, mask = local["query"], local["key"], local["value"], local.get("mask")
+        n, num_heads = k.shape[1], q.shape[2]
+        index = jax.lax.axis_index(axis).astype("int32")
+        # One permute each way carries keys and values (side by side in the last
+        # axis), a second one the keys' padding and segment ids: the window's halo
+        # and nothing more.
+        if k.dtype == v.dtype:
+            kv = exchange(jnp.concatenate([k, v], axis=-1))  # (B, n + halo, H, D + Dv)
+            k, v = kv[..., : k.shape[-1]], kv[..., k.shape[-1] :]
+        else:
+            k, v = exchange(k), exchange(v)
+        key_ids = local.get("key_ids")
+        key_mask = mask if sharding.mask_keys else None  # (B|1, H|1, 1, n)
+        if key_ids is not None or key_mask is not None:
+            key_ids, key_mask = _exchange_key_data(exchange, key_ids, key_mask)
+        if key_mask is not None:
+            mask = key_mask
+        elif mask is not None and mask.shape[3] != 1:
+            # A mask with both axes holds every key: the ones this device now has.
+            mask = jnp.pad(mask, [(0, 0), (0, 0), (0, 0), (before, after)])
+            mask = jax.lax.dynamic_slice_in_dim(mask, index * n, k.shape[1], axis=3)
+        positions = make_positions(
+            n, k.shape[1], num_heads, query_offset=index * n, key_offset=index * n - before
+        )
+        # Keys before the sequence (device 0's halo) or in its padding are not keys.
+        valid = (positions.key >= 0) & (positions.key < sharding.key_length)
+        mask = combine_masks(mask, valid)
+        if key_ids is not None:
+            mask = combine_masks(mask, segments_module.segment_mask(local["query_ids"], key_ids))
+        output, _ = kernels.dense_attention(
+            jnp.transpose(q, (0, 2, 1, 3)),  # (B, H, n, D)
+            jnp.transpose(k, (0, 2, 1, 3)),  # (B, H, n + halo, D)
+            jnp.transpose(v, (0, 2, 1, 3)),  # (B, H, n + halo, Dv)
+            components, positions, mask, training, return_weights=False,
+        )  # fmt: skip
+        return jnp.transpose(output, (0, 2, 1, 3))  # (B, n, H, Dv)
+
+    return sharding.map(body, sharding.heads_spec)
+
+
+def _exchange_key_data(exchange, key_ids, key_mask):
+    """Segment ids ``(B, n)`` and a key mask ``(B|1, H|1, 1, n)`` through one exchange."""
+    import jax.numpy as jnp
+
+    columns = []
+    if key_ids is not None:
+        columns.append(key_ids.astype("int32")[..., None])  # (B, n, 1)
+    if key_mask is not None:
+        batch = key_ids.shape[0] if key_ids is not None else key_mask.shape[0]
+        as_columns = jnp.transpose(key_mask[:, :, 0], (0, 2, 1)).astype("int32")
+        columns.append(jnp.broadcast_to(as_columns, (batch, *as_columns.shape[1:])))
+    data = exchange(jnp.concatenate(columns, axis=-1))  # (B, n + halo, 1|0 + H|1)
+    if key_ids is not None:
+        key_ids, data = data[..., 0], data[..., 1:]
+    if key_mask is not None:
+        key_mask = jnp.transpose(data.astype(bool), (0, 2, 1))[:, :, None]  # (B, H|1, 1, ...)
+    return key_ids, key_mask
 
 
 def _block_data_mask(sharding, mask, travelling_mask, source, key_length):

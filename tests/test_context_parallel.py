@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -70,9 +71,10 @@ def measured():
     # One subprocess for every multi-device check: JAX fixes the device count at start.
     if keras.backend.backend() != "jax":
         pytest.skip("context parallelism runs on the JAX backend")
-    env = dict(
-        os.environ, KERAS_BACKEND="jax", XLA_FLAGS="--xla_force_host_platform_device_count=8"
-    )
+    # XLA's CPU backend at optimization level 0, as `make test-jax` runs: compiling
+    # dominates and the programs are small (it does not change which collectives run).
+    flags = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+    env = dict(os.environ, KERAS_BACKEND="jax", XLA_FLAGS=flags)
     env.pop("CUDA_VISIBLE_DEVICES", None)
     result = subprocess.run(
         [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900
@@ -84,7 +86,7 @@ def measured():
 FORWARD_CASES = [
     "causal_ring_padding_rope",
     "local_ring",
-    "causal_local_ring_padding",
+    "causal_local_auto_padding",
     "full_ring_gqa",
     "sink_softmax_ring_segments",
     "sparsemax_all_gather_padding_segments",
@@ -137,10 +139,80 @@ def test_ring_compiles_to_permutes_without_all_gather(measured):
 def test_errors_under_context_parallelism(measured):
     errors = measured["errors"]
     assert "KV cache" in errors["cache"]
-    assert "multiples of 8" in errors["length"]
     assert "softmax or sink_softmax" in errors["ring_sparsemax"]
     assert "normalizer='sparsemax'" in errors["ring_sparsemax"]
-    assert "not implemented yet" in errors["halo"]
+    assert "strategy='halo'" in errors["halo_causal"]
+    assert "is not banded" in errors["halo_causal"]
+    assert "more than one shard of 8 keys" in errors["halo_wide"]
+    assert "attention scores" in errors["halo_weights"]
+
+
+EXACT_CASES = {
+    # name: the strategy it must take
+    "ring_causal_rope_padding_t61_p8": "ring",
+    "ring_causal_t6_p8": "ring",
+    "all_gather_sparsemax_segments_t61_p8": "all_gather",
+    "halo_causal_local_rope_p2": "halo",
+    "halo_local_padding_t61_p4": "halo",
+    "halo_local_segments_key_padding_p8": "halo",
+    "halo_causal_local_segments_padding_t59_p8": "halo",
+    "halo_dilated_gqa_p8": "halo",
+    "halo_sparsemax_local_p4": "halo",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+def test_outputs_and_gradients_equal_one_device(measured, case):
+    # T not a multiple of P (61, 59, 6 < 8) is padded inside the run; P = 2, 4, 8.
+    got = measured["exact"][case]
+    assert got["strategy"] == EXACT_CASES[case]
+    assert got["output_error"] < 2e-5, got
+    assert got["gradient_error"] < 2e-5, got
+    assert got["gradient_scale"] > 1e-3, got  # every gradient is really compared
+
+
+@pytest.mark.slow
+def test_halo_reaches_only_the_window(measured):
+    exact = measured["exact"]
+    assert exact["halo_causal_local_rope_p2"]["halo"] == [6, 0]
+    assert exact["halo_local_segments_key_padding_p8"]["halo"] == [4, 4]
+    assert exact["halo_dilated_gqa_p8"]["halo"] == [5, 0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case, sides", [("causal_padding_segments", 1), ("local", 2), ("local_padding_segments", 2)]
+)
+def test_halo_compiles_to_window_sized_permutes(measured, case, sides):
+    # Local(5): each side sends window - 1 = 4 positions, keys and values in one
+    # permute, padding and segment ids in a second; nothing is gathered.
+    hlo = measured["hlo_halo"][case]
+    assert hlo["strategy"] == "halo"
+    assert hlo["all-gather"] == 0
+    shapes = hlo["permute_shapes"]
+    assert sides <= len(shapes) <= 2 * sides, shapes
+    assert all(shape[1] == 4 for shape in shapes), shapes
+    if "segments" in case:
+        assert len(shapes) == 2 * sides, shapes
+
+
+@pytest.mark.parametrize(
+    "pattern, expected",
+    [
+        (keras_attn.patterns.Local(5), (4, 4)),
+        (keras_attn.patterns.Local(5, causal=True), (4, 0)),
+        (keras_attn.patterns.Dilated(3, 2), (5, 5)),
+        (keras_attn.patterns.BlockLocal(4, causal=True), (3, 0)),
+        (keras_attn.patterns.Causal() & keras_attn.patterns.Local(4), (3, 0)),
+        (keras_attn.patterns.Local(3) | keras_attn.patterns.Local(6, causal=True), (5, 2)),
+        (keras_attn.patterns.Local(3) | keras_attn.patterns.GlobalTokens(1), None),
+        (keras_attn.patterns.Causal(), None),
+        (keras_attn.patterns.Full(), None),
+    ],
+)
+def test_pattern_reach(pattern, expected):
+    assert keras_attn.patterns.reach(pattern) == expected
 
 
 # -- the subprocess ---------------------------------------------------------------
@@ -197,7 +269,7 @@ def _worker():
             {"pattern": "causal", "position_encoding": "rope"},
         ),
         "local_ring": ("ring", False, {"pattern": patterns.Local(5)}),
-        "causal_local_ring_padding": ("auto", True, {"pattern": patterns.Local(5, causal=True)}),
+        "causal_local_auto_padding": ("auto", True, {"pattern": patterns.Local(5, causal=True)}),
         "full_ring_gqa": ("auto", False, {"num_key_value_heads": 1}),
         "sink_softmax_ring_segments": (
             "auto",
@@ -229,11 +301,17 @@ def _worker():
             "max_error": error,
             "path": sharded.last_path,
             "strategy": plan.strategy,
-            "expected_strategy": "all_gather" if "sparsemax" in name or scores else "ring",
+            "expected_strategy": (
+                "all_gather"
+                if "sparsemax" in name or scores
+                else "halo"
+                if "auto" in name
+                else "ring"
+            ),  # fmt: skip
             "ring_steps": None if plan.ring_steps is None else list(plan.ring_steps),
         }
         print(name, out["forward"][name], file=sys.stderr)
-        if name == "causal_local_ring_padding":
+        if name == "causal_local_auto_padding":
             allowed = np.tril(np.ones((T, T), bool)) & ~np.tril(np.ones((T, T), bool), -5)
             allowed = allowed[None, None] & padding[:, None, :, None] & padding[:, None, None, :]
             numpy = _np_layer(x, reference.get_weights(), allowed)
@@ -289,12 +367,133 @@ def _worker():
     sharded = pair("ring", pattern="causal")[1]
     cache = np.zeros((2, 2, T, HEADS, KEY_DIM), "float32")
     out["errors"]["cache"] = error_of(lambda: sharded(x[:, :1], cache=cache, cache_update_index=0))
-    out["errors"]["length"] = error_of(lambda: sharded(x[:, :60]))
     ring_sparsemax = pair("ring", normalizer="sparsemax")[1]
     out["errors"]["ring_sparsemax"] = error_of(lambda: ring_sparsemax(x))
-    halo = pair("halo", pattern=patterns.Local(5))[1]
-    out["errors"]["halo"] = error_of(lambda: halo(x))
+    halo_causal = pair("halo", pattern="causal")[1]
+    out["errors"]["halo_causal"] = error_of(lambda: halo_causal(x))
+    halo_wide = pair("halo", pattern=patterns.Local(T // DEVICES + 2))[1]
+    out["errors"]["halo_wide"] = error_of(lambda: halo_wide(x))
+    out["errors"]["halo_weights"] = error_of(
+        lambda: pair("halo", pattern=patterns.Local(5))[1](x, return_attention_scores=True)
+    )
+    _exact_with_gradients(out, devices, rng)
     print(json.dumps(out))
+
+
+def _exact_with_gradients(out, devices, rng):
+    """Outputs and gradients (inputs and weights) against one device; halo collectives."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_attn import patterns
+
+    def distribution_of(num_shards):
+        mesh = keras.distribution.DeviceMesh(
+            (1, num_shards), ("batch", "seq"), devices[:num_shards]
+        )
+        return keras.distribution.ModelParallel(
+            layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch"
+        )
+
+    def build(strategy, length, **kwargs):
+        kwargs = dict(num_heads=HEADS, key_dim=KEY_DIM, **kwargs)
+        reference = keras_attn.Attention(**kwargs)
+        reference.build((2, length, DIM))
+        sharded = keras_attn.Attention(context_parallel=ContextParallel("seq", strategy), **kwargs)
+        sharded.build((2, length, DIM))
+        weights = [
+            w + rng.normal(size=w.shape).astype("float32") * 0.1 for w in reference.get_weights()
+        ]
+        reference.set_weights(weights)
+        sharded.set_weights(weights)
+        return reference, sharded
+
+    def value_and_grads(layer, x, target, call):
+        trainable = [v.value for v in layer.trainable_variables]
+        other = [v.value for v in layer.non_trainable_variables]
+
+        def loss(trainable, x):
+            y, _ = layer.stateless_call(trainable, other, x, **call)
+            return jnp.sum(y * target) / (x.shape[0] * x.shape[1]), y
+
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(trainable, x)
+        return [np.asarray(a) for a in [y, *keras.tree.flatten(grads)]]
+
+    # name: (devices, length, strategy, call extras, layer kwargs)
+    cases = {
+        "ring_causal_rope_padding_t61_p8": (8, 61, "ring", "padding", {"pattern": "causal", "position_encoding": "rope"}),
+        "ring_causal_t6_p8": (8, 6, "ring", "", {"pattern": "causal"}),
+        "all_gather_sparsemax_segments_t61_p8": (8, 61, "all_gather", "segments", {"pattern": "causal", "normalizer": "sparsemax"}),
+        "halo_causal_local_rope_p2": (2, 64, "auto", "", {"pattern": patterns.Local(7, causal=True), "position_encoding": "rope"}),
+        "halo_local_padding_t61_p4": (4, 61, "auto", "padding", {"pattern": patterns.Local(5)}),
+        "halo_local_segments_key_padding_p8": (8, 64, "halo", "segments keys", {"pattern": patterns.Local(5)}),
+        "halo_causal_local_segments_padding_t59_p8": (8, 59, "halo", "segments padding", {"pattern": patterns.Local(8, causal=True), "position_encoding": "rope"}),
+        "halo_dilated_gqa_p8": (8, 64, "auto", "", {"pattern": patterns.Dilated(3, 2, causal=True), "num_key_value_heads": 1}),
+        "halo_sparsemax_local_p4": (4, 64, "halo", "", {"pattern": patterns.Local(4), "normalizer": "sparsemax"}),
+    }  # fmt: skip
+    out["exact"] = {}
+    start = time.perf_counter()
+    for name, (num_shards, length, strategy, extras, kwargs) in cases.items():
+        distribution = distribution_of(num_shards)
+        x = rng.normal(size=(2, length, DIM)).astype("float32")
+        target = rng.normal(size=(2, length, DIM)).astype("float32")
+        call = {}
+        if "padding" in extras:
+            padding = np.ones((2, length), bool)
+            padding[1, length - 13 :] = False
+            call.update(query_mask=padding, value_mask=padding)
+        if "keys" in extras:  # a key padding mask: it travels with the keys
+            call["value_mask"] = np.arange(length) < np.array([[length], [length - 9]])
+        if "segments" in extras:
+            cut = [length // 3, length // 3 + 11]
+            call["segment_ids"] = np.stack(
+                [np.searchsorted(cut, np.arange(length), side="right"), np.arange(length) // 20]
+            ).astype("int32")
+        reference, sharded = build(strategy, length, **kwargs)
+        expected = value_and_grads(reference, x, target, call)
+        with distribution.scope():
+            got = value_and_grads(sharded, x, target, call)
+        out["exact"][name] = {
+            "output_error": float(np.abs(expected[0] - got[0]).max()),
+            "gradient_error": max(float(np.abs(a - b).max()) for a, b in zip(expected[1:], got[1:], strict=True)),
+            "gradient_scale": float(np.abs(expected[-1]).max()),  # of the inputs
+            "strategy": sharded.last_plan.strategy,
+            "halo": sharded.last_plan.halo,
+        }  # fmt: skip
+        print(name, out["exact"][name], f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+    def collectives(num_shards, extras, **kwargs):
+        """The compiled forward's collective-permutes (their shapes) and all-gathers."""
+        distribution = distribution_of(num_shards)
+        length = 64
+        _, sharded = build("auto", length, **kwargs)
+        x = rng.normal(size=(2, length, DIM)).astype("float32")
+        call = {}
+        if "padding" in extras:
+            call["value_mask"] = np.arange(length) < np.array([[length], [50]])
+        if "segments" in extras:
+            call["segment_ids"] = (np.arange(length)[None] // 24 + np.zeros((2, 1), int)).astype(
+                "int32"
+            )
+        with distribution.scope():
+            text = jax.jit(lambda x: sharded(x, **call)).lower(x).compile().as_text()
+        permutes = [
+            [int(d) for d in line.split("[", 1)[1].split("]", 1)[0].split(",") if d]
+            for line in text.splitlines()
+            if " collective-permute(" in line or " collective-permute-start(" in line
+        ]
+        gathers = text.count(" all-gather(") + text.count(" all-gather-start(")
+        return {
+            "permute_shapes": permutes,
+            "all-gather": gathers,
+            "strategy": sharded.last_plan.strategy,
+        }
+
+    out["hlo_halo"] = {
+        "causal_padding_segments": collectives(8, "padding segments", pattern=patterns.Local(5, causal=True)),
+        "local": collectives(4, "", pattern=patterns.Local(5)),
+        "local_padding_segments": collectives(8, "padding segments", pattern=patterns.Local(5)),
+    }  # fmt: skip
 
 
 if __name__ == "__main__":
