@@ -191,9 +191,25 @@ def segment_starts(segment_ids):
     first = ops.concatenate([ops.ones_like(changed[:, :1]), changed], axis=1)  # (B, T)
     # The start of the segment is the last start at or before each index.
     starts = ops.where(first, index, ops.zeros_like(index))
+    if isinstance(ids.shape[1], int):
+        return _running_max(starts)
     # TensorFlow's scan runs through a tf.cond, whose output loses its static shape
     # in a tf.function: give it back (the rank is what later ops need).
     return ops.reshape(ops.associative_scan(ops.maximum, starts, axis=1), ops.shape(ids))
+
+
+def _running_max(x):
+    """``max(x[:, :t + 1])`` at each t of non-negative ints ``(B, T)``, T known when traced.
+
+    log2(T) maxima with shifted copies: slices every exporter converts (the
+    associative scan runs through a tf.cond on TensorFlow, which tf2onnx cannot).
+    """
+    shift = 1
+    while shift < x.shape[1]:
+        shifted = ops.pad(x[:, :-shift], ((0, 0), (shift, 0)))  # (B, T), zeros in front
+        x = ops.maximum(x, shifted)
+        shift *= 2
+    return x
 
 
 def _take_starts(starts, absolute):
