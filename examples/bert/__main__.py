@@ -4,6 +4,7 @@
     python -m examples.bert finetune --pretrained runs/bert-pretrain   # classifier on pydoc_order
     python -m examples.bert finetune --dataset imdb_reviews --layer hard
     python -m examples.bert compare [--task classify|mlm]              # beside Keras's layer
+    python -m examples.bert pretrain --distribute model_parallel --context-parallel 2  # JAX
 
 `pretrain` and `finetune` follow the recipe every example shares
 (`examples.common.training.train`); after the metrics are saved they draw heatmaps
@@ -41,7 +42,11 @@ ATTENTION_FLAGS = ("layer", "score", "pattern", "normalizer", "score_mods")
 def check_args(args):
     """Raise ValueError naming the flag for flags that cannot work together."""
     cli.check_positive(args, "epochs", "steps", "batch_size", *MODEL_FLAGS)
-    if getattr(args, "seq_len", None) is not None:
+    length = getattr(args, "seq_len", None)
+    cli.check_context_parallel(
+        args, length or args.max_length, "--seq-len" if length else "--max-length"
+    )
+    if length is not None:
         cli.check_window(args)
         if args.seq_len < 2:
             raise ValueError(f"--seq-len must be at least 2. Received: seq_len={args.seq_len}")
@@ -71,6 +76,15 @@ def write_heatmaps(encoder, token_ids, tokenizer, run, length=40):
         run.attention_dir,
         tokens=[tokenizer.tokens(row) for row in ids],
     )
+
+
+def with_context_parallel(encoder, context_parallel):
+    """A copy of `encoder` (same weights) whose attention layers take `context_parallel`."""
+    config = encoder.get_config()
+    config["attention"] = dict(config["attention"], context_parallel=context_parallel)
+    copy = type(encoder).from_config(config)
+    copy.set_weights(encoder.get_weights())
+    return copy
 
 
 # -- pretrain -------------------------------------------------------------------------
@@ -156,6 +170,8 @@ def finetune(args):
         if not args.pretrained:
             return new_model(args, attention, data, num_classes=data.facts["num_classes"])
         encoder, _ = load_pretrained_encoder(args.pretrained)  # in the devices' scope
+        if attention.context_parallel is not None:
+            encoder = with_context_parallel(encoder, attention.context_parallel)
         model = build_bert_classifier(encoder, data.facts["num_classes"], dropout=args.dropout)
         return compile_bert(model, args.learning_rate)
 

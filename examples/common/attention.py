@@ -7,7 +7,10 @@
 Its fields are ``layer``, ``score``, ``pattern``, ``normalizer`` (a registry name,
 plugins' included, or ``{"name": ..., "config": {...}}``), ``score_mods`` (a
 sequence of them), ``position_encoding`` (one, e.g. ``"rope"``, or None) and
-``num_key_value_heads`` (grouped-query attention, or None for one per head).
+``num_key_value_heads`` (grouped-query attention, or None for one per head) and
+``context_parallel`` (a `keras_attn.ContextParallel` config dict, or None: the
+layers' sequence sharded over a mesh axis while a `keras.distribution` with that
+axis is active, `examples.common.devices`).
 ``layer="keras"`` stands for `keras.layers.MultiHeadAttention`, the reference the
 ``compare`` commands train beside.
 
@@ -24,6 +27,7 @@ import keras
 
 from keras_attn import plugins
 from keras_attn import validation
+from keras_attn.context_parallel import ContextParallel
 
 REFERENCE_LAYER = "keras"  # --layer keras: keras.layers.MultiHeadAttention, the reference
 
@@ -56,12 +60,18 @@ class AttentionConfig:
         score_mods: A list or tuple of score_mod specs.
         position_encoding: One position encoding spec (e.g. ``"rope"``) or None.
         num_key_value_heads: Key/value heads (grouped-query attention) or None.
+        context_parallel: A `keras_attn.ContextParallel` or its config dict
+            (``{"axis": "seq", "strategy": "auto"}``), or None. Kept as the dict;
+            `to_dict` leaves it out where None (the configs of models without it
+            stay as they were).
 
     Raises:
         UnknownComponentError: a name is not registered (the message lists the names
             there are).
         ValueError: a field has the wrong type, or the reference layer is given a
-            position encoding or key/value heads (it takes neither).
+            position encoding, key/value heads or context parallelism (it takes none).
+        TypeError: `context_parallel` is not a `keras_attn.ContextParallel`, its
+            config dict or None.
     """
 
     layer: object = "attention"
@@ -71,6 +81,7 @@ class AttentionConfig:
     score_mods: tuple = ()
     position_encoding: object = None
     num_key_value_heads: object = None
+    context_parallel: object = None
 
     def __post_init__(self):
         def put(field, value):
@@ -101,8 +112,12 @@ class AttentionConfig:
                 self.num_key_value_heads, "num_key_value_heads", allow_none=True
             ),
         )
+        if self.context_parallel is not None:
+            put("context_parallel", ContextParallel.get(self.context_parallel).get_config())
         extras = [
-            k for k in ("position_encoding", "num_key_value_heads") if getattr(self, k) is not None
+            k
+            for k in ("position_encoding", "num_key_value_heads", "context_parallel")
+            if getattr(self, k) is not None
         ]
         if self.is_reference and extras:
             raise ValueError(
@@ -141,9 +156,12 @@ class AttentionConfig:
         return cls(**attention)
 
     def to_dict(self):
-        """Every field, JSON-ready (``score_mods`` as a list); `from_dict` takes it back."""
+        """Every field, JSON-ready (``score_mods`` as a list; ``context_parallel`` only
+        where set); `from_dict` takes it back."""
         result = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self)}
         result["score_mods"] = list(result["score_mods"])
+        if result["context_parallel"] is None:
+            del result["context_parallel"]
         return result
 
     @property
@@ -182,7 +200,7 @@ class AttentionConfig:
             normalizer=copy.deepcopy(self.normalizer),
             score_mods=copy.deepcopy(list(self.score_mods)),
         )
-        for field in ("position_encoding", "num_key_value_heads"):
+        for field in ("position_encoding", "num_key_value_heads", "context_parallel"):
             if getattr(self, field) is not None:
                 arguments[field] = copy.deepcopy(getattr(self, field))
         arguments.update(kwargs)

@@ -6,7 +6,9 @@ subcommand the same flags:
     --epochs N --steps N --batch-size N --learning-rate X --seed N
     --output DIR [--resume | --overwrite]
     --mixed-precision {mixed_float16,mixed_bfloat16}
-    --distribute {none,mirrored,tpu,multiworker,data_parallel} [--cpu-devices N]
+    --distribute {none,mirrored,tpu,multiworker,data_parallel,model_parallel} [--cpu-devices N]
+    --context-parallel N [--context-parallel-strategy S] --model-parallel M   (JAX)
+    --num-processes N --process-id I --coordinator HOST:PORT                  (JAX)
     --dataset NAME --data-dir DIR [--no-download]
     --layer L --score S --pattern P --normalizer N --score-mod M (repeatable)
     --verbose {0,1,2}
@@ -26,9 +28,11 @@ from examples.common.attention import REFERENCE_LAYER
 from examples.common.attention import AttentionConfig
 from examples.common.devices import DISTRIBUTE_CHOICES
 from examples.common.devices import PRECISION_CHOICES
+from examples.common.devices import initialize_processes
 from examples.common.devices import split_cpu
 from examples.common.run import RunError
 from examples.datasets import DatasetError
+from keras_attn.context_parallel import STRATEGIES as CONTEXT_PARALLEL_STRATEGIES
 from keras_attn.errors import PluginError
 
 
@@ -82,6 +86,35 @@ def add_run_arguments(parser, datasets, defaults):
         default=None,
         help="split the CPU into N logical devices (TensorFlow; for trying --distribute)",
     )
+    g.add_argument(
+        "--context-parallel",
+        type=int,
+        default=1,
+        metavar="N",
+        help="split each sequence over N devices (JAX, with --distribute data_parallel or "
+        "model_parallel): the attention layers get keras_attn.ContextParallel(axis='seq')",
+    )
+    g.add_argument(
+        "--context-parallel-strategy", choices=CONTEXT_PARALLEL_STRATEGIES, default="auto"
+    )
+    g.add_argument(
+        "--model-parallel",
+        type=int,
+        default=None,
+        metavar="M",
+        help="split the heads over M devices (--distribute model_parallel; default: the "
+        "most devices that divide the heads)",
+    )
+    g.add_argument(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="processes of one run, e.g. one per host (JAX): each runs the same command "
+        "with its --process-id; process I > 0 writes its run folder to OUTPUT-processI "
+        "and no checkpoints",
+    )
+    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--coordinator", default=None, help="host:port of process 0")
     g.add_argument("--verbose", type=int, choices=(0, 1, 2), default=defaults.get("verbose", 1))
     d = parser.add_argument_group("data")
     d.add_argument("--dataset", default=datasets[0], help=f"one of: {', '.join(datasets)}")
@@ -157,7 +190,13 @@ def make_parser(prog, description, commands, datasets, defaults=None):
 
 def attention_from_args(args):
     """The `AttentionConfig` of the parsed flags, checked: an unknown component fails
-    here, before any model or folder is made (the error lists the names there are)."""
+    here, before any model or folder is made (the error lists the names there are).
+    With ``--context-parallel N`` (N > 1) its layers shard the sequence over the
+    mesh axis ``"seq"``."""
+    context_parallel = None
+    if (getattr(args, "context_parallel", None) or 1) > 1:
+        strategy = getattr(args, "context_parallel_strategy", None) or "auto"
+        context_parallel = {"axis": "seq", "strategy": strategy}
     return AttentionConfig(
         layer=args.layer,
         score=args.score,
@@ -166,7 +205,23 @@ def attention_from_args(args):
         score_mods=args.score_mods or (),
         position_encoding=getattr(args, "position_encoding", None),
         num_key_value_heads=getattr(args, "num_key_value_heads", None),
+        context_parallel=context_parallel,
     )
+
+
+def check_context_parallel(args, length, flag):
+    """Raise ValueError unless the sequence length `length` (the value of `flag`)
+    splits over ``--context-parallel`` devices, and no dropout falls on the attention
+    weights (each device would draw its own)."""
+    parts = getattr(args, "context_parallel", None) or 1
+    if parts < 1:
+        raise ValueError(f"--context-parallel must be positive. Received: context_parallel={parts}")
+    if parts > 1 and length is not None and length % parts:
+        raise ValueError(
+            f"{flag} {length} does not split over --context-parallel {parts} devices: pass a "
+            f"multiple of {parts}. Received: {flag.lstrip('-').replace('-', '_')}={length}, "
+            f"context_parallel={parts}"
+        )
 
 
 def check_positive(args, *names):
@@ -199,6 +254,11 @@ def main(parser, commands, argv=None):
     """
     args = parser.parse_args(argv)
     try:
+        processes = initialize_processes(
+            *(getattr(args, k, None) for k in ("num_processes", "process_id", "coordinator"))
+        )
+        if processes > 1 and args.process_id > 0:  # one run folder per process
+            args.output = f"{args.output.rstrip('/')}-process{args.process_id}"
         split_cpu(getattr(args, "cpu_devices", None))
         return commands[args.command](args)
     except (RunError, DatasetError, PluginError, ValueError) as e:

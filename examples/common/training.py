@@ -11,9 +11,14 @@
    is evaluated on the held-out data.
 4. The metrics are saved (``loss_per_epoch`` holds every epoch the model has
    trained, resumed runs included): from here on the run has its result.
-5. Optional steps (samples, pictures) run last, outside the devices' scope, each
-   through `Run.optional`: one that fails is recorded as a warning in ``run.json``
-   and the run still finishes.
+5. Optional steps (samples, pictures) run last, outside the devices' scope (and
+   off the mesh of ``model_parallel`` / ``--context-parallel``), each through
+   `Run.optional`: one that fails is recorded as a warning in ``run.json`` and the
+   run still finishes.
+
+Across processes (``--num-processes``, JAX) every process trains its part of each
+step; no checkpoints are written (a weight spread over several processes is not
+whole in any one of them) and the optional steps are left out.
 """
 
 import importlib.util
@@ -111,7 +116,16 @@ def callbacks(run, save_checkpoints=True):
     return result
 
 
-def fit(model, train_data, args, run, validation_data=None, initial_epoch=0, extra_callbacks=()):
+def fit(
+    model,
+    train_data,
+    args,
+    run,
+    validation_data=None,
+    initial_epoch=0,
+    extra_callbacks=(),
+    save_checkpoints=True,
+):
     """`model.fit` with the run's flags: epochs, steps per epoch, callbacks, verbosity.
 
     Returns the `keras.callbacks.History`; its ``history`` dict holds only this
@@ -123,7 +137,7 @@ def fit(model, train_data, args, run, validation_data=None, initial_epoch=0, ext
         epochs=args.epochs,
         initial_epoch=initial_epoch,
         steps_per_epoch=args.steps,
-        callbacks=[*callbacks(run), *extra_callbacks],
+        callbacks=[*callbacks(run, save_checkpoints), *extra_callbacks],
         verbose=args.verbose,
         shuffle=False,  # the data pipeline shuffles
     )
@@ -173,7 +187,13 @@ def train(
     run.check()  # bad flags and folders fail before any data is read
     configure_precision(args.mixed_precision)
     keras.utils.set_random_seed(args.seed)
-    dist = distribution(args.distribute)
+    dist = distribution(
+        args.distribute,
+        context_parallel=getattr(args, "context_parallel", 1),
+        model_parallel=getattr(args, "model_parallel", None),
+        heads=(getattr(args, "num_heads", None), attention.num_key_value_heads),
+    )
+    one_process = dist.num_processes == 1
     data = load_data(args)
     train_ds = data.train_dataset(args.seed, repeat=args.steps is not None)
     test_ds = dist.held_out(data.test_dataset(), args.batch_size)
@@ -190,10 +210,16 @@ def train(
                 evaluation=f"full batches of {args.batch_size} only: {dist.name} splits "
                 f"each batch over {dist.num_replicas} devices"
             )
+        if not one_process:
+            run.note(
+                checkpoints=f"none: {dist.num_processes} processes hold parts of the weights",
+                optional_steps="left out across processes",
+            )
         if data.tokenizer is not None:
             data.tokenizer.save(os.path.join(run.path, "tokenizer.json"))
         with dist.scope():
             model, initial_epoch = run.restore() or (build_model(args, attention, data), 0)
+            dist.check(model)
             print(f"{example}: {summary(model, data)}; devices: {dist.describe()}")
             throughput = [Throughput(data.tokens_per_step)] if data.tokens_per_step else []
             history = fit(
@@ -204,6 +230,7 @@ def train(
                 validation_data=test_ds if data.validate else None,
                 initial_epoch=initial_epoch,
                 extra_callbacks=throughput,
+                save_checkpoints=one_process,
             )
             evaluation = model.evaluate(test_ds, verbose=0, return_dict=True)
         metrics = final_metrics(history, model, evaluation)
@@ -215,8 +242,10 @@ def train(
         if conclude is not None:
             metrics.update(conclude(metrics, data))
         run.save_metrics(metrics)
-        for name, step in (optional_steps(model, data, run) if optional_steps else {}).items():
-            run.optional(name, step)
+        steps = optional_steps(model, data, run) if optional_steps and one_process else {}
+        with dist.outside():
+            for name, step in steps.items():
+                run.optional(name, step)
     print(f"\nrun finished: {run.final_path}")
     written = ("metrics.json", "history.csv", "attention", "checkpoints", "logs", "run.json")
     for item in written:

@@ -6,6 +6,7 @@
     python -m examples.gpt train --pack --position-encoding rope   # documents packed in rows
     python -m examples.gpt generate --output runs/gpt --prompt "The " --top-k 5
     python -m examples.gpt compare                   # keras_attn vs keras.layers.MultiHeadAttention
+    python -m examples.gpt train --distribute model_parallel --context-parallel 2   # JAX, a mesh
 
 `train` follows the recipe every example shares (`examples.common.training.train`);
 after the metrics are saved it writes a sample of text and heatmaps of the
@@ -45,6 +46,13 @@ def check_args(args):
     cli.check_positive(args, "epochs", "steps", "batch_size", "seq_len", "max_length")
     cli.check_positive(args, "num_layers", "num_heads", "hidden_dim")
     cli.check_window(args)
+    cli.check_context_parallel(args, args.seq_len, "--seq-len")
+    if (getattr(args, "context_parallel", None) or 1) > 1 and args.dropout:
+        raise ValueError(
+            "--dropout also drops attention weights, which context parallelism does not "
+            "support (each device would draw its own dropout mask): pass --dropout 0. "
+            f"Received: dropout={args.dropout}, context_parallel={args.context_parallel}"
+        )
 
 
 def new_model(args, attention, data):
