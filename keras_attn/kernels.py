@@ -200,8 +200,9 @@ def fused_attention(query, key, value, *, scale, causal, mask=None, flash_attent
         return ops.cast(output, dtype)
     if causal:
         tq, tk = ops.shape(query)[1], ops.shape(key)[1]
-        rows = ops.expand_dims(ops.arange(tq), -1)
-        cols = ops.expand_dims(ops.arange(tk), 0)
+        # Starts named: jax2onnx (ONNX export on JAX) takes no arange(n) from Keras.
+        rows = ops.expand_dims(ops.arange(0, tq), -1)
+        cols = ops.expand_dims(ops.arange(0, tk), 0)
         mask = ops.logical_and(mask, cols <= rows)
     while len(mask.shape) < 4:
         mask = mask[None]

@@ -31,9 +31,11 @@ def make_positions(query_length, key_length, num_heads, query_offset=0, key_offs
             integer scalar tensor, e.g. the KV-cache index).
         key_offset: Absolute position of the first key.
     """
-    q = ops.arange(query_length, dtype="int32") + ops.cast(query_offset, "int32")
-    k = ops.arange(key_length, dtype="int32") + ops.cast(key_offset, "int32")
-    h = ops.arange(num_heads, dtype="int32")
+    # Every arange here names its start: jax2onnx (Keras's ONNX export on JAX) takes
+    # no ``stop=None``, which Keras's JAX arange passes for ``arange(n)``.
+    q = ops.arange(0, query_length, dtype="int32") + ops.cast(query_offset, "int32")
+    k = ops.arange(0, key_length, dtype="int32") + ops.cast(key_offset, "int32")
+    h = ops.arange(0, num_heads, dtype="int32")
     return Positions(
         query=ops.reshape(q, (1, 1, query_length, 1)),
         key=ops.reshape(k, (1, 1, 1, key_length)),
@@ -74,8 +76,9 @@ def encode_heads(
             f"Received: heads of shape {tuple(query.shape)}"
         )
     offset = ops.cast(query_offset, "int32")
-    query_positions = ops.arange(ops.shape(query)[1], dtype="int32")[None, :] + offset  # (1, Tq)
-    key_positions = ops.arange(ops.shape(key)[1], dtype="int32")[None, :]  # (1, Tk)
+    # Starts named for jax2onnx, as in `make_positions`.
+    query_positions = ops.arange(0, ops.shape(query)[1], dtype="int32")[None, :] + offset  # (1, Tq)
+    key_positions = ops.arange(0, ops.shape(key)[1], dtype="int32")[None, :]  # (1, Tk)
     if cached:
         key_positions = key_positions + offset
     if segments is not None and segments.reset_positions:

@@ -186,7 +186,8 @@ def segment_starts(segment_ids):
     A segment starts at index 0 and wherever the id differs from the one before.
     """
     ids = ops.convert_to_tensor(segment_ids)
-    index = ops.arange(ops.shape(ids)[1], dtype="int32")[None, :]  # (1, T)
+    # The start named: jax2onnx (ONNX export on JAX) takes no arange(n) from Keras.
+    index = ops.arange(0, ops.shape(ids)[1], dtype="int32")[None, :]  # (1, T)
     changed = ops.not_equal(ids[:, 1:], ids[:, :-1])  # (B, T - 1)
     first = ops.concatenate([ops.ones_like(changed[:, :1]), changed], axis=1)  # (B, T)
     # The start of the segment is the last start at or before each index.

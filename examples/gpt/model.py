@@ -77,7 +77,8 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
                 f"Received: sequence length={start_index + length}"
             )
         positions = (
-            ops.arange(ops.shape(token_ids)[1], dtype="int32")
+            # The start named: jax2onnx (ONNX export on JAX) takes no arange(n) from Keras.
+            ops.arange(0, ops.shape(token_ids)[1], dtype="int32")
             + ops.cast(start_index, "int32")[None]
         )  # (T,)
         if segment_ids is not None:
