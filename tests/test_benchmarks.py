@@ -165,3 +165,52 @@ def test_compiled_step_runs_the_function(backend):
         np.testing.assert_allclose(np.asarray(out), expected)
     else:  # reduced to its sum where it was computed
         np.testing.assert_allclose([float(v) for v in out], [expected.sum()])
+
+
+def test_distributed_reads_collectives_from_hlo_text():
+    from benchmarks import distributed
+
+    text = """
+  %ag = f32[8,512]{1,0} all-gather(f32[1,512]{1,0} %p), dimensions={0}
+  %cp-start = (bf16[2,64]{1,0}, bf16[2,64]{1,0}) collective-permute-start(bf16[2,64]{1,0} %x)
+  %cp-done = bf16[2,64]{1,0} collective-permute-done(%cp-start)
+  %ar = f32[] all-reduce(f32[] %s), to_apply=%add
+"""
+    assert distributed.collectives(text) == {
+        "all-gather": {"count": 1, "bytes": 8 * 512 * 4},
+        "collective-permute": {"count": 1, "bytes": 2 * 2 * 64 * 2},
+        "all-reduce": {"count": 1, "bytes": 4},
+    }
+
+
+def test_distributed_smoke(tmp_path, backend):
+    """`benchmarks.distributed` on 4 virtual devices at T=256: the ring exchanges K/V
+    with collective-permutes and gathers nothing; the report has its tables."""
+    if backend != "jax":
+        pytest.skip("context parallelism runs on the JAX backend")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    output = tmp_path / "distributed.json"
+    env = dict(
+        os.environ,
+        KERAS_BACKEND="jax",
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0",
+    )
+    argv = ["--max-length", "256", "--patterns", "causal", "--configs", "one_device,ring"]
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.distributed", *argv, "--output", str(output)],
+        capture_output=True, text=True, env=env, timeout=300,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = {r["config"]: r for r in json.loads(output.read_text())["results"]}
+    ring = results["ring"]
+    assert ring["path"] == "context_parallel" and ring["devices"] == 4
+    assert ring["collectives"]["collective-permute"]["count"] >= 3  # P - 1 hops of K and V
+    assert "all-gather" not in ring["collectives"]
+    assert 0 < ring["temp_bytes"] and 0 < results["one_device"]["temp_bytes"]
+    assert "| ring |" in result.stdout and "Longest T" in result.stdout
