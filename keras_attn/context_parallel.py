@@ -16,8 +16,14 @@ other devices by one of three strategies, all exact:
   holds its own K/V shard and the two travelling ones, never all of them. Steps
   whose K/V shard the pattern's block mask leaves empty are skipped: statically
   where no device needs them (with the hops that would only carry shards to them),
-  else per device with ``lax.cond``. Softmax and ``sink_softmax`` only: their
-  partial results merge.
+  else per device (``lax.switch``). Where a contiguous layout would leave the work
+  unbalanced (a causal pattern: the last device computes P blocks, the first one),
+  the ring runs zig-zag (as ring-flash-attention's zigzag ring; Llama 3 cuts the
+  sequence into 2·P chunks the same way): the sequence is cut into 2·P chunks and
+  device d holds chunks d and 2P - 1 - d, reordered inside the run with two
+  ``ppermute`` each way, so inputs and outputs stay in the caller's order; every
+  device then computes the same number of blocks. Softmax and ``sink_softmax``
+  only: their partial results merge.
 - ``"halo"``: for a banded pattern (`keras_attn.patterns.reach` gives
   ``(before, after)``, e.g. ``window - 1`` each side for `Local`) that reaches no
   further than one shard, each device receives only the last ``before`` keys of
@@ -33,8 +39,7 @@ other devices by one of three strategies, all exact:
 
 ``"auto"`` takes the halo where it applies (a banded pattern within one shard, self
 attention, no weights asked for), else the ring where it applies (a softmax or
-``sink_softmax`` normalizer, no weights asked for), else all_gather. Load balancing
-of causal patterns is not implemented yet.
+``sink_softmax`` normalizer, no weights asked for), else all_gather.
 
 Only the JAX backend has ``keras.distribution`` complete; on TensorFlow and PyTorch
 a layer with context parallelism raises a clear error when called.
@@ -140,6 +145,9 @@ class ContextParallelPlan(NamedTuple):
             query shard; None for the ring and the halo.
         halo: Halo: ``(before, after)``, how many keys each device received from
             the previous and the next device (`keras_attn.patterns.reach`); else None.
+        balance: Ring: whether the sequence was laid out zig-zag (device d holding
+            chunks d and 2P - 1 - d of 2P) to balance a causal pattern's work.
+        work: Ring: per device, the (query, key) pairs of the blocks it computed.
     """
 
     path: str
@@ -158,6 +166,8 @@ class ContextParallelPlan(NamedTuple):
     segment_layout: object = None
     fallback_from: object = None
     halo: object = None
+    balance: bool = False
+    work: object = None
 
 
 _warned_missing_axis = set()
@@ -405,12 +415,16 @@ def run(components, heads, config, settings=None, *, mesh=None, training=None,
     _check_call(heads, components, training, num_shards)
     strategy, band = _strategy(config, components, heads, num_shards, return_weights)
     query_length, key_length = heads.query.shape[1], heads.key.shape[1]
-    sharding = _Sharding(
-        mesh, config.axis, _pad_to_shards(heads, num_shards), query_length, key_length
-    )
-    weights = local = steps = None
+    chunks = _ring_chunks(components.pattern, heads, num_shards) if strategy == "ring" else 1
+    padded = _pad_to_shards(heads, num_shards * chunks)
+    sharding = _Sharding(mesh, config.axis, padded, query_length, key_length)
+    weights = local = layout = None
     if strategy == "ring":
-        output, steps = _ring(components, sharding)
+        layout = _ring_layout(
+            components.pattern, (padded.query.shape[1], padded.key.shape[1]),
+            (query_length, key_length), num_shards, chunks, heads.query_offset,
+        )  # fmt: skip
+        output = _ring(components, sharding, layout)
     elif strategy == "halo":
         output = _halo(components, sharding, band, training)
     else:
@@ -422,7 +436,10 @@ def run(components, heads, config, settings=None, *, mesh=None, training=None,
         weights = weights[:, :, :query_length, :key_length]  # (B, H, Tq, Tk)
     plan = ContextParallelPlan(
         "context_parallel", components, strategy, config.axis, num_shards,
-        ring_steps=steps, local=local, query_offset=heads.query_offset, halo=band,
+        local=local, query_offset=heads.query_offset, halo=band,
+        ring_steps=None if layout is None else layout.steps,
+        balance=layout is not None and layout.chunks == 2,
+        work=None if layout is None else layout.work,
     )  # fmt: skip
     return output, weights, plan
 
@@ -565,50 +582,104 @@ def _all_gather(components, sharding, settings, training, return_weights):
 # -- ring -------------------------------------------------------------------------
 
 
-def _nonempty_shards(pattern, query_length, key_length, num_shards, query_offset):
-    """Bool numpy ``(P, P)``: whether query shard i may see any key of key shard j.
+class _RingLayout(NamedTuple):
+    """Which chunks of the sequence each device holds, and which blocks it computes.
 
-    All True where it cannot be worked out ahead of time (an offset known only at run
-    time, or query and key shards of different lengths).
+    The sequence (padded to ``P * chunks`` chunks) is cut into ``P * chunks`` chunks.
+    With one chunk per device, device d holds chunk d; with two (zig-zag, as in
+    ring-flash-attention's zigzag ring and Llama 3's 2·P chunks), device d holds
+    chunks d and ``2P - 1 - d``, so that under a causal pattern each device has one
+    early and one late chunk and every device computes as many blocks as the others.
+
+    Attributes:
+        chunks: Chunks per device, 1 or 2.
+        needed: Bool numpy ``(P, P, chunks, chunks)``: at ring step s, whether device
+            d computes its query chunk a against key chunk b of the K/V shard of
+            device ``(d - s) mod P``.
+        steps: The ring steps some device computes (the others are skipped).
+        work: Per device, the (query, key) pairs of the blocks it computes.
     """
-    tq, tk = query_length // num_shards, key_length // num_shards
-    everything = np.ones((num_shards, num_shards), bool)
-    if pattern.kernel_form == "full" or tq != tk or not isinstance(query_offset, int):
-        return everything
-    return np.asarray(pattern.block_mask(query_length, key_length, tq, query_offset), bool)
+
+    chunks: int
+    needed: object
+    steps: tuple
+    work: tuple
 
 
-def _ring_schedule(table):
-    """Which ring steps some device computes, and per step which devices do.
+def _held(device, num_shards, chunks):
+    """The chunks a device holds, in its local order."""
+    return (device,) if chunks == 1 else (device, 2 * num_shards - 1 - device)
 
-    At step s, device i computes with the K/V shard of device ``(i - s) mod P``.
-    Steps up to P / 2 take that many hops forward around the ring, later ones
-    ``P - s`` hops backward, so both directions run at once and a banded pattern
-    (steps 0, 1 and P - 1) needs one hop each way.
+
+def _chunk_table(pattern, lengths, true_lengths, count, query_offset):
+    """Bool numpy ``(count, count)``: whether query chunk i may see any key of key chunk j.
+
+    The padded ``(Tq, Tk)`` are cut into `count` chunks each; chunks holding only
+    padding (past the true lengths) see nothing. All True where it cannot be worked
+    out ahead of time (an offset known only at run time, chunks of different sizes).
     """
-    num_shards = table.shape[0]
-    rows = np.arange(num_shards)
-    needed = [table[rows, (rows - s) % num_shards] for s in range(num_shards)]
-    steps = [s for s in range(num_shards) if needed[s].any()]
-    return steps, needed
+    query_chunk, key_chunk = lengths[0] // count, lengths[1] // count
+    table = np.ones((count, count), bool)
+    if (
+        pattern.kernel_form != "full"
+        and query_chunk == key_chunk
+        and isinstance(query_offset, (int, np.integer))
+    ):
+        table = np.asarray(pattern.block_mask(*lengths, query_chunk, int(query_offset)), bool)
+    first = np.arange(count)
+    return (
+        table
+        & (first * query_chunk < true_lengths[0])[:, None]
+        & (first * key_chunk < true_lengths[1])[None, :]
+    )
 
 
-def _ring(components, sharding):
+def _ring_layout(pattern, lengths, true_lengths, num_shards, chunks, query_offset):
+    """The `_RingLayout` of `chunks` per device for padded and true ``(Tq, Tk)``."""
+    count = num_shards * chunks
+    table = _chunk_table(pattern, lengths, true_lengths, count, query_offset)
+    needed = np.zeros((num_shards, num_shards, chunks, chunks), bool)
+    for step in range(num_shards):
+        for device in range(num_shards):
+            rows = _held(device, num_shards, chunks)
+            columns = _held((device - step) % num_shards, num_shards, chunks)
+            needed[step, device] = table[np.ix_(rows, columns)]
+    steps = tuple(s for s in range(num_shards) if needed[s].any())
+    area = (lengths[0] // count) * (lengths[1] // count)
+    work = tuple(int(n) * area for n in needed.sum(axis=(0, 2, 3)))
+    return _RingLayout(chunks, needed, steps, work)
+
+
+def _ring_chunks(pattern, heads, num_shards):
+    """2 (zig-zag) where it takes a quarter or more off the busiest device's work, else 1.
+
+    Both layouts are counted in chunks of ``T / 2P``: contiguously device d holds
+    chunks 2d and 2d + 1, zig-zag d and 2P - 1 - d. Only for self attention from
+    position 0 (queries and keys in one order); a causal pattern gains (the last
+    device would otherwise compute about twice the average), a window or a full
+    pattern does not.
+    """
+    tq, tk = heads.query.shape[1], heads.key.shape[1]
+    offset = heads.query_offset
+    if num_shards < 2 or tq != tk or not isinstance(offset, (int, np.integer)) or offset:
+        return 1
+    padded = (-(-tq // (2 * num_shards)) * 2 * num_shards,) * 2
+    table = _chunk_table(pattern, padded, (tq, tk), 2 * num_shards, 0)
+    per_chunk = table.sum(axis=1)
+    devices = np.arange(num_shards)
+    contiguous = per_chunk[2 * devices] + per_chunk[2 * devices + 1]
+    zigzag = per_chunk[devices] + per_chunk[2 * num_shards - 1 - devices]
+    return 2 if 4 * zigzag.max() <= 3 * contiguous.max() else 1
+
+
+def _ring(components, sharding, layout):
+    """The ring on `sharding`'s heads, laid out as `layout` (a `_RingLayout`)."""
     import jax
     import jax.numpy as jnp
 
     axis, num_shards, heads = sharding.axis, sharding.num_shards, sharding.heads
-    tq_all, tk_all = heads.query.shape[1], heads.key.shape[1]
-    table = _nonempty_shards(components.pattern, tq_all, tk_all, num_shards, heads.query_offset)
-    # Shards that hold only padding (a sequence shorter than P) are never computed.
-    first = np.arange(num_shards)
-    table = (
-        table
-        & (first * (tq_all // num_shards) < sharding.query_length)[:, None]
-        & (first * (tk_all // num_shards) < sharding.key_length)[None, :]
-    )
-    padded = tk_all != sharding.key_length
-    steps, needed = _ring_schedule(table)
+    chunks, needed, steps = layout.chunks, layout.needed, layout.steps
+    padded = heads.key.shape[1] != sharding.key_length
     half = num_shards // 2
     forward = [s for s in steps if 0 < s <= half]
     backward = [num_shards - s for s in steps if s > half]  # hops, nearest first
@@ -619,41 +690,68 @@ def _ring(components, sharding):
     sink = _sink_logits(components.normalizer, heads.query.shape[2])
 
     def body(local):
+        index = jax.lax.axis_index(axis).astype("int32")
+        if chunks == 2:
+            local = _to_zigzag(local, sharding, index)
         q, k, v, mask = local["query"], local["key"], local["value"], local.get("mask")
         query_ids = local.get("query_ids")
-        index = jax.lax.axis_index(axis).astype("int32")
-        tq, tk = q.shape[1], k.shape[1]
-        query_positions = local["offset"] + index * tq + jnp.arange(tq, dtype="int32")
-        qh = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, Tq, D)
+        cq, ck = q.shape[1] // chunks, k.shape[1] // chunks
+        qh = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, Tq / P, D)
         batch, num_heads = qh.shape[0], qh.shape[1]
+        query_positions = local["offset"] + jnp.concatenate(
+            [held * cq + jnp.arange(cq, dtype="int32") for held in _held(index, num_shards, chunks)]
+        )
         state = (
-            jnp.full((batch, num_heads, tq, 1), NEG_INF, "float32"),  # running max
-            jnp.zeros((batch, num_heads, tq, 1), "float32"),  # running sum
-            jnp.zeros((batch, num_heads, tq, v.shape[-1]), "float32"),  # running output
+            jnp.full((batch, num_heads, q.shape[1], 1), NEG_INF, "float32"),  # running max
+            jnp.zeros((batch, num_heads, q.shape[1], 1), "float32"),  # running sum
+            jnp.zeros((batch, num_heads, q.shape[1], v.shape[-1]), "float32"),  # running output
         )
         # What travels: keys, values, their padding and their segment ids.
         own = (k, v, mask if sharding.mask_keys else None, local.get("key_ids"))
 
+        def merge_block(state, rows, columns, travelling, source):
+            """Merge query chunks `rows` against key chunks `columns` of `travelling`."""
+            key_k, key_v, key_mask, key_ids = travelling
+            r = slice(rows[0] * cq, (rows[-1] + 1) * cq)  # chunks in a row: contiguous
+            c = slice(columns[0] * ck, (columns[-1] + 1) * ck)
+            held = _held(source, num_shards, chunks)
+            starts = [held[b] * ck for b in columns]
+            key_positions = jnp.concatenate([s + jnp.arange(ck, dtype="int32") for s in starts])
+            rows_mask = mask[:, :, r] if sharding.mask_rows else mask
+            block_mask = _block_data_mask(
+                sharding, rows_mask, None if key_mask is None else key_mask[..., c], starts, ck
+            )
+            if query_ids is not None:
+                same = segments_module.segment_mask(query_ids[:, r], key_ids[:, c])
+                block_mask = combine_masks(block_mask, same)  # (B, 1|H, rows, columns)
+            if padded:
+                valid = key_positions < sharding.key_length
+                block_mask = combine_masks(block_mask, valid.reshape(1, 1, 1, -1))
+            merged = _merge_block(
+                components, tuple(x[:, :, r] for x in state), qh[:, :, r], key_k[:, c],
+                key_v[:, c], query_positions[r], key_positions, block_mask,
+            )  # fmt: skip
+            return tuple(x.at[:, :, r].set(m) for x, m in zip(state, merged, strict=True))
+
         def merge_step(state, step, travelling):
+            # Devices that compute the same blocks at this step share a branch.
             source = (index - step) % num_shards
+            kinds = sorted({needed[step, d].tobytes() for d in range(num_shards)})
+            branch_of = [kinds.index(needed[step, d].tobytes()) for d in range(num_shards)]
 
-            def merge(state):
-                key_positions = source * tk + jnp.arange(tk, dtype="int32")
-                block_mask = _block_data_mask(sharding, mask, travelling[2], source, tk)
-                if query_ids is not None:
-                    same = segments_module.segment_mask(query_ids, travelling[3])
-                    block_mask = combine_masks(block_mask, same)  # (B, 1|H, Tq, Tk) / P
-                if padded:
-                    valid = key_positions < sharding.key_length
-                    block_mask = combine_masks(block_mask, valid.reshape(1, 1, 1, -1))
-                return _merge_block(
-                    components, state, qh, travelling[0], travelling[1],
-                    query_positions, key_positions, block_mask,
-                )  # fmt: skip
+            def branch(blocks):
+                def compute(state):
+                    for rows, columns in _rectangles(blocks):
+                        state = merge_block(state, rows, columns, travelling, source)
+                    return state
 
-            if needed[step].all():
-                return merge(state)
-            return jax.lax.cond(jnp.asarray(needed[step])[index], merge, lambda s: s, state)
+                return compute
+
+            blocks = [np.frombuffer(kind, bool).reshape(chunks, chunks) for kind in kinds]
+            if len(blocks) == 1:
+                return branch(blocks[0])(state)
+            index_of = jnp.asarray(branch_of, "int32")[index]
+            return jax.lax.switch(index_of, [branch(b) for b in blocks], state)
 
         if 0 in steps:
             state = merge_step(state, 0, own)
@@ -666,11 +764,91 @@ def _ring(components, sharding):
                 if hop in wanted:
                     step = hop if direction == 1 else num_shards - hop
                     state = merge_step(state, step, travelling)
-        output = _finish(state, sink)  # (B, H, Tq, Dv)
-        return jnp.transpose(output, (0, 2, 1, 3)).astype(v.dtype)  # (B, Tq, H, Dv)
+        output = _finish(state, sink)  # (B, H, Tq / P, Dv)
+        output = jnp.transpose(output, (0, 2, 1, 3)).astype(v.dtype)  # (B, Tq / P, H, Dv)
+        return _from_zigzag(output, axis, num_shards, index) if chunks == 2 else output
 
-    output = sharding.map(body, sharding.heads_spec)
-    return output, tuple(steps)
+    return sharding.map(body, sharding.heads_spec)
+
+
+def _zigzag_permutations(num_shards):
+    """The two ``ppermute`` pairs that move a contiguous layout to the zig-zag one.
+
+    Contiguously, device s holds chunks 2s (its first half) and 2s + 1; chunk m
+    belongs to device m (m < P) or ``2P - 1 - m`` in the zig-zag layout. Every
+    device sends its first half with one permutation and its second with the other.
+    """
+
+    def owner(chunk):
+        return chunk if chunk < num_shards else 2 * num_shards - 1 - chunk
+
+    first = [(s, owner(2 * s)) for s in range(num_shards)]
+    second = [(s, owner(2 * s + 1)) for s in range(num_shards)]
+    return first, second
+
+
+def _swap_halves(index, first, second):
+    """``(first, second)`` on even devices, ``(second, first)`` on odd ones.
+
+    Device j's chunk j came in the first halves' permutation when j is even (it is
+    chunk 2s of device s), in the second halves' when j is odd; its chunk 2P - 1 - j
+    the other way round.
+    """
+    import jax.numpy as jnp
+
+    even = index % 2 == 0
+    return jnp.where(even, first, second), jnp.where(even, second, first)
+
+
+def _reorder(x, axis_, axis, permutations, index):
+    """One contiguous shard of x (along `axis_`) -> its zig-zag chunks (two permutes)."""
+    import jax
+    import jax.numpy as jnp
+
+    half = x.shape[axis_] // 2
+    halves = (
+        jax.lax.slice_in_dim(x, 0, half, axis=axis_),
+        jax.lax.slice_in_dim(x, half, 2 * half, axis=axis_),
+    )
+    moved = [jax.lax.ppermute(h, axis, p) for h, p in zip(halves, permutations, strict=True)]
+    return jnp.concatenate(_swap_halves(index, *moved), axis=axis_)
+
+
+def _to_zigzag(local, sharding, index):
+    """The shards of `local` (contiguous along T) reordered to the zig-zag layout."""
+    import jax.numpy as jnp
+
+    axis, permutations = sharding.axis, _zigzag_permutations(sharding.num_shards)
+    local = dict(local)
+    q, k, v = local["query"], local["key"], local["value"]
+    if q.dtype == k.dtype == v.dtype:  # one pair of permutes for all three
+        qkv = _reorder(jnp.concatenate([q, k, v], axis=-1), 1, axis, permutations, index)
+        sizes = np.cumsum([q.shape[-1], k.shape[-1]])
+        local["query"], local["key"], local["value"] = jnp.split(qkv, sizes, axis=-1)
+    else:
+        for name in ("query", "key", "value"):
+            local[name] = _reorder(local[name], 1, axis, permutations, index)
+    if "query_ids" in local:
+        ids = jnp.stack([local["query_ids"], local["key_ids"]], axis=-1)  # (B, T / P, 2)
+        ids = _reorder(ids, 1, axis, permutations, index)
+        local["query_ids"], local["key_ids"] = ids[..., 0], ids[..., 1]
+    if sharding.mask_rows or sharding.mask_keys:
+        along = 2 if sharding.mask_rows else 3
+        local["mask"] = _reorder(local["mask"], along, axis, permutations, index)
+    return local
+
+
+def _from_zigzag(output, axis, num_shards, index):
+    """``(B, T / P, H, Dv)`` in the zig-zag layout -> contiguous (two permutes back)."""
+    import jax
+    import jax.numpy as jnp
+
+    half = output.shape[1] // 2
+    # Undo `_swap_halves`: what came in the first halves' permutation goes back in it.
+    back = _swap_halves(index, output[:, :half], output[:, half:])
+    inverse = [[(b, a) for a, b in p] for p in _zigzag_permutations(num_shards)]
+    moved = [jax.lax.ppermute(x, axis, p) for x, p in zip(back, inverse, strict=True)]
+    return jnp.concatenate(moved, axis=1)
 
 
 # -- halo -------------------------------------------------------------------------
@@ -758,17 +936,38 @@ def _exchange_key_data(exchange, key_ids, key_mask):
     return key_ids, key_mask
 
 
-def _block_data_mask(sharding, mask, travelling_mask, source, key_length):
-    """The data mask of the local queries against key shard `source`."""
+def _block_data_mask(sharding, mask, travelling_mask, key_starts, key_length):
+    """The data mask of some local queries against key chunks of `key_length` keys.
+
+    `key_starts` are the chunks' first positions (a mask holding every key is sliced
+    there); a travelling key mask is already these chunks'.
+    """
     import jax
+    import jax.numpy as jnp
 
     if mask is None:
         return None
     if sharding.mask_keys:
-        return travelling_mask  # (B|1, H|1, 1, Tk / P)
+        return travelling_mask  # (B|1, H|1, 1, chunks * key_length)
     if mask.shape[3] == 1:
         return mask
-    return jax.lax.dynamic_slice_in_dim(mask, source * key_length, key_length, axis=3)
+    return jnp.concatenate(
+        [jax.lax.dynamic_slice_in_dim(mask, s, key_length, axis=3) for s in key_starts], axis=3
+    )
+
+
+def _rectangles(blocks):
+    """Bool ``(chunks, chunks)`` blocks -> ``[(query chunks, key chunks)]`` to merge.
+
+    Query chunks that need the same key chunks share one merge (with two chunks a
+    device, those are always adjacent: each side of a rectangle is contiguous).
+    """
+    groups = {}
+    for row, needed in enumerate(blocks):
+        columns = tuple(int(c) for c in np.flatnonzero(needed))
+        if columns:
+            groups.setdefault(columns, []).append(row)
+    return [(tuple(rows), columns) for columns, rows in groups.items()]
 
 
 def _merge_block(components, state, qh, k, v, query_positions, key_positions, data_mask):

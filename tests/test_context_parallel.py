@@ -151,6 +151,7 @@ EXACT_CASES = {
     # name: the strategy it must take
     "ring_causal_rope_padding_t61_p8": "ring",
     "ring_causal_t6_p8": "ring",
+    "ring_causal_gqa_segments_key_padding_p4": "ring",
     "all_gather_sparsemax_segments_t61_p8": "all_gather",
     "halo_causal_local_rope_p2": "halo",
     "halo_local_padding_t61_p4": "halo",
@@ -170,6 +171,28 @@ def test_outputs_and_gradients_equal_one_device(measured, case):
     assert got["output_error"] < 2e-5, got
     assert got["gradient_error"] < 2e-5, got
     assert got["gradient_scale"] > 1e-3, got  # every gradient is really compared
+
+
+@pytest.mark.slow
+def test_causal_ring_balances_the_work_across_devices(measured):
+    # Zig-zag: device d holds chunks d and 2P - 1 - d of 2P (T = 64, P = 8: chunks of
+    # 4), so each computes 2P + 1 = 17 blocks of 4 x 4 (query, key) pairs; laid out
+    # contiguously the last device would compute all 8 blocks of 8 x 8 = 512 pairs
+    # and the first one block.
+    causal = measured["forward"]["causal_ring_padding_rope"]
+    assert causal["balance"] is True
+    assert causal["work"] == [17 * 16] * DEVICES
+    # A window or a full pattern is balanced as it is: it stays contiguous.
+    assert measured["forward"]["local_ring"]["balance"] is False
+    assert measured["forward"]["full_ring_gqa"]["balance"] is False
+    assert measured["forward"]["full_ring_gqa"]["work"] == [T * T // DEVICES] * DEVICES
+    # The exact cases of causal rings (outputs and gradients) ran zig-zag.
+    for case in (
+        "ring_causal_rope_padding_t61_p8",
+        "ring_causal_gqa_segments_key_padding_p4",
+        "ring_causal_t6_p8",
+    ):
+        assert measured["exact"][case]["balance"] is True, case
 
 
 @pytest.mark.slow
@@ -309,6 +332,8 @@ def _worker():
                 else "ring"
             ),  # fmt: skip
             "ring_steps": None if plan.ring_steps is None else list(plan.ring_steps),
+            "balance": plan.balance,
+            "work": None if plan.work is None else list(plan.work),
         }
         print(name, out["forward"][name], file=sys.stderr)
         if name == "causal_local_auto_padding":
@@ -423,6 +448,7 @@ def _exact_with_gradients(out, devices, rng):
     cases = {
         "ring_causal_rope_padding_t61_p8": (8, 61, "ring", "padding", {"pattern": "causal", "position_encoding": "rope"}),
         "ring_causal_t6_p8": (8, 6, "ring", "", {"pattern": "causal"}),
+        "ring_causal_gqa_segments_key_padding_p4": (4, 40, "ring", "segments keys", {"pattern": "causal", "num_key_value_heads": 1}),
         "all_gather_sparsemax_segments_t61_p8": (8, 61, "all_gather", "segments", {"pattern": "causal", "normalizer": "sparsemax"}),
         "halo_causal_local_rope_p2": (2, 64, "auto", "", {"pattern": patterns.Local(7, causal=True), "position_encoding": "rope"}),
         "halo_local_padding_t61_p4": (4, 61, "auto", "padding", {"pattern": patterns.Local(5)}),
@@ -459,6 +485,7 @@ def _exact_with_gradients(out, devices, rng):
             "gradient_scale": float(np.abs(expected[-1]).max()),  # of the inputs
             "strategy": sharded.last_plan.strategy,
             "halo": sharded.last_plan.halo,
+            "balance": sharded.last_plan.balance,
         }  # fmt: skip
         print(name, out["exact"][name], f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
 
