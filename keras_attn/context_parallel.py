@@ -866,14 +866,17 @@ def _halo(components, sharding, band, training):
     to_next = [(j, j + 1) for j in range(num_shards - 1)]
     to_previous = [(j + 1, j) for j in range(num_shards - 1)]
 
+    def send(x, pairs):
+        return jax.lax.ppermute(x, axis, pairs) if pairs else jnp.zeros_like(x)
+
     def exchange(x):
         """``(B, n, ...)`` -> ``(B, before + n + after, ...)``: x with its neighbours' ends."""
         n = x.shape[1]
         parts = [x]
         if before:
-            parts.insert(0, jax.lax.ppermute(x[:, n - before :], axis, to_next))
+            parts.insert(0, send(x[:, n - before :], to_next))
         if after:
-            parts.append(jax.lax.ppermute(x[:, :after], axis, to_previous))
+            parts.append(send(x[:, :after], to_previous))
         return jnp.concatenate(parts, axis=1) if len(parts) > 1 else x
 
     def body(local):
