@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 from keras import ops
 
+from keras_attn.block_layout import SegmentLayout
 from keras_attn.kernels import weighted_sum
 from keras_attn.positions import Positions
 from keras_attn.segments import block_meets as segment_meets
@@ -414,9 +415,9 @@ def block_sparse_attention(
     components,
     positions,
     mask=None,
+    *,
     training=None,
     return_weights=False,
-    segment_layout=None,
     segments=None,
 ):
     """Attention computed only on the blocks `pattern` can reach; equals the dense path.
@@ -425,24 +426,36 @@ def block_sparse_attention(
         query: ``(B, H, Tq, D)``; key ``(B, H, Tk, D)``; value ``(B, H, Tk, Dv)``,
             with Tq and Tk those of `layout`.
         layout: The `keras_attn.block_layout.BlockLayout` to run, made from the
-            pattern of `components` for these lengths and query offset.
+            pattern of `components` for these lengths and query offset; or its
+            `keras_attn.block_layout.SegmentLayout`, with `segments`. Then each batch
+            row computes only the blocks its segments meet
+            (`keras_attn.segments.block_meets`), and `mask` should not hold the
+            segment mask (it is applied per slab). A row that keeps more blocks than
+            its width (a traced call exceeding ``max_segment_length``) gets NaN
+            outputs and weights.
         components: The `keras_attn.components.Components`.
         positions: `keras_attn.positions.Positions` of the ``(B, H, Tq, Tk)``
             logits, ``query (..., Tq, 1)``, ``key (..., 1, Tk)``, ``head (..., H, 1, 1)``.
         mask: Bool data mask broadcastable to ``(B, 1, Tq, Tk)``, or None.
+        training: Whether dropout (and training-only noise) is active.
         return_weights: Also return the dense weights ``(B, H, Tq, Tk)``.
-        segment_layout: A `keras_attn.block_layout.SegmentLayout` of `layout`, with
-            `segments`, or None. Then each batch row computes only the blocks its
-            segments meet (`keras_attn.segments.block_meets`), and `mask` should not
-            hold the segment mask (it is applied per slab). A row that keeps more
-            blocks than its width (a traced call exceeding ``max_segment_length``)
-            gets NaN outputs and weights.
         segments: The call's `keras_attn.segments.Segments` (its ``query_ids``
-            ``(B, Tq)`` and ``key_ids`` ``(B, Tk)``), with `segment_layout`.
+            ``(B, Tq)`` and ``key_ids`` ``(B, Tk)``), with a `SegmentLayout`.
 
     Returns:
         ``(output (B, H, Tq, Dv), weights (B, H, Tq, Tk) or None)``.
+
+    Raises:
+        ValueError: inputs of other lengths than the layout's; a `SegmentLayout`
+            without `segments`.
     """
+    segment_layout = None
+    if isinstance(layout, SegmentLayout):
+        if segments is None:
+            raise ValueError(
+                "A SegmentLayout runs with the call's segments. Received: segments=None"
+            )
+        segment_layout, layout = layout, layout.layout
     tq, tk, block_size = layout.query_length, layout.key_length, layout.block_size
     if (query.shape[2], key.shape[2]) != (tq, tk):
         raise ValueError(

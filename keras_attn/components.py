@@ -438,6 +438,56 @@ class Components:
     def dropout_active(self, training):
         return self.dropout is not None and bool(training) and self.dropout.rate > 0
 
+    def check_num_heads(self, num_heads):
+        """Raise if a score_mod was made for another number of heads than `num_heads`.
+
+        Raises:
+            ValueError: naming the score_mod and both numbers.
+        """
+        for i, mod in enumerate(self.score_mods):
+            heads = getattr(mod, "num_heads", None)
+            if heads is not None and heads != num_heads:
+                raise ValueError(
+                    f"score_mod {plugins.registry_name(mod)!r} was made for another number "
+                    f"of heads than the layer's num_heads={num_heads}. "
+                    f"Received: score_mods[{i}].num_heads={heads}"
+                )
+
+    def build(self, query_heads_shape, logits_shape):
+        """Build the components not built yet, for heads of these shapes.
+
+        Args:
+            query_heads_shape: ``(B, H, Tq, D)`` (None where unknown), the score's input.
+            logits_shape: ``(B, H, Tq, Tk)``: the score_mods' and normalizer's input. A
+                score_mod made with ``num_heads=None`` gets the layer's ``H`` first.
+        """
+        if not self.score.built:
+            self.score.build(query_heads_shape)
+        for mod in self.score_mods:
+            if getattr(mod, "num_heads", "unset") is None:
+                mod.num_heads = logits_shape[1]
+            if not mod.built:
+                mod.build(logits_shape)
+        if not self.normalizer.built:
+            self.normalizer.build(logits_shape)
+
+
+def score_mods_arg(score_mods):
+    """A layer's `score_mods` argument as a list: one score_mod given alone is wrapped.
+
+    Raises:
+        ValueError: `score_mods` is neither a score_mod (name, config dict, instance)
+            nor a list or tuple of them.
+    """
+    if isinstance(score_mods, (str, dict)) or plugins.kind_of(score_mods) is not None:
+        return [score_mods]
+    if not isinstance(score_mods, (list, tuple)):
+        raise ValueError(
+            "`score_mods` must be a list of score_mods (names, config dicts or "
+            f"instances). Received: score_mods={score_mods!r}"
+        )
+    return list(score_mods)
+
 
 # The registry below learns the base classes from here (it imports no component).
 plugins.define_kind("score", Score)

@@ -766,18 +766,18 @@ def attend(
         )
         weights = None
     elif plan.path == "block_sparse":
+        layout = plan.layout if plan.segment_layout is None else plan.segment_layout
         output, weights = block_sparse_attention(
             q,
             k,
             v,
-            plan.layout,
+            layout,
             plan.components,
             positions(),
             mask,
-            training,
-            return_weights,
-            plan.segment_layout,
-            segments,
+            training=training,
+            return_weights=return_weights,
+            segments=segments,
         )
     else:
         output, weights = kernels.dense_attention(

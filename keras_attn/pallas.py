@@ -220,39 +220,78 @@ def _dot(a, b, contract):
     """``a · b`` contracting dims `contract` = (dim of a, dim of b), in float32."""
     import jax
 
-    return jax.lax.dot_general(a, b, ((contract[:1], contract[1:]), ((), ())),
-                               preferred_element_type="float32")  # fmt: skip
+    dims = ((contract[:1], contract[1:]), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type="float32")
 
 
-def _allowed(masks_ref, tile, data_ref, query_start, key_start, bs, data_per_query):
+class _Kernel(NamedTuple):
+    """What one kernel is specialized on: `_Static` and the shapes of its tables."""
+
+    scale: float
+    bs: int
+    width: int  # the table's columns: the most kept blocks of a row (or column) of blocks
+    num_blocks: int  # the table's rows: query blocks (forward, dq) or key blocks (dk/dv)
+    tile_heads: int  # heads of the tile table (1: shared by every head)
+    data: bool  # whether a data mask follows the inputs
+    data_per_query: bool  # whether that mask has a query axis
+
+
+def _kernel(static, table, tables, data):
+    """The `_Kernel` of the kernels that walk `table` (``tables.cols`` or ``tables.rows``)."""
+    return _Kernel(
+        static.scale,
+        static.bs,
+        table.shape[1],
+        table.shape[0],
+        tables.tiles.shape[0],
+        data is not None,
+        _per_query(static),
+    )
+
+
+def _allowed(masks_ref, tile, data_ref, query_start, key_start, kernel):
     """The (bs, bs) bool mask of one block: its pattern tile and the data mask."""
     import jax.experimental.pallas as pl
 
+    bs = kernel.bs
     allowed = masks_ref[pl.ds(tile * bs, bs), :] != 0
     if data_ref is not None:
-        query_rows = pl.ds(query_start, bs) if data_per_query else slice(None)
+        query_rows = pl.ds(query_start, bs) if kernel.data_per_query else slice(None)
         allowed = allowed & (data_ref[query_rows, pl.ds(key_start, bs)] != 0)
     return allowed
 
 
-def _forward_kernel(cols_ref, counts_ref, tiles_ref, masks_ref, q_ref, k_ref, v_ref, *refs,
-                    scale, bs, width, num_query_blocks, tile_heads, data, data_per_query):  # fmt: skip
+def _split_refs(refs, num_inputs, kernel):
+    """A kernel's refs, as ``pallas_call`` passes them, in four groups.
+
+    Returns:
+        ``(table, inputs, data, outputs)``: the four table refs (columns or rows,
+        counts, tiles, masks), the `num_inputs` input refs, the data mask's ref (or
+        None) and the output refs.
+    """
+    table, inputs, rest = refs[:4], refs[4 : 4 + num_inputs], refs[4 + num_inputs :]
+    data, outputs = (rest[0], rest[1:]) if kernel.data else (None, rest)
+    return table, inputs, data, outputs
+
+
+def _forward_kernel(*refs, kernel):
     import jax
     import jax.experimental.pallas as pl
     import jax.numpy as jnp
 
-    data_ref, (o_ref, lse_ref) = (refs[0], refs[1:]) if data else (None, refs)
+    scale, bs, width = kernel.scale, kernel.bs, kernel.width
+    table, (q_ref, k_ref, v_ref), data_ref, (o_ref, lse_ref) = _split_refs(refs, 3, kernel)
+    cols_ref, counts_ref, tiles_ref, masks_ref = table
     h, i = pl.program_id(1), pl.program_id(2)
     q = q_ref[...]  # (bs, D)
-    tile_base = ((h if tile_heads > 1 else 0) * num_query_blocks + i) * width
+    tile_base = ((h if kernel.tile_heads > 1 else 0) * kernel.num_blocks + i) * width
 
     def step(j, carry):
         m, total, acc = carry
         start = pl.multiple_of(cols_ref[i * width + j] * bs, bs)
         k = k_ref[pl.ds(start, bs), :]  # (bs, D)
         v = v_ref[pl.ds(start, bs), :]  # (bs, Dv)
-        allowed = _allowed(masks_ref, tiles_ref[tile_base + j], data_ref, i * bs, start, bs,
-                           data_per_query)  # fmt: skip
+        allowed = _allowed(masks_ref, tiles_ref[tile_base + j], data_ref, i * bs, start, kernel)
         s = jnp.where(allowed, _dot(q, k, (1, 1)) * scale, _MASKED)  # (bs, bs) float32
         m_new = jnp.maximum(m, s.max(axis=1))
         p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
@@ -272,25 +311,25 @@ def _forward_kernel(cols_ref, counts_ref, tiles_ref, masks_ref, q_ref, k_ref, v_
     lse_ref[...] = jnp.where(seen, m + jnp.log(safe), 0.0)
 
 
-def _dq_kernel(cols_ref, counts_ref, tiles_ref, masks_ref, q_ref, k_ref, v_ref, do_ref,
-               lse_ref, delta_ref, *refs, scale, bs, width, num_query_blocks, tile_heads,
-               data, data_per_query):  # fmt: skip
+def _dq_kernel(*refs, kernel):
     import jax
     import jax.experimental.pallas as pl
     import jax.numpy as jnp
 
-    data_ref, dq_ref = (refs[0], refs[1]) if data else (None, refs[0])
+    scale, bs, width = kernel.scale, kernel.bs, kernel.width
+    table, inputs, data_ref, (dq_ref,) = _split_refs(refs, 6, kernel)
+    cols_ref, counts_ref, tiles_ref, masks_ref = table
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
     h, i = pl.program_id(1), pl.program_id(2)
     q, do = q_ref[...], do_ref[...]  # (bs, D), (bs, Dv)
     lse, delta = lse_ref[...], delta_ref[...]  # (bs,)
-    tile_base = ((h if tile_heads > 1 else 0) * num_query_blocks + i) * width
+    tile_base = ((h if kernel.tile_heads > 1 else 0) * kernel.num_blocks + i) * width
 
     def step(j, dq):
         start = pl.multiple_of(cols_ref[i * width + j] * bs, bs)
         k = k_ref[pl.ds(start, bs), :]
         v = v_ref[pl.ds(start, bs), :]
-        allowed = _allowed(masks_ref, tiles_ref[tile_base + j], data_ref, i * bs, start, bs,
-                           data_per_query)  # fmt: skip
+        allowed = _allowed(masks_ref, tiles_ref[tile_base + j], data_ref, i * bs, start, kernel)
         p = jnp.where(allowed, jnp.exp(_dot(q, k, (1, 1)) * scale - lse[:, None]), 0.0)
         ds = p * (_dot(do, v, (1, 1)) - delta[:, None])  # (bs, bs)
         return dq + _dot(ds.astype(k.dtype), k, (1, 0))
@@ -299,17 +338,18 @@ def _dq_kernel(cols_ref, counts_ref, tiles_ref, masks_ref, q_ref, k_ref, v_ref, 
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(rows_ref, counts_ref, tiles_ref, masks_ref, q_ref, k_ref, v_ref, do_ref,
-                 lse_ref, delta_ref, *refs, scale, bs, width, num_key_blocks, tile_heads,
-                 data, data_per_query):  # fmt: skip
+def _dkdv_kernel(*refs, kernel):
     import jax
     import jax.experimental.pallas as pl
     import jax.numpy as jnp
 
-    data_ref, (dk_ref, dv_ref) = (refs[0], refs[1:]) if data else (None, refs)
+    scale, bs, width = kernel.scale, kernel.bs, kernel.width
+    table, inputs, data_ref, (dk_ref, dv_ref) = _split_refs(refs, 6, kernel)
+    rows_ref, counts_ref, tiles_ref, masks_ref = table
+    q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref = inputs
     h, c = pl.program_id(1), pl.program_id(2)
     k, v = k_ref[...], v_ref[...]  # (bs, D), (bs, Dv)
-    tile_base = ((h if tile_heads > 1 else 0) * num_key_blocks + c) * width
+    tile_base = ((h if kernel.tile_heads > 1 else 0) * kernel.num_blocks + c) * width
 
     def step(j, carry):
         dk, dv = carry
@@ -318,8 +358,7 @@ def _dkdv_kernel(rows_ref, counts_ref, tiles_ref, masks_ref, q_ref, k_ref, v_ref
         do = do_ref[pl.ds(start, bs), :]
         lse = lse_ref[pl.ds(start, bs)]
         delta = delta_ref[pl.ds(start, bs)]
-        allowed = _allowed(masks_ref, tiles_ref[tile_base + j], data_ref, start, c * bs, bs,
-                           data_per_query)  # fmt: skip
+        allowed = _allowed(masks_ref, tiles_ref[tile_base + j], data_ref, start, c * bs, kernel)
         p = jnp.where(allowed, jnp.exp(_dot(q, k, (1, 1)) * scale - lse[:, None]), 0.0)
         dv = dv + _dot(p.astype(do.dtype), do, (0, 0))  # (bs_k, Dv)
         ds = p * (_dot(do, v, (1, 1)) - delta[:, None])  # (bs_q, bs_k)
@@ -396,13 +435,9 @@ def _forward(static, tables, q, k, v, data):
     tk, dv = k.shape[2], v.shape[-1]
     specs = _Specs(static)
     inputs = _table_inputs(tables.cols, tables.counts, tables.tiles, tables.masks)
-    kernel = functools.partial(
-        _forward_kernel, scale=static.scale, bs=static.bs, width=tables.cols.shape[1],
-        num_query_blocks=tables.cols.shape[0], tile_heads=tables.tiles.shape[0],
-        data=data is not None, data_per_query=_per_query(static),
-    )  # fmt: skip
+    kernel = _kernel(static, tables.cols, tables, data)
     return pl.pallas_call(
-        kernel,
+        functools.partial(_forward_kernel, kernel=kernel),
         grid=(batch, heads, tq // static.bs),
         in_specs=[specs.table(x.shape) for x in inputs]
         + [specs.block(depth), specs.sequence(tk, depth), specs.sequence(tk, dv)]
@@ -444,8 +479,6 @@ def _backward(static, tables, q, k, v, data, output, lse, d_output):
     tk, dv = k.shape[2], v.shape[-1]
     bs = static.bs
     delta = jnp.sum(d_output.astype("float32") * output.astype("float32"), axis=-1)
-    common = dict(scale=static.scale, bs=bs, tile_heads=tables.tiles.shape[0],
-                  data=data is not None, data_per_query=_per_query(static))  # fmt: skip
     extra = [] if data is None else [data]
     specs = _Specs(static)
     blk, seq, vec, table = specs.block, specs.sequence, specs.vector, specs.table
@@ -453,9 +486,7 @@ def _backward(static, tables, q, k, v, data, output, lse, d_output):
 
     inputs = _table_inputs(tables.cols, tables.counts, tables.tiles, tables.masks)
     dq = pl.pallas_call(
-        functools.partial(
-            _dq_kernel, width=tables.cols.shape[1], num_query_blocks=tables.cols.shape[0], **common
-        ),  # fmt: skip
+        functools.partial(_dq_kernel, kernel=_kernel(static, tables.cols, tables, data)),
         grid=(batch, heads, tq // bs),
         in_specs=[table(x.shape) for x in inputs]
         + [blk(depth), seq(tk, depth), seq(tk, dv), blk(dv), vec(bs, True), vec(bs, True)]
@@ -469,9 +500,7 @@ def _backward(static, tables, q, k, v, data, output, lse, d_output):
 
     inputs = _table_inputs(tables.rows, tables.row_counts, tables.row_tiles, tables.masks)
     dk, d_value = pl.pallas_call(
-        functools.partial(
-            _dkdv_kernel, width=tables.rows.shape[1], num_key_blocks=tables.rows.shape[0], **common
-        ),  # fmt: skip
+        functools.partial(_dkdv_kernel, kernel=_kernel(static, tables.rows, tables, data)),
         grid=(batch, heads, tk // bs),
         in_specs=[table(x.shape) for x in inputs]
         + [seq(tq, depth), blk(depth), blk(dv), seq(tq, dv), vec(tq, False), vec(tq, False)]
@@ -522,8 +551,9 @@ def _next_power_of_two(n):
     return max(MIN_BLOCK_SIZE, 1 << (int(n) - 1).bit_length())
 
 
-def block_sparse_attention(query, key, value, layout, components, mask=None, query_offset=0,
-                           interpret=None):  # fmt: skip
+def block_sparse_attention(
+    query, key, value, layout, components, mask=None, query_offset=0, interpret=None
+):
     """Softmax attention on the kept blocks of `layout`, by the Pallas kernels.
 
     Equals `keras_attn.block_sparse.block_sparse_attention` (and the dense path) for

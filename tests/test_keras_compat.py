@@ -13,6 +13,7 @@ from keras import ops
 
 import keras_attn
 from keras_attn import patterns
+from tests.decoding import assert_decodes_like_one_pass
 
 B, T, S, F = 2, 5, 6, 8
 
@@ -327,14 +328,7 @@ def test_subclass_without_overrides_keeps_keras_attn_extras():
     class Plain(keras_attn.MultiHeadAttention):
         pass
 
-    layer = Plain(num_heads=2, key_dim=4, sliding_window=2)
-    full = ops.convert_to_numpy(layer(X, use_causal_mask=True))
-    cache = ops.zeros((B, 2, T, 2, 4))
-    steps = []
-    for i in range(T):
-        out, cache = layer(X[:, i : i + 1], cache=cache, cache_update_index=i, use_causal_mask=True)
-        steps.append(ops.convert_to_numpy(out))
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    assert_decodes_like_one_pass(Plain(num_heads=2, key_dim=4, sliding_window=2), X)
 
 
 def test_overriding_subclass_decodes_with_a_cache():
@@ -353,13 +347,7 @@ def test_overriding_subclass_decodes_with_a_cache():
     plain(X)
     layer(X)
     layer.set_weights(plain.get_weights())
-    full = ops.convert_to_numpy(plain(X, use_causal_mask=True))
-    cache = ops.zeros((B, 2, T, 2, 4))
-    steps = []
-    for i in range(T):
-        out, cache = layer(X[:, i : i + 1], cache=cache, cache_update_index=i, use_causal_mask=True)
-        steps.append(ops.convert_to_numpy(out))
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    assert_decodes_like_one_pass(layer, X, reference=plain)
 
 
 # -- grouped key/value heads ------------------------------------------------------------
@@ -428,14 +416,8 @@ def test_num_key_value_heads_on_every_path(kwargs, path):
 
 def test_num_key_value_heads_cache_holds_only_key_value_heads():
     layer = keras_attn.Attention(num_heads=4, num_key_value_heads=2, key_dim=4)
-    full = ops.convert_to_numpy(layer(X, use_causal_mask=True))
-    assert layer.cache_shape(B, T) == (B, 2, T, 2, 4)
-    cache = ops.zeros(layer.cache_shape(B, T))
-    steps = []
-    for i in range(T):
-        out, cache = layer(X[:, i : i + 1], cache=cache, cache_update_index=i, use_causal_mask=True)
-        steps.append(ops.convert_to_numpy(out))
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    _, cache = assert_decodes_like_one_pass(layer, X)
+    assert layer.cache_shape(B, T) == cache.shape == (B, 2, T, 2, 4)
 
 
 def test_num_key_value_heads_must_divide_num_heads():
@@ -452,3 +434,11 @@ def test_grouped_query_attention_is_registered_and_exported():
     restored = plugins.resolve("layer", plugins.serialize(layer))
     assert isinstance(restored, keras_attn.GroupedQueryAttention)
     assert restored.num_key_value_heads == 2
+
+
+@pytest.mark.parametrize("unset", [0, (), []])
+def test_zero_or_empty_output_shape_means_unset_as_in_keras(unset):
+    # Keras's layer reads a falsy `output_shape` as "the query's feature size".
+    theirs, ours = pair(output_shape=unset)
+    assert tuple(ours(X, V).shape) == (B, T, F)
+    assert_same(theirs, ours, X, V)

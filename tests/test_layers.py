@@ -20,6 +20,7 @@ from keras_attn import score_mods
 from keras_attn import scores
 from keras_attn.errors import ComponentKindError
 from keras_attn.errors import UnknownComponentError
+from tests.decoding import assert_decodes_like_one_pass
 
 RNG = np.random.default_rng(1234)
 
@@ -666,21 +667,6 @@ def test_subclass_overriding_compute_attention_receives_keras_arguments():
 # -- KV cache ----------------------------------------------------------------------------
 
 
-def decode_step_by_step(layer, x, prefill, **call_kwargs):
-    """Run `x` through `layer` with a KV cache: `prefill` tokens, then one at a time."""
-    batch, length = x.shape[:2]
-    cache = ops.zeros(layer.cache_shape(batch, length))
-    outputs = []
-    start = 0
-    for stop in [prefill, *range(prefill + 1, length + 1)]:
-        # The prefill at a Python int, the steps at a tensor index (as in a compiled loop).
-        index = start if start == 0 else ops.convert_to_tensor(start, "int32")
-        out, cache = layer(x[:, start:stop], cache=cache, cache_update_index=index, **call_kwargs)
-        outputs.append(ops.convert_to_numpy(out))
-        start = stop
-    return np.concatenate(outputs, axis=1), ops.convert_to_numpy(cache)
-
-
 @pytest.mark.parametrize(
     "make",
     [
@@ -704,9 +690,7 @@ def decode_step_by_step(layer, x, prefill, **call_kwargs):
 def test_kv_cache_decoding_matches_full_causal_pass(make):
     x = randn(B, 5, 8)
     layer = make()
-    full = ops.convert_to_numpy(layer(x, use_causal_mask=True))
-    decoded, cache = decode_step_by_step(layer, x, prefill=2, use_causal_mask=True)
-    np.testing.assert_allclose(decoded, full, atol=1e-5)
+    _, cache = assert_decodes_like_one_pass(layer, x, prefill=2)
     # The cache holds the projected keys and values of every position (of the last
     # `window` positions, slot p % window, for a causal sliding window's ring cache).
     w = weights_by_name(layer)
@@ -1014,14 +998,7 @@ def test_self_attention_takes_every_call_argument():
         ops.convert_to_numpy(layer(X, training=False)),
     )
     # A cache, step by step.
-    layer = keras_attn.SelfAttention(num_heads=2)
-    full = ops.convert_to_numpy(layer(X, use_causal_mask=True))
-    cache = ops.zeros((B, 2, TQ, 2, 4))
-    steps = []
-    for i in range(TQ):
-        out, cache = layer(X[:, i : i + 1], cache=cache, cache_update_index=i, use_causal_mask=True)
-        steps.append(ops.convert_to_numpy(out))
-    np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+    assert_decodes_like_one_pass(keras_attn.SelfAttention(num_heads=2), X)
 
 
 def test_self_attention_with_two_inputs_is_a_clear_error():

@@ -27,7 +27,6 @@ def test_output_shape_arg(value, expected):
 @pytest.mark.parametrize(
     "value,shown",
     [
-        (0, "(0,)"),
         (-1, "(-1,)"),
         (True, "True"),
         ("5", "5"),
@@ -40,6 +39,12 @@ def test_output_shape_arg(value, expected):
 def test_bad_output_shape_is_keras_error(value, shown):
     with pytest.raises(ValueError, match=rf"Invalid `output_shape`: {re.escape(shown)}\. When"):
         shapes.output_shape_arg(value)
+
+
+@pytest.mark.parametrize("unset", [None, 0, (), []])
+def test_unset_output_shape(unset):
+    # Keras reads a falsy `output_shape` as unset: the query's feature size.
+    assert shapes.output_shape_arg(unset) is None
 
 
 @pytest.mark.parametrize(

@@ -29,6 +29,7 @@ from keras_attn import segments
 from keras_attn import validation
 from keras_attn.components import Components
 from keras_attn.components import builtin
+from keras_attn.components import score_mods_arg
 from keras_attn.layers.overrides import KerasOverrides
 
 logger = logging.getLogger("keras_attn")
@@ -246,13 +247,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
             )
         self._output_shape = shapes.output_shape_arg(output_shape)
         self._attention_axes_arg = shapes.attention_axes_arg(attention_axes)
-        if isinstance(score_mods, (str, dict)) or plugins.kind_of(score_mods) is not None:
-            score_mods = [score_mods]
-        if not isinstance(score_mods, (list, tuple)):
-            raise ValueError(
-                "`score_mods` must be a list of score_mods (names, config dicts or "
-                f"instances). Received: score_mods={score_mods!r}"
-            )
+        score_mods = score_mods_arg(score_mods)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
@@ -284,6 +279,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
         )
         self._qk_norm_spec = _Unattached(qk_norm_module.get(qk_norm))
         self._qk_norm_arg = qk_norm_module.serialize(qk_norm)
+        self._query_norm = self._key_norm = None  # `qk_norm`'s layers, made by `build`
         self.context_parallel = context_parallel_module.ContextParallel.get(context_parallel)
         self.last_path = None
         self._last_plan = _Unattached(None)
@@ -392,7 +388,8 @@ class Attention(KerasOverrides, keras.layers.Layer):
         value_shape = query_shape if value_shape is None else value_shape
         key_shape = value_shape if key_shape is None else key_shape
         shapes.check_input_shapes(query_shape, value_shape, key_shape)
-        self._check_score_mods()
+        # Checked before anything is built, so a failed build leaves no weights behind.
+        self.components.check_num_heads(self.num_heads)
         rank = len(query_shape)
         if self._key_dim_arg is None:
             if query_shape[-1] % self.num_heads:
@@ -447,17 +444,6 @@ class Attention(KerasOverrides, keras.layers.Layer):
             self.dropout, seed=self.seed, dtype=self.dtype_policy
         )
 
-    def _check_score_mods(self):
-        # Checked before anything is built, so a failed build leaves no weights behind.
-        for i, mod in enumerate(self.components.score_mods):
-            heads = getattr(mod, "num_heads", None)
-            if heads is not None and heads != self.num_heads:
-                raise ValueError(
-                    f"score_mod {plugins.registry_name(mod)!r} was made for another number "
-                    f"of heads than the layer's num_heads={self.num_heads}. "
-                    f"Received: score_mods[{i}].num_heads={heads}"
-                )
-
     def _build_extra_projections(self, query_shape):
         """Hook for presets that add projections between key and value (a gate)."""
 
@@ -469,15 +455,7 @@ class Attention(KerasOverrides, keras.layers.Layer):
         tq, tk = (self._folded_length(shape) for shape in (query_shape, key_shape))
         heads_q = (None, self.num_heads, tq, self._key_dim)
         logits_shape = (None, self.num_heads, tq, tk)
-        if not c.score.built:
-            c.score.build(heads_q)
-        for mod in c.score_mods:
-            if getattr(mod, "num_heads", "unset") is None:
-                mod.num_heads = self.num_heads
-            if not mod.built:
-                mod.build(logits_shape)
-        if not c.normalizer.built:
-            c.normalizer.build(logits_shape)
+        c.build(heads_q, logits_shape)
         self._build_position_encoding(heads_q)
 
     def _folded_length(self, shape):
@@ -487,15 +465,8 @@ class Attention(KerasOverrides, keras.layers.Layer):
 
     # -- QK-norm --------------------------------------------------------------------
 
-    @property
-    def query_norm(self):
-        """The QK-norm layer of the query heads (``qk_norm``), or None."""
-        return getattr(self, "_query_norm", None)
-
-    @property
-    def key_norm(self):
-        """The QK-norm layer of the key heads (``qk_norm``), or None."""
-        return getattr(self, "_key_norm", None)
+    query_norm = property(attrgetter("_query_norm"), doc="Query heads' QK-norm layer, or None.")
+    key_norm = property(attrgetter("_key_norm"), doc="Key heads' QK-norm layer, or None.")
 
     def _build_qk_norm(self):
         # Built last, so that the weights of Keras's layers come first, in Keras's order.
@@ -665,33 +636,14 @@ class Attention(KerasOverrides, keras.layers.Layer):
 
     def _engine_over_axes(self, heads, pattern, training, return_weights):
         # Heads (B, *axes, H, D) of inputs of rank > 3: folded into one sequence axis.
-        axes = self._attention_axes
-        query, key, value = heads.query, heads.key, heads.value
-        if len(axes) > 1 and pattern.kernel_form != "full":
-            raise ValueError(
-                "A pattern (or use_causal_mask) orders keys along one axis, so it cannot "
-                f"apply to attention over several axes. Received: attention_axes={axes}"
-            )
-        mask = heads.mask
-        if mask is not None:
-            mask = masks.heads_mask(shapes.fold_mask(mask, query, key, axes))
-        folded = dispatch.Heads(
-            shapes.fold(query, axes), shapes.fold(key, axes), shapes.fold(value, axes), mask
-        )
+        folded = shapes.fold_heads(heads, self._attention_axes, pattern)
         output, weights = self._engine(folded, pattern, training, return_weights)
-        if weights is not None:
-            weights = shapes.unfold_weights(weights, query, key, axes)
-        return shapes.unfold(output, query, axes), weights
+        return shapes.unfold_heads(output, weights, heads, self._attention_axes)
 
     @property
     def _settings(self):
-        return dispatch.Settings(
-            block_sparse=self.block_sparse,
-            block_size=self.block_size,
-            flash_attention=self.flash_attention,
-            max_segment_length=self.max_segment_length,
-            name=self.name,
-        )
+        fields = ("block_sparse", "block_size", "flash_attention", "max_segment_length", "name")
+        return dispatch.Settings(**{field: getattr(self, field) for field in fields})
 
     def _record_path(self, path, kernel=None):
         if (path, kernel) != (self.last_path, getattr(self.last_plan, "kernel", None)):

@@ -24,6 +24,7 @@ from keras_attn import saving
 from keras_attn import validation
 from keras_attn.components import Components
 from keras_attn.components import builtin
+from keras_attn.components import score_mods_arg
 from keras_attn.positions import make_positions
 from keras_attn.scores import BahdanauScore
 from keras_attn.scores import LuongScore
@@ -45,20 +46,19 @@ class _ClassicAttention(keras.layers.Layer):
     """
 
     def __init__(
-        self, dropout=0.0, seed=None, pattern="full", normalizer="softmax", score_mods=(),
+        self,
+        dropout=0.0,
+        seed=None,
+        pattern="full",
+        normalizer="softmax",
+        score_mods=(),
         **kwargs,
-    ):  # fmt: skip
+    ):
         super().__init__(**kwargs)
         self.supports_masking = True
         self.dropout = validation.number(dropout, "dropout", 0.0, 1.0, high_open=True)
         self.seed = validation.integer(seed, "seed", allow_none=True)
-        if isinstance(score_mods, (str, dict)) or plugins.kind_of(score_mods) is not None:
-            score_mods = [score_mods]
-        if not isinstance(score_mods, (list, tuple)):
-            raise ValueError(
-                "`score_mods` must be a list of score_mods (names, config dicts or "
-                f"instances). Received: score_mods={score_mods!r}"
-            )
+        score_mods = score_mods_arg(score_mods)
         defaults = {"dtype": self.dtype_policy}
         # Tracked in this order, so the score's weights come first, as in Keras's layer.
         self._score = self._make_score()
@@ -142,12 +142,14 @@ class _ClassicAttention(keras.layers.Layer):
         value_mask = mask[1] if mask else None
         dropout_active = bool(training) and self._dropout_layer is not None
         output, weights = self._attend(
-            _as_heads(query), _as_heads(key), _as_heads(value),
+            _as_heads(query),
+            _as_heads(key),
+            _as_heads(value),
             value_mask=None if value_mask is None else _flat(value_mask, 1),
             pattern=patterns_module.with_causal(self._pattern, use_causal_mask),
             return_weights=return_attention_scores or dropout_active,
             training=training,
-        )  # fmt: skip
+        )
         if dropout_active:
             # Keras drops out the weights it returns, so they are formed, dropped out and
             # applied here (the engine would return them before its dropout).
@@ -259,9 +261,13 @@ class _ClassicAttention(keras.layers.Layer):
         return (*input_shape[0][:-1], input_shape[1][-1])
 
     def compute_output_spec(
-        self, inputs, mask=None, return_attention_scores=False, training=None,
+        self,
+        inputs,
+        mask=None,
+        return_attention_scores=False,
+        training=None,
         use_causal_mask=False,
-    ):  # fmt: skip
+    ):
         self._validate_inputs(inputs, mask)
         query, value = inputs[0], inputs[1]
         key = inputs[2] if len(inputs) > 2 else value

@@ -13,6 +13,9 @@ import string
 
 from keras import ops
 
+from keras_attn.dispatch import Heads
+from keras_attn.masks import heads_mask
+
 __all__ = [
     "attention_axes_arg",
     "fold",
@@ -28,11 +31,16 @@ __all__ = [
 def output_shape_arg(output_shape):
     """`output_shape` as a tuple of positive ints, or None (an int gives a 1-tuple).
 
+    None, ``0``, ``()`` and ``[]`` mean the query's feature size, as in Keras.
+
     Raises:
         ValueError: with Keras's wording, for anything else.
     """
     if output_shape is None:
         return None
+    if isinstance(output_shape, (int, list, tuple)) and not isinstance(output_shape, bool):
+        if not output_shape:  # 0, () or []: unset, as Keras's layer reads them
+            return None
     if isinstance(output_shape, int) and not isinstance(output_shape, bool):
         output_shape = (output_shape,)
     if not isinstance(output_shape, (list, tuple)) or not all(
@@ -162,6 +170,37 @@ def fold_mask(mask, query_heads, key_heads, axes):
     tq = math.prod(full[2 + len(others) : 2 + len(others) + n])
     tk = math.prod(full[2 + len(others) + n :])
     return ops.reshape(mask, (-1, heads, tq, tk))
+
+
+def fold_heads(heads, axes, pattern):
+    """`keras_attn.dispatch.Heads` ``(B, *axes, H, D)`` folded into one sequence axis.
+
+    Args:
+        heads: Heads of inputs of rank > 3, with a mask in Keras's layout (or None).
+        axes: The attention axes.
+        pattern: The call's pattern.
+
+    Returns:
+        `Heads` ``(B', T, H, D)`` with a ``(B'|1, 1|H, Tq, Tk)`` mask.
+
+    Raises:
+        ValueError: a pattern other than full over several axes.
+    """
+    query, key, value = heads.query, heads.key, heads.value
+    if len(axes) > 1 and pattern.kernel_form != "full":
+        raise ValueError(
+            "A pattern (or use_causal_mask) orders keys along one axis, so it cannot "
+            f"apply to attention over several axes. Received: attention_axes={axes}"
+        )
+    mask = None if heads.mask is None else heads_mask(fold_mask(heads.mask, query, key, axes))
+    return Heads(fold(query, axes), fold(key, axes), fold(value, axes), mask)
+
+
+def unfold_heads(output, weights, heads, axes):
+    """The output (and weights, if any) of `fold_heads`'s heads, in the inputs' layout."""
+    if weights is not None:
+        weights = unfold_weights(weights, heads.query, heads.key, axes)
+    return unfold(output, heads.query, axes), weights
 
 
 def scores_shape(query_shape, key_shape, num_heads, attention_axes=None):

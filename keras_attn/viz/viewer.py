@@ -194,8 +194,13 @@ def _image_spec(image, patch_grid, query_length, key_length):
         )
     if image is None:
         scale = IMAGE_SIDE / max(rows, cols)
-        return {"rows": rows, "cols": cols, "width": round(cols * scale),
-                "height": round(rows * scale), "src": None}  # fmt: skip
+        return {
+            "rows": rows,
+            "cols": cols,
+            "width": round(cols * scale),
+            "height": round(rows * scale),
+            "src": None,
+        }
     pixels = _image_pixels(image)
     height, width = pixels.shape[:2]
     scale = IMAGE_SIDE / max(height, width)
