@@ -216,8 +216,11 @@ def _running_max(x):
 def _take_starts(starts, absolute):
     """``starts[b, absolute]`` for integer positions of any shape, with a leading 1 or B."""
     if absolute.shape[0] == 1:
-        flat = ops.clip(ops.reshape(absolute, (-1,)), 0, ops.shape(starts)[1] - 1)
-        taken = ops.take(starts, flat, axis=1)  # (B, N)
+        flat = ops.clip(ops.reshape(absolute, (1, -1)), 0, ops.shape(starts)[1] - 1)  # (1, N)
+        # Along the axis, not `take`: Keras's PyTorch take squeezes an axis of size N,
+        # which PyTorch's ONNX exporter writes as an invalid Squeeze.
+        flat = ops.broadcast_to(flat, (ops.shape(starts)[0], ops.shape(flat)[1]))  # (B, N)
+        taken = ops.take_along_axis(starts, flat, axis=1)  # (B, N)
         return ops.reshape(taken, (-1, *ops.shape(absolute)[1:]))
     # Positions of each batch row (the block-sparse path's per-row key blocks).
     flat = ops.clip(ops.reshape(absolute, (ops.shape(starts)[0], -1)), 0, ops.shape(starts)[1] - 1)
