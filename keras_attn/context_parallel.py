@@ -375,8 +375,9 @@ def check_no_cache(config, name=None):
         )
 
 
-def run(components, heads, config, settings=None, *, mesh=None, training=None,
-        return_weights=False):  # fmt: skip
+def run(
+    components, heads, config, settings=None, *, mesh=None, training=None, return_weights=False
+):
     """Run one attention with its sequence sharded over ``config.axis`` of `mesh`.
 
     Args:
@@ -421,9 +422,13 @@ def run(components, heads, config, settings=None, *, mesh=None, training=None,
     weights = local = layout = None
     if strategy == "ring":
         layout = _ring_layout(
-            components.pattern, (padded.query.shape[1], padded.key.shape[1]),
-            (query_length, key_length), num_shards, chunks, heads.query_offset,
-        )  # fmt: skip
+            components.pattern,
+            (padded.query.shape[1], padded.key.shape[1]),
+            (query_length, key_length),
+            num_shards,
+            chunks,
+            heads.query_offset,
+        )
         output = _ring(components, sharding, layout)
     elif strategy == "halo":
         output = _halo(components, sharding, band, training)
@@ -435,12 +440,18 @@ def run(components, heads, config, settings=None, *, mesh=None, training=None,
     if weights is not None:
         weights = weights[:, :, :query_length, :key_length]  # (B, H, Tq, Tk)
     plan = ContextParallelPlan(
-        "context_parallel", components, strategy, config.axis, num_shards,
-        local=local, query_offset=heads.query_offset, halo=band,
+        "context_parallel",
+        components,
+        strategy,
+        config.axis,
+        num_shards,
+        local=local,
+        query_offset=heads.query_offset,
+        halo=band,
         ring_steps=None if layout is None else layout.steps,
         balance=layout is not None and layout.chunks == 2,
         work=None if layout is None else layout.work,
-    )  # fmt: skip
+    )
     return output, weights, plan
 
 
@@ -519,9 +530,12 @@ class _Sharding:
         # check_vma=False: the ring's per-device `lax.cond` must not hold the psum that
         # the gradient of a replicated weight (a score's, a score_mod's) would get in it.
         mapped = jax.shard_map(
-            positional, mesh=self.mesh, out_specs=out_specs, check_vma=False,
+            positional,
+            mesh=self.mesh,
+            out_specs=out_specs,
+            check_vma=False,
             in_specs=tuple(self.arguments[n][1] for n in names),
-        )  # fmt: skip
+        )
         return mapped(*(self.arguments[n][0] for n in names))
 
 
@@ -559,17 +573,11 @@ def _all_gather(components, sharding, settings, training, return_weights):
             )
         tq = q.shape[1]
         query_offset = local["offset"] + jax.lax.axis_index(axis).astype("int32") * tq
-        call = dispatch.Call(
-            query_length=tq, key_length=k.shape[1], head_dim=q.shape[-1],
-            value_dim=v.shape[-1], dtype=q.dtype, query_offset=query_offset,
-            has_mask=mask is not None or segs is not None, segments=segs,
-            return_weights=return_weights, training=training,
-        )  # fmt: skip
-        plan = dispatch.plan(components, call, settings)
-        local_plans.append(plan)
-        output, weights = dispatch.attend(
-            plan, q, k, v, mask, segments=segs, training=training, return_weights=return_weights
+        local_heads = dispatch.Heads(q, k, v, mask, segs, query_offset)
+        output, weights, plan = dispatch.run(
+            components, local_heads, settings, training=training, return_weights=return_weights
         )
+        local_plans.append(plan)
         return (output, weights) if return_weights else output
 
     weights_spec = PartitionSpec(sharding.batch, None, axis, None)  # (B, H, Tq, Tk)
@@ -728,9 +736,15 @@ def _ring(components, sharding, layout):
                 valid = key_positions < sharding.key_length
                 block_mask = combine_masks(block_mask, valid.reshape(1, 1, 1, -1))
             merged = _merge_block(
-                components, tuple(x[:, :, r] for x in state), qh[:, :, r], key_k[:, c],
-                key_v[:, c], query_positions[r], key_positions, block_mask,
-            )  # fmt: skip
+                components,
+                tuple(x[:, :, r] for x in state),
+                qh[:, :, r],
+                key_k[:, c],
+                key_v[:, c],
+                query_positions[r],
+                key_positions,
+                block_mask,
+            )
             return tuple(x.at[:, :, r].set(m) for x, m in zip(state, merged, strict=True))
 
         def merge_step(state, step, travelling):
@@ -913,8 +927,12 @@ def _halo(components, sharding, band, training):
             jnp.transpose(q, (0, 2, 1, 3)),  # (B, H, n, D)
             jnp.transpose(k, (0, 2, 1, 3)),  # (B, H, n + halo, D)
             jnp.transpose(v, (0, 2, 1, 3)),  # (B, H, n + halo, Dv)
-            components, positions, mask, training, return_weights=False,
-        )  # fmt: skip
+            components,
+            positions,
+            mask,
+            training,
+            return_weights=False,
+        )
         return jnp.transpose(output, (0, 2, 1, 3))  # (B, n, H, Dv)
 
     return sharding.map(body, sharding.heads_spec)

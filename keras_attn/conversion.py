@@ -72,9 +72,10 @@ def _target_class(layer):
         return KERAS_ATTENTION_CLASSES[cls]
     if _qualified_name(cls) in COMPATIBLE_SUBCLASSES:
         return next(
-            ours for keras_class, ours in KERAS_ATTENTION_CLASSES.items()
+            ours
+            for keras_class, ours in KERAS_ATTENTION_CLASSES.items()
             if isinstance(layer, keras_class)
-        )  # fmt: skip
+        )
     return None
 
 
