@@ -141,8 +141,9 @@ class ContextParallelPlan(NamedTuple):
         ring_steps: Ring: the steps s (device i computing with the K/V shard of
             device ``(i - s) mod P``; 0 is its own) that some device computes; the
             others were skipped for every device. None for all_gather.
-        local: All_gather: the `keras_attn.dispatch.Plan` each device ran on its
-            query shard; None for the ring and the halo.
+        local: All_gather, and the halo of a pattern of ``query - key``: the
+            `keras_attn.dispatch.Plan` each device ran on its query shard (e.g. the
+            block-sparse path over the window); None otherwise.
         halo: Halo: ``(before, after)``, how many keys each device received from
             the previous and the next device (`keras_attn.patterns.reach`); else None.
         balance: Ring: whether the sequence was laid out zig-zag (device d holding
@@ -431,7 +432,7 @@ def run(
         )
         output = _ring(components, sharding, layout)
     elif strategy == "halo":
-        output = _halo(components, sharding, band, training)
+        output, local = _halo(components, sharding, band, settings, training)
     else:
         output, weights, local = _all_gather(
             components, sharding, settings, training, return_weights
@@ -868,8 +869,35 @@ def _from_zigzag(output, axis, num_shards, index):
 # -- halo -------------------------------------------------------------------------
 
 
-def _halo(components, sharding, band, training):
-    """Each device attends its queries to its keys and the `band` of its neighbours'."""
+# Patterns whose mask is a function of ``query - key`` alone (and their unions and
+# intersections): the same pairs at positions shifted by any amount.
+_SHIFT_INVARIANT = (
+    patterns_module.Full,
+    patterns_module.Causal,
+    patterns_module.Local,
+    patterns_module.Dilated,
+    patterns_module.Strided,
+)
+
+
+def _shift_invariant(pattern):
+    if isinstance(pattern, (patterns_module.Union, patterns_module.Intersection)):
+        return all(_shift_invariant(p) for p in pattern.patterns)
+    return type(pattern) in _SHIFT_INVARIANT
+
+
+def _halo(components, sharding, band, settings, training):
+    """Each device attends its queries to its keys and the `band` of its neighbours'.
+
+    Where the pattern depends on ``query - key`` alone and no score_mod reads
+    positions, a device's attention is an ordinary call of the engine
+    (`keras_attn.dispatch.run`) with its queries at `before`, so the block-sparse
+    path computes only the blocks within the band: memory proportional to the
+    window, not to the shard. Otherwise it runs densely at absolute positions.
+
+    Returns:
+        ``(output (B, Tq, H, Dv), the plan of the last device's call or None)``.
+    """
     import jax
     import jax.numpy as jnp
 
@@ -879,6 +907,8 @@ def _halo(components, sharding, band, training):
     # position), the last nothing from after.
     to_next = [(j, j + 1) for j in range(num_shards - 1)]
     to_previous = [(j + 1, j) for j in range(num_shards - 1)]
+    engine = _shift_invariant(components.pattern) and not components.score_mods
+    plans = []
 
     def send(x, pairs):
         return jax.lax.ppermute(x, axis, pairs) if pairs else jnp.zeros_like(x)
@@ -915,10 +945,23 @@ def _halo(components, sharding, band, training):
             # A mask with both axes holds every key: the ones this device now has.
             mask = jnp.pad(mask, [(0, 0), (0, 0), (0, 0), (before, after)])
             mask = jax.lax.dynamic_slice_in_dim(mask, index * n, k.shape[1], axis=3)
+        key_start = index * n - before  # absolute position of the first key here
+        if engine:
+            # Keys before the sequence (device 0's halo) or in its padding are not keys.
+            key_positions = key_start + jnp.arange(k.shape[1], dtype="int32")
+            valid = (key_positions >= 0) & (key_positions < sharding.key_length)
+            mask = combine_masks(mask, valid.reshape(1, 1, 1, -1))
+            segs = None
+            if key_ids is not None:
+                segs = segments_module.Segments(local["query_ids"], key_ids, same_stream=False)
+            output, _, plan = dispatch.run(
+                components, dispatch.Heads(q, k, v, mask, segs, before), settings, training=training
+            )
+            plans.append(plan)
+            return output
         positions = make_positions(
-            n, k.shape[1], num_heads, query_offset=index * n, key_offset=index * n - before
+            n, k.shape[1], num_heads, query_offset=index * n, key_offset=key_start
         )
-        # Keys before the sequence (device 0's halo) or in its padding are not keys.
         valid = (positions.key >= 0) & (positions.key < sharding.key_length)
         mask = combine_masks(mask, valid)
         if key_ids is not None:
@@ -935,7 +978,8 @@ def _halo(components, sharding, band, training):
         )
         return jnp.transpose(output, (0, 2, 1, 3))  # (B, n, H, Dv)
 
-    return sharding.map(body, sharding.heads_spec)
+    output = sharding.map(body, sharding.heads_spec)
+    return output, plans[-1] if plans else None
 
 
 def _exchange_key_data(exchange, key_ids, key_mask):

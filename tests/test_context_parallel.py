@@ -220,6 +220,14 @@ def test_halo_compiles_to_window_sized_permutes(measured, case, sides):
         assert len(shapes) == 2 * sides, shapes
 
 
+@pytest.mark.slow
+def test_halo_attends_on_the_block_sparse_path(measured):
+    # Local(16, causal) over 2 shards of 1024: per device, the blocks of the band only.
+    engine = measured["halo_engine"]
+    assert engine["local_path"] == "block_sparse"
+    assert engine["temp_bytes"] < engine["dense_logits_bytes"] / 4, engine
+
+
 @pytest.mark.parametrize(
     "pattern, expected",
     [
@@ -521,6 +529,21 @@ def _exact_with_gradients(out, devices, rng):
         "local": collectives(4, "", pattern=patterns.Local(5)),
         "local_padding_segments": collectives(8, "padding segments", pattern=patterns.Local(5)),
     }  # fmt: skip
+
+    # A window of 16 over shards of 1024 tokens: each device's attention runs on the
+    # engine's block-sparse path over its band, so its temporary memory stays far
+    # below the dense logits of its shard against its keys, (B, H, n, n + halo).
+    length, window, num_shards = 2048, 16, 2
+    _, sharded = build("halo", length, pattern=patterns.Local(window, causal=True), block_size=32)
+    x = rng.normal(size=(2, length, DIM)).astype("float32")
+    with distribution_of(num_shards).scope():
+        compiled = jax.jit(lambda x: sharded(x)).lower(x).compile()
+    n = length // num_shards
+    out["halo_engine"] = {
+        "local_path": getattr(sharded.last_plan.local, "path", None),
+        "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+        "dense_logits_bytes": 2 * HEADS * n * (n + window - 1) * 4,
+    }
 
 
 if __name__ == "__main__":
