@@ -27,6 +27,7 @@ number of slots (a masked dummy block fills the rest): batch-dependent slabs
 
 from typing import NamedTuple
 
+import keras
 import numpy as np
 from keras import ops
 
@@ -36,6 +37,24 @@ from keras_attn.positions import Positions
 from keras_attn.segments import block_meets as segment_meets
 
 __all__ = ["block_sparse_attention"]
+
+
+def _take(x, indices, axis):
+    """``ops.take(x, indices, axis=axis)`` for the non-negative indices of block tables.
+
+    On PyTorch it gathers with ``index_select`` and a reshape: Keras's PyTorch `take`
+    ends with a ``squeeze(axis)`` that torch.onnx exports as an ONNX Squeeze of a
+    non-unit axis, which onnxruntime refuses to load.
+    """
+    if keras.backend.backend() != "torch":
+        return ops.take(x, indices, axis=axis)
+    import torch
+
+    x = ops.convert_to_tensor(x)
+    indices = ops.convert_to_tensor(indices).long()
+    axis = axis % x.ndim
+    shape = (*x.shape[:axis], *indices.shape, *x.shape[axis + 1 :])
+    return torch.index_select(x, axis, indices.reshape(-1)).reshape(shape)
 
 
 def _pad_axis(x, axis, amount, value=0):
@@ -72,7 +91,7 @@ def _take_blocks(x, index):
     start = int(index[0])
     if np.array_equal(index, np.arange(start, start + len(index))):
         return _narrow(x, start, len(index))
-    return ops.take(x, index, axis=2)
+    return _take(x, index, axis=2)
 
 
 def _key_slab(x, group):
@@ -107,11 +126,11 @@ def _block_positions(positions, layout, group):
     lead = tuple(query.shape[:-2])
     query = _pad_axis(query, -2, nq * bs - layout.query_length)
     query = ops.reshape(query, lead + (nq, bs, 1))
-    query = ops.take(query, group.rows, axis=-3)  # (..., R, bs, 1)
+    query = _take(query, group.rows, axis=-3)  # (..., R, bs, 1)
     key = ops.cast(positions.key, "int32")  # (..., 1, Tk)
     lead = tuple(key.shape[:-2])
     key = _pad_axis(ops.reshape(key, lead + (layout.key_length,)), -1, nk * bs - layout.key_length)
-    key = ops.take(ops.reshape(key, lead + (nk, bs)), group.cols.reshape(-1), axis=-2)
+    key = _take(ops.reshape(key, lead + (nk, bs)), group.cols.reshape(-1), axis=-2)
     key = ops.reshape(key, lead + (rows, 1, width * bs))  # (..., R, 1, W * bs)
     head = ops.expand_dims(ops.cast(positions.head, "int32"), -3)  # (..., H, 1, 1, 1)
     return Positions(query=query, key=key, head=head)
@@ -141,7 +160,7 @@ def _block_data_mask(mask, layout, group):
     if per_query:
         mask = _pad_axis(mask, 2, nq * bs - layout.query_length, False)
         mask = ops.reshape(mask, lead + (nq, bs, mask.shape[-1]))
-        mask = ops.take(mask, group.rows, axis=2)  # (b, h, R, bs, Tk or 1)
+        mask = _take(mask, group.rows, axis=2)  # (b, h, R, bs, Tk or 1)
     else:
         mask = ops.expand_dims(mask, 2)  # (b, h, 1, 1, Tk)
     if not per_key:
@@ -149,13 +168,13 @@ def _block_data_mask(mask, layout, group):
     mask = _pad_axis(mask, -1, nk * bs - layout.key_length, False)
     if not per_query:
         mask = ops.reshape(mask, lead + (nk, bs))
-        mask = ops.take(mask, group.cols.reshape(-1), axis=2)  # (b, h, R * W, bs)
+        mask = _take(mask, group.cols.reshape(-1), axis=2)  # (b, h, R * W, bs)
         return ops.reshape(mask, lead + (rows, 1, width * bs))
     mask = ops.reshape(mask, lead + (rows, bs, nk, bs))
     mask = ops.transpose(mask, (0, 1, 2, 4, 3, 5))  # (b, h, R, nk, bs, bs)
     mask = ops.reshape(mask, lead + (rows * nk, bs, bs))
     index = (np.arange(rows)[:, None] * nk + group.cols).reshape(-1)
-    mask = ops.take(mask, index, axis=2)  # (b, h, R * W, bs, bs)
+    mask = _take(mask, index, axis=2)  # (b, h, R * W, bs, bs)
     mask = ops.reshape(mask, lead + (rows, width, bs, bs))
     mask = ops.transpose(mask, (0, 1, 2, 4, 3, 5))  # (b, h, R, bs, W, bs)
     return ops.reshape(mask, lead + (rows, bs, width * bs))
@@ -230,10 +249,10 @@ def _scatter_weights(weights, layout, batch, heads):
 def _take_per_batch(x, index):
     """``x[b, index[b]]``: ``x (B|1, N, ...)`` and int ``index (B, M)`` -> ``(B, M, ...)``."""
     if x.shape[0] == 1:
-        return ops.take(x[0], index, axis=0)
+        return _take(x[0], index, axis=0)
     offsets = ops.arange(ops.shape(index)[0], dtype="int32")[:, None] * x.shape[1]  # (B, 1)
     flat = ops.reshape(x, (-1, *x.shape[2:]))  # (B * N, ...)
-    return ops.take(flat, index + offsets, axis=0)
+    return _take(flat, index + offsets, axis=0)
 
 
 def _segment_cols(meets, group, width):
@@ -249,16 +268,16 @@ def _segment_cols(meets, group, width):
     """
     rows, full = group.cols.shape
     nk = meets.shape[2]
-    meets = ops.take(meets, group.rows, axis=1)  # (B, R, nk)
+    meets = _take(meets, group.rows, axis=1)  # (B, R, nk)
     index = (np.arange(rows)[:, None] * nk + group.cols).reshape(-1)
-    kept = ops.take(ops.reshape(meets, (-1, rows * nk)), index, axis=1)  # (B, R * Wg)
+    kept = _take(ops.reshape(meets, (-1, rows * nk)), index, axis=1)  # (B, R * Wg)
     kept = ops.logical_and(ops.reshape(kept, (-1, rows, full)), group.valid)  # (B, R, Wg)
     # Unique scores, kept blocks first and in order: the top `width` are the slots.
     slot = np.arange(full, dtype="float32")
     score = ops.where(kept, full - slot, -slot)
     top, chosen = ops.top_k(score, k=width)  # (B, R, W)
     chosen = ops.cast(chosen, "int32") + np.arange(rows, dtype="int32")[:, None] * full
-    cols = ops.take(group.cols.reshape(-1), chosen)  # (B, R, W)
+    cols = _take(group.cols.reshape(-1), chosen, axis=0)  # (B, R, W)
     overflow = None
     if width < full:
         overflow = ops.sum(ops.cast(kept, "int32"), axis=-1) > width  # (B, R)
@@ -289,7 +308,7 @@ def _query_blocks_of(x, layout, group):
     """Per-query ``(B, Tq)`` -> the slab's queries ``(B, 1, R, bs, 1)``."""
     nq, bs = layout.num_query_blocks, layout.block_size
     x = _pad_axis(x, 1, nq * bs - layout.query_length)
-    x = ops.take(ops.reshape(x, (-1, nq, bs)), group.rows, axis=1)  # (B, R, bs)
+    x = _take(ops.reshape(x, (-1, nq, bs)), group.rows, axis=1)  # (B, R, bs)
     return ops.expand_dims(ops.expand_dims(x, 1), -1)
 
 
@@ -318,7 +337,7 @@ def _segment_data_mask(mask, layout, group, cols):
     if per_query:
         mask = _pad_axis(mask, 2, nq * bs - layout.query_length, False)
         mask = ops.reshape(mask, (-1, heads, nq, bs, mask.shape[-1]))
-        mask = ops.take(mask, group.rows, axis=2)  # (b, h, R, bs, Tk or 1)
+        mask = _take(mask, group.rows, axis=2)  # (b, h, R, bs, Tk or 1)
     if not per_key:
         return mask if per_query else ops.expand_dims(mask, 2)  # (b, h, R|1, bs|1, 1)
     mask = _pad_axis(mask, -1, nk * bs - layout.key_length, False)
@@ -489,7 +508,7 @@ def block_sparse_attention(
             cols.append(c)
     output = outputs[0] if len(outputs) == 1 else ops.concatenate(outputs, axis=2)
     if layout.order is not None:
-        output = ops.take(output, layout.order, axis=2)  # rows back in order
+        output = _take(output, layout.order, axis=2)  # rows back in order
     heads, dv = value.shape[1], value.shape[-1]
     output = ops.reshape(output, (-1, heads, nq * block_size, dv))  # (B, H, nq * bs, Dv)
     output = _narrow(output, 0, tq)  # (B, H, Tq, Dv)

@@ -17,7 +17,7 @@ import os
 
 import keras
 
-__all__ = ["PALLAS_ENV_VAR", "Machine", "actual", "assume", "current", "pallas_mode"]
+__all__ = ["PALLAS_ENV_VAR", "Machine", "actual", "assume", "current", "exporting", "pallas_mode"]
 
 PALLAS_ENV_VAR = "KERAS_ATTN_PALLAS"
 PLATFORMS = ("cpu", "gpu", "tpu")
@@ -174,6 +174,22 @@ def _probe(backend):
 
 
 _assumed = []
+
+
+def exporting():
+    """Whether the call is being traced for an export (PyTorch's ``torch.export`` or
+    ``torch.onnx``, what Keras's ``model.export`` uses on that backend).
+
+    A native kernel (FlexAttention) has no op in the exported formats, so an
+    exported model takes a portable path (`keras_attn.dispatch.run` plans without
+    native kernels while this is True). False on the other backends, whose exports
+    trace the portable paths planned for their CPU or GPU.
+    """
+    if keras.backend.backend() != "torch":
+        return False
+    import torch
+
+    return bool(torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
 
 
 def actual():

@@ -287,6 +287,8 @@ def run(components, heads, settings=None, *, training=None, return_weights=False
         components = components.replace(score_mods=relative)
     call = Call.of(heads, training, return_weights)
     machine = devices.current() if machine is None else machine
+    if machine.native_kernels and devices.exporting():  # no exported op for them
+        machine = dataclasses.replace(machine, native_kernels=False)
     the_plan = plan(components, call, settings, machine)
 
     def run_plan(a_plan):

@@ -201,21 +201,6 @@ KERAS_EXPORT_BUGS = (
         lambda: keras.Sequential([keras.Input((DIM,)), keras.layers.Dense(4, activation="gelu")]),
         np.ones((B, DIM), "float32"),
     ),
-    (
-        "torch",
-        "onnx",
-        "Op (Squeeze) [ShapeInferenceError]",
-        "Keras's PyTorch ops.take squeezes a non-unit axis (index_select(...).squeeze(axis)), "
-        "which torch.onnx writes as an ONNX Squeeze that onnxruntime rejects: keras_attn's "
-        "block-sparse path gathers its blocks with it",
-        lambda: keras.Sequential(
-            [
-                keras.Input((4, DIM)),
-                keras.layers.Lambda(lambda x: keras.ops.take(x, np.array([0, 2, 1]), axis=1)),
-            ]
-        ),
-        np.ones((B, 4, DIM), "float32"),
-    ),
 )
 
 

@@ -489,3 +489,30 @@ def test_cpu_inference_runs_compiled_flex_attention_and_equals_the_dense_path(mo
     out = fast(x, x)
     assert fast.last_path != "native"
     np.testing.assert_allclose(ops.convert_to_numpy(out.detach()), want, atol=2e-5, rtol=1e-4)
+
+
+@torch_only
+def test_an_export_traces_a_portable_path(flex_here):
+    # torch.export (what Keras's ONNX export uses on PyTorch) has no op for
+    # FlexAttention: while exporting, the plan takes the block-sparse path.
+    import torch
+
+    layer = keras_attn.Attention(num_heads=2, key_dim=8, pattern=patterns.Local(8, causal=True))
+    x = np.random.default_rng(0).normal(size=(1, 512, 16)).astype("float32")
+    eager = ops.convert_to_numpy(layer(x))
+    assert layer.last_plan.kernel == "torch_flex_attention"
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x):
+            return self.layer(x)
+
+    exported = torch.export.export(Model(), (torch.tensor(x),))
+    targets = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "flex" in t], targets
+    assert "aten.index_select.default" in targets  # the block-sparse gathers
+    got = exported.module()(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(got, eager, atol=2e-5, rtol=1e-4)
