@@ -149,6 +149,11 @@ class ContextParallelPlan(NamedTuple):
         balance: Ring: whether the sequence was laid out zig-zag (device d holding
             chunks d and 2P - 1 - d of 2P) to balance a causal pattern's work.
         work: Ring: per device, the (query, key) pairs of the blocks it computed.
+        ring_backward: Ring: ``"recompute"`` where its backward pass runs the ring
+            again and recomputes each step's weights from the saved log-sum-exp
+            (memory of one step, as flash attention), ``"autodiff"`` where JAX
+            differentiates the ring and keeps every step's weights (a score or
+            score_mod with weights: their gradients flow through autodiff); else None.
     """
 
     path: str
@@ -169,6 +174,7 @@ class ContextParallelPlan(NamedTuple):
     halo: object = None
     balance: bool = False
     work: object = None
+    ring_backward: object = None
 
 
 _warned_missing_axis = set()
@@ -420,7 +426,7 @@ def run(
     chunks = _ring_chunks(components.pattern, heads, num_shards) if strategy == "ring" else 1
     padded = _pad_to_shards(heads, num_shards * chunks)
     sharding = _Sharding(mesh, config.axis, padded, query_length, key_length)
-    weights = local = layout = None
+    weights = local = layout = recompute = None
     if strategy == "ring":
         layout = _ring_layout(
             components.pattern,
@@ -430,7 +436,8 @@ def run(
             chunks,
             heads.query_offset,
         )
-        output = _ring(components, sharding, layout)
+        recompute = _recomputes(components)
+        output = _ring(components, sharding, layout, recompute)
     elif strategy == "halo":
         output, local = _halo(components, sharding, band, settings, training)
     else:
@@ -452,6 +459,7 @@ def run(
         ring_steps=None if layout is None else layout.steps,
         balance=layout is not None and layout.chunks == 2,
         work=None if layout is None else layout.work,
+        ring_backward=None if recompute is None else ("recompute" if recompute else "autodiff"),
     )
     return output, weights, plan
 
@@ -681,46 +689,155 @@ def _ring_chunks(pattern, heads, num_shards):
     return 2 if 4 * zigzag.max() <= 3 * contiguous.max() else 1
 
 
-def _ring(components, sharding, layout):
-    """The ring on `sharding`'s heads, laid out as `layout` (a `_RingLayout`)."""
+def _ring(components, sharding, layout, recompute):
+    """The ring on `sharding`'s heads, laid out as `layout` (a `_RingLayout`).
+
+    With `recompute`, the attention of each device is a ``jax.custom_vjp`` whose
+    forward keeps only its inputs, its output and each query row's log-sum-exp,
+    and whose backward runs the ring a second time, recomputing each step's
+    weights (`_ring_backward`); otherwise JAX differentiates the ring itself and
+    keeps every step's weights for the backward pass.
+    """
     import jax
     import jax.numpy as jnp
 
     axis, num_shards, heads = sharding.axis, sharding.num_shards, sharding.heads
-    chunks, needed, steps = layout.chunks, layout.needed, layout.steps
-    padded = heads.key.shape[1] != sharding.key_length
-    half = num_shards // 2
-    forward = [s for s in steps if 0 < s <= half]
-    backward = [num_shards - s for s in steps if s > half]  # hops, nearest first
-    hops = {
-        1: [(j, (j + 1) % num_shards) for j in range(num_shards)],
-        -1: [(j, (j - 1) % num_shards) for j in range(num_shards)],
-    }
+    chunks = layout.chunks
     sink = _sink_logits(components.normalizer, heads.query.shape[2])
+    walk = _RingWalk(components, sharding, layout)
+
+    def forward(q, k, v, sink, data):
+        index = jax.lax.axis_index(axis).astype("int32")
+        qh = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, Tq / P, D)
+        batch, num_heads, length = qh.shape[0], qh.shape[1], qh.shape[2]
+        state = (
+            jnp.full((batch, num_heads, length, 1), NEG_INF, "float32"),  # running max
+            jnp.zeros((batch, num_heads, length, 1), "float32"),  # running sum
+            jnp.zeros((batch, num_heads, length, v.shape[-1]), "float32"),  # running output
+        )
+        blocks = walk.blocks(index, data)
+
+        def merge(state, rows, columns, travelling, source, accumulated):
+            r, c, query_positions, key_positions, block_mask = blocks(
+                rows, columns, travelling, source
+            )
+            key_k, key_v = travelling[:2]
+            merged = _merge_block(
+                components,
+                tuple(x[:, :, r] for x in state),
+                qh[:, :, r],
+                key_k[:, c],
+                key_v[:, c],
+                query_positions,
+                key_positions,
+                block_mask,
+            )
+            state = tuple(x.at[:, :, r].set(m) for x, m in zip(state, merged, strict=True))
+            return state, accumulated
+
+        state, _ = walk.run(index, state, _travelling(sharding, k, v, data), merge)
+        return state
+
+    def attend(q, k, v, sink, data):
+        return _finish(forward(q, k, v, sink, data), sink)  # (B, H, Tq / P, Dv)
+
+    def attend_forward(q, k, v, sink, data):
+        state = forward(q, k, v, sink, data)
+        output = _finish(state, sink)
+        return output, (q, k, v, sink, data, output, _log_sum_exp(state, sink))
+
+    def attend_backward(residuals, output_gradient):
+        q, k, v, sink, data = residuals[:5]
+        gradients = _ring_backward(components, sharding, walk, residuals, output_gradient)
+        dq, dk, dv, dsink = gradients
+        nothing = jax.tree_util.tree_map(lambda _: None, data)
+        return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dsink, nothing)
+
+    if recompute:
+        attend = jax.custom_vjp(attend)
+        attend.defvjp(attend_forward, attend_backward)
 
     def body(local):
         index = jax.lax.axis_index(axis).astype("int32")
         if chunks == 2:
             local = _to_zigzag(local, sharding, index)
-        q, k, v, mask = local["query"], local["key"], local["value"], local.get("mask")
-        query_ids = local.get("query_ids")
-        cq, ck = q.shape[1] // chunks, k.shape[1] // chunks
-        qh = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, Tq / P, D)
-        batch, num_heads = qh.shape[0], qh.shape[1]
-        query_positions = local["offset"] + jnp.concatenate(
+        data = {name: local[name] for name in ("mask", "query_ids", "key_ids") if name in local}
+        data["offset"] = local["offset"]
+        output = attend(local["query"], local["key"], local["value"], sink, data)
+        output = jnp.transpose(output, (0, 2, 1, 3)).astype(local["value"].dtype)  # (B, n, H, Dv)
+        return _from_zigzag(output, axis, num_shards, index) if chunks == 2 else output
+
+    return sharding.map(body, sharding.heads_spec)
+
+
+# Private switch: True makes every ring's backward JAX's autodiff of the forward (each
+# step's weights kept), as before the recomputing backward; the tests compare the two.
+_AUTODIFF_RING = False
+
+
+def _recomputes(components):
+    """Whether the ring's backward can recompute its steps (`_ring_backward`).
+
+    Not where the score or a score_mod has weights: the custom backward returns the
+    gradients of the queries, keys, values and sinks only.
+    """
+    if _AUTODIFF_RING:
+        return False
+    return not any(part.weights for part in (components.score, *components.score_mods))
+
+
+def _travelling(sharding, k, v, data):
+    """What travels round the ring: keys, values, their padding and their segment ids."""
+    return (k, v, data.get("mask") if sharding.mask_keys else None, data.get("key_ids"))
+
+
+class _RingWalk:
+    """The ring's steps, in the order they run, shared by its forward and backward pass.
+
+    `run` sends the travelling K/V shard round the ring both ways and calls a
+    function on each step some device computes (the others skipped; devices that
+    compute different blocks at one step go through ``lax.switch``). Gradients
+    accumulated for a K/V shard travel with it and, at the end of each direction,
+    go back to its device in one more ``ppermute``.
+    """
+
+    def __init__(self, components, sharding, layout):
+        self.sharding, self.layout = sharding, layout
+        self.num_shards = num_shards = sharding.num_shards
+        half = num_shards // 2
+        self.forward = [s for s in layout.steps if 0 < s <= half]
+        self.backward = [num_shards - s for s in layout.steps if s > half]  # hops, nearest first
+        self.components = components
+
+    def _hop(self, tree, shift):
+        import jax
+
+        pairs = [(j, (j + shift) % self.num_shards) for j in range(self.num_shards)]
+        return jax.tree_util.tree_map(
+            lambda x: jax.lax.ppermute(x, self.sharding.axis, pairs), tree
+        )
+
+    def blocks(self, index, data):
+        """``blocks(rows, columns, travelling, source)``: where and how a block is masked.
+
+        Returns ``(query slice, key slice, query positions, key positions, data
+        mask)`` of query chunks `rows` against key chunks `columns` of the K/V
+        shard of device `source`.
+        """
+        import jax.numpy as jnp
+
+        sharding, chunks, num_shards = self.sharding, self.layout.chunks, self.num_shards
+        mask, query_ids = data.get("mask"), data.get("query_ids")
+        padded = sharding.heads.key.shape[1] != sharding.key_length
+        length = sharding.heads.query.shape[1] // num_shards
+        cq = length // chunks
+        ck = sharding.heads.key.shape[1] // num_shards // chunks
+        query_positions = data["offset"] + jnp.concatenate(
             [held * cq + jnp.arange(cq, dtype="int32") for held in _held(index, num_shards, chunks)]
         )
-        state = (
-            jnp.full((batch, num_heads, q.shape[1], 1), NEG_INF, "float32"),  # running max
-            jnp.zeros((batch, num_heads, q.shape[1], 1), "float32"),  # running sum
-            jnp.zeros((batch, num_heads, q.shape[1], v.shape[-1]), "float32"),  # running output
-        )
-        # What travels: keys, values, their padding and their segment ids.
-        own = (k, v, mask if sharding.mask_keys else None, local.get("key_ids"))
 
-        def merge_block(state, rows, columns, travelling, source):
-            """Merge query chunks `rows` against key chunks `columns` of `travelling`."""
-            key_k, key_v, key_mask, key_ids = travelling
+        def block(rows, columns, travelling, source):
+            _, _, key_mask, key_ids = travelling
             r = slice(rows[0] * cq, (rows[-1] + 1) * cq)  # chunks in a row: contiguous
             c = slice(columns[0] * ck, (columns[-1] + 1) * ck)
             held = _held(source, num_shards, chunks)
@@ -736,54 +853,149 @@ def _ring(components, sharding, layout):
             if padded:
                 valid = key_positions < sharding.key_length
                 block_mask = combine_masks(block_mask, valid.reshape(1, 1, 1, -1))
-            merged = _merge_block(
-                components,
-                tuple(x[:, :, r] for x in state),
-                qh[:, :, r],
-                key_k[:, c],
-                key_v[:, c],
-                query_positions[r],
-                key_positions,
-                block_mask,
-            )
-            return tuple(x.at[:, :, r].set(m) for x, m in zip(state, merged, strict=True))
+            return r, c, query_positions[r], key_positions, block_mask
 
-        def merge_step(state, step, travelling):
-            # Devices that compute the same blocks at this step share a branch.
-            source = (index - step) % num_shards
-            kinds = sorted({needed[step, d].tobytes() for d in range(num_shards)})
-            branch_of = [kinds.index(needed[step, d].tobytes()) for d in range(num_shards)]
+        return block
 
-            def branch(blocks):
-                def compute(state):
-                    for rows, columns in _rectangles(blocks):
-                        state = merge_block(state, rows, columns, travelling, source)
-                    return state
+    def _step(self, index, carry, step, travelling, accumulated, compute):
+        import jax
+        import jax.numpy as jnp
 
-                return compute
+        needed, num_shards, chunks = self.layout.needed, self.num_shards, self.layout.chunks
+        source = (index - step) % num_shards
+        kinds = sorted({needed[step, d].tobytes() for d in range(num_shards)})
+        branch_of = [kinds.index(needed[step, d].tobytes()) for d in range(num_shards)]
 
-            blocks = [np.frombuffer(kind, bool).reshape(chunks, chunks) for kind in kinds]
-            if len(blocks) == 1:
-                return branch(blocks[0])(state)
-            index_of = jnp.asarray(branch_of, "int32")[index]
-            return jax.lax.switch(index_of, [branch(b) for b in blocks], state)
+        def branch(blocks):
+            def run(operands):
+                carry, accumulated = operands
+                for rows, columns in _rectangles(blocks):
+                    carry, accumulated = compute(
+                        carry, rows, columns, travelling, source, accumulated
+                    )
+                return carry, accumulated
 
-        if 0 in steps:
-            state = merge_step(state, 0, own)
-        for direction, wanted in ((1, forward), (-1, backward)):
-            travelling = own
+            return run
+
+        blocks = [np.frombuffer(kind, bool).reshape(chunks, chunks) for kind in kinds]
+        if len(blocks) == 1:
+            return branch(blocks[0])((carry, accumulated))
+        index_of = jnp.asarray(branch_of, "int32")[index]
+        return jax.lax.switch(index_of, [branch(b) for b in blocks], (carry, accumulated))
+
+    def run(self, index, carry, own, compute, zeros=None):
+        """Call ``compute(carry, rows, columns, travelling, source, accumulated)`` on each block.
+
+        `zeros`: None, or the gradients' accumulators for one K/V shard (zeros); they
+        travel with the shard and come back to its device.
+
+        Returns:
+            ``(carry, accumulated)``: the accumulators of this device's own K/V
+            shard (summed over every device that used it), or None.
+        """
+        home = zeros
+        if 0 in self.layout.steps:
+            carry, home = self._step(index, carry, 0, own, home, compute)
+        for direction, wanted in ((1, self.forward), (-1, self.backward)):
+            travelling, accumulated = own, zeros
             for hop in range(1, max(wanted, default=0) + 1):
-                travelling = jax.tree_util.tree_map(
-                    lambda x: jax.lax.ppermute(x, axis, hops[direction]), travelling
-                )
+                travelling = self._hop(travelling, direction)
+                if accumulated is not None and hop > min(wanted):
+                    accumulated = self._hop(accumulated, direction)  # with its shard
                 if hop in wanted:
-                    step = hop if direction == 1 else num_shards - hop
-                    state = merge_step(state, step, travelling)
-        output = _finish(state, sink)  # (B, H, Tq / P, Dv)
-        output = jnp.transpose(output, (0, 2, 1, 3)).astype(v.dtype)  # (B, Tq / P, H, Dv)
-        return _from_zigzag(output, axis, num_shards, index) if chunks == 2 else output
+                    step = hop if direction == 1 else self.num_shards - hop
+                    carry, accumulated = self._step(
+                        index, carry, step, travelling, accumulated, compute
+                    )
+            if zeros is not None and wanted:
+                back = self._hop(accumulated, -direction * max(wanted))  # home
+                home = tuple(h + b for h, b in zip(home, back, strict=True))
+        return carry, home
 
-    return sharding.map(body, sharding.heads_spec)
+
+def _log_sum_exp(state, sink):
+    """Each query row's log-sum-exp ``(B, H, Tq, 1)`` over its keys (and the sink).
+
+    0 for a row with no allowed key and no sink (its weights are all 0).
+    """
+    import jax.numpy as jnp
+
+    running_max, running_sum, _ = state
+    if sink is None:
+        has_key = running_sum > 0
+        return jnp.where(has_key, running_max + jnp.log(jnp.where(has_key, running_sum, 1.0)), 0.0)
+    top = jnp.maximum(running_max, sink)
+    return top + jnp.log(running_sum * jnp.exp(running_max - top) + jnp.exp(sink - top))
+
+
+def _ring_backward(components, sharding, walk, residuals, output_gradient):
+    """The ring's gradients from its inputs, output and log-sum-exp (a second ring pass).
+
+    At each step a device recomputes its block's logits ``s`` from its queries and
+    the visiting keys, ``p = exp(s - lse)``, and with ``delta = rowsum(dO * O)``:
+    ``dV += pᵀ·dO``, ``dS = p * (dO·Vᵀ - delta)``, and ``dQ``, ``dK`` from ``dS``
+    through the score and score_mods (their vjp: the softmax scale included).
+    ``dK``, ``dV`` travel with their K/V shard and return to its device.
+
+    Returns:
+        ``(dq (B, n, H, D), dk, dv (B, n, H, Dv), dsink or None)``, float32.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    q, k, v, sink, data, output, lse = residuals
+    index = jax.lax.axis_index(sharding.axis).astype("int32")
+    qh = jnp.transpose(q, (0, 2, 1, 3))  # (B, H, n, D)
+    do = output_gradient.astype("float32")  # (B, H, n, Dv)
+    delta = jnp.sum(do * output, axis=-1, keepdims=True)  # (B, H, n, 1)
+    blocks = walk.blocks(index, data)
+
+    def gradients(dq, rows, columns, travelling, source, accumulated):
+        r, c, query_positions, key_positions, block_mask = blocks(rows, columns, travelling, source)
+        key_k, key_v = travelling[:2]
+        kh = jnp.transpose(key_k[:, c], (0, 2, 1, 3))  # (B, H, columns, D)
+        vh = jnp.transpose(key_v[:, c], (0, 2, 1, 3)).astype("float32")  # (B, H, columns, Dv)
+
+        def logits_of(query, key):
+            return _block_logits(components, query, key, query_positions, key_positions)
+
+        x, pullback = jax.vjp(logits_of, qh[:, :, r], kh)  # (B, H, rows, columns)
+        positions = _block_positions(query_positions, key_positions, qh.shape[1])
+        mask = combine_masks(pattern_mask_or_none(components.pattern, positions), block_mask)
+        if mask is not None:
+            x = jnp.where(mask, x, NEG_INF)
+        p = jnp.exp(x - lse[:, :, r])
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        do_r = do[:, :, r]
+        dv_block = jnp.einsum("bhqk,bhqd->bhkd", p, do_r)
+        ds = p * (jnp.einsum("bhqd,bhkd->bhqk", do_r, vh) - delta[:, :, r])
+        dq_block, dk_block = pullback(ds)
+        dq = dq.at[:, :, r].add(dq_block.astype("float32"))
+        dk, dv = accumulated
+        dk = dk.at[:, :, c].add(dk_block.astype("float32"))
+        dv = dv.at[:, :, c].add(dv_block)
+        return dq, (dk, dv)
+
+    batch, num_heads, length, depth = qh.shape
+    zeros = (
+        jnp.zeros((batch, num_heads, k.shape[1], depth), "float32"),  # dK of a K/V shard
+        jnp.zeros((batch, num_heads, v.shape[1], v.shape[-1]), "float32"),  # its dV
+    )
+    dq = jnp.zeros(qh.shape, "float32")
+    dq, (dk, dv) = walk.run(index, dq, _travelling(sharding, k, v, data), gradients, zeros)
+    dsink = None
+    if sink is not None:
+        # The sink's weight in each row is exp(sink - lse); d(output)/d(sink) = -weight * O.
+        dsink = -jnp.sum(delta * jnp.exp(sink - lse), axis=(0, 2), keepdims=True)  # (1, H, 1, 1)
+        dsink = jnp.sum(dsink, axis=1, keepdims=True) if sink.shape[1] == 1 else dsink
+    transpose = (0, 2, 1, 3)  # back to (B, n, H, D)
+    return (
+        jnp.transpose(dq, transpose),
+        jnp.transpose(dk, transpose),
+        jnp.transpose(dv, transpose),
+        dsink,
+    )
 
 
 def _zigzag_permutations(num_shards):
@@ -1035,6 +1247,26 @@ def _rectangles(blocks):
     return [(tuple(rows), columns) for columns, rows in groups.items()]
 
 
+def _block_positions(query_positions, key_positions, num_heads):
+    """The `Positions` of a block: query ``(1, 1, rows, 1)``, key ``(1, 1, 1, columns)``."""
+    import jax.numpy as jnp
+
+    return Positions(
+        query=query_positions.reshape(1, 1, -1, 1),
+        key=key_positions.reshape(1, 1, 1, -1),
+        head=jnp.arange(num_heads, dtype="int32").reshape(1, -1, 1, 1),
+    )
+
+
+def _block_logits(components, qh, kh, query_positions, key_positions):
+    """The score and score_mods of queries ``(B, H, rows, D)`` against keys, float32."""
+    positions = _block_positions(query_positions, key_positions, qh.shape[1])
+    logits = components.score(qh, kh)  # (B, H, Tq, Tk)
+    for mod in components.score_mods:
+        logits = mod(logits, positions=positions)
+    return logits.astype("float32")
+
+
 def _merge_block(components, state, qh, k, v, query_positions, key_positions, data_mask):
     """Merge one K/V shard's partial softmax into the running state (log-sum-exp)."""
     import jax
@@ -1042,16 +1274,9 @@ def _merge_block(components, state, qh, k, v, query_positions, key_positions, da
 
     kh = jnp.transpose(k, (0, 2, 1, 3))  # (B, H, Tk, D)
     vh = jnp.transpose(v, (0, 2, 1, 3))  # (B, H, Tk, Dv)
-    positions = Positions(
-        query=query_positions.reshape(1, 1, -1, 1),
-        key=key_positions.reshape(1, 1, 1, -1),
-        head=jnp.arange(qh.shape[1], dtype="int32").reshape(1, -1, 1, 1),
-    )
-    logits = components.score(qh, kh)  # (B, H, Tq, Tk)
-    for mod in components.score_mods:
-        logits = mod(logits, positions=positions)
+    x = _block_logits(components, qh, kh, query_positions, key_positions)
+    positions = _block_positions(query_positions, key_positions, qh.shape[1])
     mask = combine_masks(pattern_mask_or_none(components.pattern, positions), data_mask)
-    x = logits.astype("float32")
     if mask is not None:
         x = jnp.where(mask, x, NEG_INF)
     running_max, running_sum, running_output = state
