@@ -159,6 +159,19 @@ EXACT_CASES = {
     "halo_causal_local_segments_padding_t59_p8": "halo",
     "halo_dilated_gqa_p8": "halo",
     "halo_sparsemax_local_p4": "halo",
+    "ring_causal_sink_softmax_segments_p8": "ring",
+    "ring_full_softcap_padding_p4": "ring",
+    "ring_causal_relative_position_p4": "ring",
+}
+# How each ring's backward pass ran: recomputing each step's weights, or JAX's autodiff
+# of the ring where a score_mod (or the score) has weights.
+RING_BACKWARD = {
+    "ring_causal_rope_padding_t61_p8": "recompute",
+    "ring_causal_t6_p8": "recompute",
+    "ring_causal_gqa_segments_key_padding_p4": "recompute",
+    "ring_causal_sink_softmax_segments_p8": "recompute",
+    "ring_full_softcap_padding_p4": "recompute",
+    "ring_causal_relative_position_p4": "autodiff",
 }
 
 
@@ -171,6 +184,19 @@ def test_outputs_and_gradients_equal_one_device(measured, case):
     assert got["output_error"] < 2e-5, got
     assert got["gradient_error"] < 2e-5, got
     assert got["gradient_scale"] > 1e-3, got  # every gradient is really compared
+    assert got["ring_backward"] == RING_BACKWARD.get(case), got
+
+
+@pytest.mark.slow
+def test_ring_backward_recomputes_in_a_fraction_of_the_memory(measured):
+    # A causal training step at T = 4096 over 8 devices: the recomputing backward keeps
+    # no step's (n x n) weights, so a device's temporary memory is a few blocks' worth,
+    # against every step's under JAX's autodiff of the ring and the whole (n x T) rows
+    # of GSPMD's default (the sequence sharded, keras_attn without context parallelism).
+    memory = measured["ring_memory"]
+    assert memory["ring_backward"] == ["recompute", "autodiff"]
+    assert memory["recompute"] <= memory["autodiff"] / 4, memory
+    assert memory["recompute"] <= memory["gspmd"] / 4, memory
 
 
 @pytest.mark.slow
@@ -464,6 +490,9 @@ def _exact_with_gradients(out, devices, rng):
         "halo_causal_local_segments_padding_t59_p8": (8, 59, "halo", "segments padding", {"pattern": patterns.Local(8, causal=True), "position_encoding": "rope"}),
         "halo_dilated_gqa_p8": (8, 64, "auto", "", {"pattern": patterns.Dilated(3, 2, causal=True), "num_key_value_heads": 1}),
         "halo_sparsemax_local_p4": (4, 64, "halo", "", {"pattern": patterns.Local(4), "normalizer": "sparsemax"}),
+        "ring_causal_sink_softmax_segments_p8": (8, 64, "ring", "segments", {"pattern": "causal", "normalizer": "sink_softmax"}),
+        "ring_full_softcap_padding_p4": (4, 40, "ring", "padding", {"score_mods": ["softcap"]}),
+        "ring_causal_relative_position_p4": (4, 40, "ring", "", {"pattern": "causal", "score_mods": ["relative_position"]}),
     }  # fmt: skip
     out["exact"] = {}
     start = time.perf_counter()
@@ -494,6 +523,7 @@ def _exact_with_gradients(out, devices, rng):
             "strategy": sharded.last_plan.strategy,
             "halo": sharded.last_plan.halo,
             "balance": sharded.last_plan.balance,
+            "ring_backward": sharded.last_plan.ring_backward,
         }  # fmt: skip
         print(name, out["exact"][name], f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
 
@@ -543,6 +573,59 @@ def _exact_with_gradients(out, devices, rng):
         "local_path": getattr(sharded.last_plan.local, "path", None),
         "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
         "dense_logits_bytes": 2 * HEADS * n * (n + window - 1) * 4,
+    }
+    out["ring_memory"] = _ring_memory(devices)
+
+
+def _ring_memory(devices):
+    """Temporary memory of a causal training step at T = 4096 over 8 devices, per device."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec
+
+    from keras_attn import context_parallel as context_parallel_module
+
+    length, heads, key_dim = 4096, 2, 16
+    mesh = keras.distribution.DeviceMesh((1, DEVICES), ("batch", "seq"), devices)
+    distribution = keras.distribution.ModelParallel(
+        layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch"
+    )
+
+    def temp_bytes(context, autodiff=False):
+        layer = keras_attn.Attention(
+            num_heads=heads, key_dim=key_dim, pattern="causal", context_parallel=context
+        )
+        layer.build((1, length, heads * key_dim))
+        trainable = [v.value for v in layer.trainable_variables]
+
+        def loss(trainable, x):
+            y, _ = layer.stateless_call(trainable, [], x)
+            return (y**2).mean()
+
+        def spec(shape, *axes):
+            return jax.ShapeDtypeStruct(
+                shape, "float32", sharding=NamedSharding(mesh.backend_mesh, PartitionSpec(*axes))
+            )
+
+        x = spec((1, length, heads * key_dim), None, "seq", None)
+        context_parallel_module._AUTODIFF_RING = autodiff  # the ring as JAX differentiates it
+        try:
+            with distribution.scope():
+                step = jax.jit(jax.value_and_grad(loss, (0, 1)))
+                compiled = step.lower([spec(w.shape) for w in trainable], x).compile()
+        finally:
+            context_parallel_module._AUTODIFF_RING = False
+        return compiled.memory_analysis().temp_size_in_bytes, layer.last_plan
+
+    ring = ContextParallel("seq", "ring")
+    recompute, recompute_plan = temp_bytes(ring)
+    autodiff, autodiff_plan = temp_bytes(ring, autodiff=True)
+    gspmd, _ = temp_bytes(None)
+    return {
+        "recompute": recompute,
+        "autodiff": autodiff,
+        "gspmd": gspmd,
+        "ring_backward": [recompute_plan.ring_backward, autodiff_plan.ring_backward],
     }
 
 
