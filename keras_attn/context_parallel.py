@@ -23,7 +23,13 @@ other devices by one of three strategies, all exact:
   device d holds chunks d and 2P - 1 - d, reordered inside the run with two
   ``ppermute`` each way, so inputs and outputs stay in the caller's order; every
   device then computes the same number of blocks. Softmax and ``sink_softmax``
-  only: their partial results merge.
+  only: their partial results merge. Its backward pass (a ``jax.custom_vjp``, as
+  Ring Attention's and FlashAttention-2's) keeps only the inputs, the output and
+  each query row's log-sum-exp, and runs the ring again: each step's weights are
+  recomputed, and the keys' and values' gradients travel with their shard and go
+  home in one more ``ppermute``, so a device holds one step's block of weights at
+  a time, not every step's. A score or score_mod with weights keeps JAX's autodiff
+  of the ring (``plan.ring_backward``).
 - ``"halo"``: for a banded pattern (`keras_attn.patterns.reach` gives
   ``(before, after)``, e.g. ``window - 1`` each side for `Local`) that reaches no
   further than one shard, each device receives only the last ``before`` keys of
