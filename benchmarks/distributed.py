@@ -4,6 +4,7 @@
         python -m benchmarks.distributed                      # T = 4096 ... 65536
     python -m benchmarks.distributed --max-length 8192 --budget-gib 1   # a quick run
     python -m benchmarks.distributed --cap gspmd:causal=8192 # what README.md shows
+    python -m benchmarks.distributed --configs ring,halo     # only these, the rest kept
     python -m benchmarks.distributed --time 5                # also tokens/s (real devices)
 
 One attention layer (batch 1, 8 heads, key_dim 64, width 512, float32), a training
@@ -234,13 +235,29 @@ def _find(results, config, pattern, length):
     return None
 
 
+def _merged(path, results):
+    """The results of the report at `path`, those measured again replaced by `results`."""
+    if not os.path.exists(path):
+        return results
+    with open(path, encoding="utf-8") as f:
+        previous = json.load(f)["results"]
+    new = {(r["config"], r["pattern"], r["length"]): r for r in results}
+    merged = [new.pop((r["config"], r["pattern"], r["length"]), r) for r in previous]
+    return merged + list(new.values())
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.distributed", description=__doc__)
     parser.add_argument("--max-length", type=int, default=LENGTHS[-1])
     parser.add_argument("--min-length", type=int, default=LENGTHS[0])
     parser.add_argument("--budget-gib", type=float, default=4.0, help="per-device memory budget")
     parser.add_argument("--patterns", default=",".join(PATTERNS))
-    parser.add_argument("--configs", default=None, help="comma-separated (default: all)")
+    parser.add_argument(
+        "--configs",
+        default=None,
+        help="comma-separated (default: all); the other configurations' results already "
+        "in --output are kept, so one column can be measured again",
+    )
     parser.add_argument(
         "--cap",
         action="append",
@@ -300,6 +317,8 @@ def main(argv=None):
                                  "error": type(e).__name__, "detail": str(e)[:300]}  # fmt: skip
                     results.append(entry)
                     print(json.dumps(entry), file=sys.stderr, flush=True)
+    if configs:
+        results = _merged(args.output, results)
     report = {
         "devices": [str(d) for d in devices],
         "budget_bytes": int(args.budget_gib * 2**30),
