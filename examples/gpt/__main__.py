@@ -4,6 +4,8 @@
     python -m examples.gpt train --dataset tiny_shakespeare --epochs 10 --output runs/gpt
     python -m examples.gpt train --pattern '{"name": "local", "config": {"window": 32}}'
     python -m examples.gpt train --pack --position-encoding rope   # documents packed in rows
+    python -m examples.gpt train --position-embedding none --position-encoding rope \
+        --pattern '{"name": "local", "config": {"window": 32}}'   # generates past --max-length
     python -m examples.gpt generate --output runs/gpt --prompt "The " --top-k 5
     python -m examples.gpt compare                   # keras_attn vs keras.layers.MultiHeadAttention
     python -m examples.gpt train --distribute model_parallel --context-parallel 2   # JAX, a mesh
@@ -36,7 +38,15 @@ from examples.gpt.model import build_gpt
 from examples.gpt.model import compile_gpt
 from examples.gpt.model import single_document
 
-MODEL_FLAGS = ("max_length", "seq_len", "num_layers", "num_heads", "hidden_dim", "dropout")
+MODEL_FLAGS = (
+    "max_length",
+    "seq_len",
+    "num_layers",
+    "num_heads",
+    "hidden_dim",
+    "dropout",
+    "position_embedding",
+)
 
 
 def check_args(args):
@@ -65,6 +75,7 @@ def new_model(args, attention, data):
         dropout=args.dropout,
         attention=attention,
         packed=bool(getattr(args, "pack", False)),
+        position_embedding=getattr(args, "position_embedding", "learned"),
     )
     return compile_gpt(model, args.learning_rate)
 
@@ -286,6 +297,15 @@ def add_model_arguments(parser, **defaults):
         type=int,
         default=defaults.get("max_length"),
         help="positions of the model (default: --seq-len)",
+    )
+    g.add_argument(
+        "--position-embedding",
+        choices=("learned", "none"),
+        default=defaults.get("position_embedding", "learned"),
+        help="learned: --max-length learned positions (default); none: no position "
+        "embedding, positions from --position-encoding rope. With none and a causal "
+        "sliding window (--pattern local) generation goes past --max-length with a "
+        "ring cache of `window` slots per layer (constant memory)",
     )
     g.add_argument("--num-layers", type=int, default=defaults.get("num_layers", 4))
     g.add_argument("--num-heads", type=int, default=defaults.get("num_heads", 4))

@@ -8,6 +8,13 @@ position, not the whole prefix. A `Generator` compiles its decoding loop once an
 reuses it; `generate` is the one-call form. `generate_text` samples past the
 model's trained length in chunks; `generation_speed` times cached against
 uncached decoding.
+
+Where every block's attention is a causal sliding window (pattern ``local``: the
+blocks add causal), each layer's cache is a ring of `window` slots
+(`keras_attn.kv_cache.read_write_ring`): memory proportional to the window, not to
+the sequence. A model without learned positions (``position_embedding="none"``,
+positions from the attention's rope) then decodes past its `max_length`, in
+constant cache memory: the cache index grows, the cache does not.
 """
 
 import time
@@ -18,6 +25,8 @@ from keras import ops
 
 import keras_attn
 from examples.gpt.model import single_document
+from keras_attn import kv_cache
+from keras_attn import patterns
 from keras_attn import validation
 
 SAMPLING = ("greedy", "top_k", "temperature")
@@ -37,6 +46,12 @@ class Generator:
     Sampling draws Gumbel noise on the host (from `seed`) and takes
     ``argmax(logits / temperature + noise)`` over the `top_k` best tokens, which
     samples from ``softmax(logits / temperature)``; greedy uses no noise.
+
+    Attributes:
+        ring_windows: The window of every block's attention where each is a causal
+            sliding window (its cache is then a ring of that many slots), else None.
+        unbounded: Whether `generate` may go past the model's `max_length`: the
+            model has no learned positions and `ring_windows` is not None.
     """
 
     def __init__(self, model):
@@ -49,7 +64,30 @@ class Generator:
         self.supports_cache = all(
             isinstance(b.attention, keras_attn.Attention) for b in self.blocks
         )
+        windows = [_ring_window(b.attention) for b in self.blocks]
+        self.ring_windows = None if None in windows else tuple(windows)
+        self.position_embedding = getattr(model, "position_embedding", "learned")
+        self.unbounded = self.ring_windows is not None and self.position_embedding == "none"
         self._decoders = {}
+
+    def _why_bounded(self):
+        """Why this model cannot decode past `max_length` (for the error)."""
+        reasons = []
+        if self.position_embedding != "none":
+            reasons.append(
+                f"its position embedding is {self.position_embedding!r} ({self.max_length} "
+                "learned positions)"
+            )
+        if self.ring_windows is None:
+            names = [
+                type(b.attention).__name__
+                if not isinstance(b.attention, keras_attn.Attention)
+                else keras_attn.plugins.registry_name(b.attention.pattern)
+                for b in self.blocks
+                if _ring_window(b.attention) is None
+            ]
+            reasons.append(f"not every block's attention is a causal sliding window ({names})")
+        return " and ".join(reasons)
 
     def _check_length(self, prompt, max_new_tokens):
         if prompt.ndim != 2 or prompt.shape[1] == 0:
@@ -57,10 +95,14 @@ class Generator:
                 f"`prompt` must be int ids (B, T) with T >= 1. Received: prompt.shape={prompt.shape}"
             )
         validation.positive_int(max_new_tokens, "max_new_tokens")
-        if prompt.shape[1] + max_new_tokens > self.max_length:
+        if prompt.shape[1] + max_new_tokens > self.max_length and not self.unbounded:
             raise ValueError(
                 f"The prompt plus the new tokens is longer than the model's maximum "
-                f"length {self.max_length}. Received: prompt length={prompt.shape[1]}, "
+                f"length {self.max_length}. Decoding past it needs a model without learned "
+                "positions (build_gpt(..., position_embedding='none'), positions from the "
+                "attention's rope) whose every block attends through a causal sliding "
+                "window (pattern 'local'; its cache is a ring of `window` slots), but "
+                f"{self._why_bounded()}. Received: prompt length={prompt.shape[1]}, "
                 f"max_new_tokens={max_new_tokens}"
             )
 
@@ -134,6 +176,8 @@ class Generator:
         Positions past the training windows (`window`, the ``--seq-len`` trained on)
         have untrained embeddings, so long samples go in chunks: each chunk continues
         from the last ``window // 2`` tokens so far, with the key/value cache inside it.
+        A model that decodes past its length (`unbounded`: no learned positions, a
+        causal sliding window in every block) needs no chunks: one `generate` call.
         Other arguments as `generate`.
 
         Returns:
@@ -142,9 +186,11 @@ class Generator:
         Raises:
             ValueError: the prompt is not shorter than the window.
         """
-        window = min(window or self.max_length, self.max_length)
         ids = np.asarray(prompt, "int32")
         ids = ids[None] if ids.ndim == 1 else ids
+        if self.unbounded:
+            return self.generate(ids, length, seed=seed, **kwargs)
+        window = min(window or self.max_length, self.max_length)
         if ids.shape[1] >= window:
             raise ValueError(
                 f"The prompt must be shorter than the window of {window} tokens. "
@@ -169,6 +215,10 @@ class _Decoder(keras.Model):
     A subclassed model, not a functional one: Keras' functional graphs require a
     layer to return the same number of outputs on every call, and the blocks
     return their cache only here.
+
+    Attributes:
+        cache_shapes: The shapes of the caches the last traced call made (cached
+            decoding), ``(B, 2, S, H, D)`` per block: ``S`` is the window of a ring.
     """
 
     def __init__(self, generator, use_cache):
@@ -182,6 +232,8 @@ class _Decoder(keras.Model):
         self.final_norm = generator.final_norm
         self.head = generator.head
         self.use_cache = use_cache
+        self.ring_windows = generator.ring_windows
+        self.cache_shapes = None
 
     def _step(self, token_ids, index, caches):
         """Logits of the last position ``(B, V)`` and the new caches."""
@@ -210,10 +262,14 @@ class _Decoder(keras.Model):
 
         out = ops.zeros((batch, new_tokens), "int32")
         if self.use_cache:
+            # A causal sliding window keeps a ring of `window` slots: a fixed shape
+            # whatever the length (only the cache index grows); else `total` slots.
+            slots = self.ring_windows or [total] * len(self.blocks)
             caches = [
-                ops.zeros(b.attention.cache_shape(batch, total), dtype=b.attention.compute_dtype)
-                for b in self.blocks
+                ops.zeros(b.attention.cache_shape(batch, s), dtype=b.attention.compute_dtype)
+                for b, s in zip(self.blocks, slots, strict=True)
             ]
+            self.cache_shapes = [tuple(c.shape) for c in caches]  # of the last trace
             logits, caches = self._step(prompt, 0, caches)  # prefill with the prompt
             token = pick(logits, 0)
 
@@ -241,6 +297,14 @@ class _Decoder(keras.Model):
 
         result = ops.while_loop(cond, body, loop_vars)
         return result[2] if self.use_cache else result[2][:, prompt_length:]
+
+
+def _ring_window(layer):
+    """The window of a block's attention if it is a causal sliding window (the blocks
+    call it with ``use_causal_mask=True``), else None."""
+    if not isinstance(layer, keras_attn.Attention):
+        return None
+    return kv_cache.ring_window(patterns.with_causal(layer.pattern))
 
 
 def generate(model, prompt, max_new_tokens, **kwargs):

@@ -13,7 +13,11 @@ blocks always call it with ``use_causal_mask=True``, so any pattern is
 intersected with causal. ``build_gpt(..., packed=True)`` takes several documents
 per row: its inputs are ``{"token_ids", "segment_ids"}``, no token attends to
 another document, and positions (learned and the attention's position encoding)
-restart at each document.
+restart at each document. ``build_gpt(..., position_embedding="none")`` leaves out the
+learned position embedding (positions then come from the attention's position
+encoding, e.g. rope), so the model takes sequences of any length; with a causal
+sliding-window attention, `examples.gpt.generation` then decodes past `max_length`
+in constant cache memory.
 """
 
 import types
@@ -26,17 +30,33 @@ from examples.common.blocks import TransformerBlock
 from keras_attn import segments
 from keras_attn import validation
 
+POSITION_EMBEDDINGS = ("learned", "none")
+
+
+def check_position_embedding(value):
+    """`value` if it is one of `POSITION_EMBEDDINGS`, else a ValueError."""
+    if value not in POSITION_EMBEDDINGS:
+        raise ValueError(
+            f"`position_embedding` must be one of {POSITION_EMBEDDINGS}. "
+            f"Received: position_embedding={value!r}"
+        )
+    return value
+
+
 # -- embedding -----------------------------------------------------------------------
 
 
 @keras.saving.register_keras_serializable(package="examples.gpt")
 class TokenAndPositionEmbedding(keras.layers.Layer):
-    """Token embedding plus a learned absolute position embedding.
+    """Token embedding plus a learned absolute position embedding (or none).
 
     Args:
         vocab_size: Number of token ids.
         max_length: Longest sequence the model accepts (number of positions).
         hidden_dim: Embedding size.
+        position_embedding: ``"learned"`` (default): `max_length` learned positions
+            are added. ``"none"``: only the token embedding; any length is accepted
+            (positions come from the attention's position encoding, if any).
 
     Call arguments:
         token_ids: Int ``(B, T)``.
@@ -47,25 +67,35 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
 
     Returns:
         ``(B, T, hidden_dim)``.
+
+    Raises:
+        ValueError: with learned positions, a sequence longer than `max_length`
+            (where its length is known); an unknown `position_embedding`.
     """
 
-    def __init__(self, vocab_size, max_length, hidden_dim, **kwargs):
+    def __init__(self, vocab_size, max_length, hidden_dim, position_embedding="learned", **kwargs):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.max_length = max_length
         self.hidden_dim = hidden_dim
+        # Not `self.position_embedding`: that names the learned positions' layer.
+        self.position_kind = check_position_embedding(position_embedding)
 
     def build(self, input_shape):
         self.token_embedding = keras.layers.Embedding(
             self.vocab_size, self.hidden_dim, dtype=self.dtype_policy, name="token_embedding"
         )
         self.token_embedding.build(input_shape)
+        if self.position_kind == "none":
+            return
         self.position_embedding = keras.layers.Embedding(
             self.max_length, self.hidden_dim, dtype=self.dtype_policy, name="position_embedding"
         )
         self.position_embedding.build((None,))
 
     def call(self, token_ids, start_index=0, segment_ids=None):
+        if self.position_kind == "none":
+            return self.token_embedding(token_ids)  # (B, T, E)
         length = token_ids.shape[1]
         if (
             length is not None
@@ -94,6 +124,8 @@ class TokenAndPositionEmbedding(keras.layers.Layer):
         config.update(
             vocab_size=self.vocab_size, max_length=self.max_length, hidden_dim=self.hidden_dim
         )
+        if self.position_kind != "learned":  # the configs of learned positions stay as they were
+            config["position_embedding"] = self.position_kind
         return config
 
 
@@ -106,7 +138,9 @@ class GPT(keras.Model):
 
     Args:
         vocab_size: Number of token ids.
-        max_length: Longest sequence (prompt plus generated tokens) it accepts.
+        max_length: Longest sequence (prompt plus generated tokens) it accepts
+            with learned positions; without them (``position_embedding="none"``)
+            the length it is meant for, which a windowed model decodes past.
         num_layers: Number of blocks.
         num_heads: Attention heads per block.
         hidden_dim: Model width (divisible by `num_heads`).
@@ -120,6 +154,13 @@ class GPT(keras.Model):
             "segment_ids": (B, T)}`` (int; equal ids = one document), no token
             attends to another document, and the learned positions and the
             attention's position encoding restart at each document.
+        position_embedding: ``"learned"`` (default): a learned absolute position
+            embedding of `max_length` positions is added to the tokens.
+            ``"none"``: no position embedding; positions come from the attention's
+            position encoding (e.g. ``attention={"position_encoding": "rope"}``),
+            and the model takes sequences of any length. With a causal sliding
+            window in every block (``pattern`` ``local``), `generate` decodes
+            past `max_length` with a ring cache of `window` slots per layer.
 
     Attributes:
         embedding: The `TokenAndPositionEmbedding`.
@@ -130,7 +171,8 @@ class GPT(keras.Model):
 
     Raises:
         ValueError: a size is not a positive integer, `hidden_dim` is not divisible
-            by `num_heads`, or the attention is not valid (unknown components
+            by `num_heads`, `position_embedding` is not ``"learned"`` or ``"none"``,
+            or the attention is not valid (unknown components
             raise `keras_attn.UnknownComponentError`).
     """
 
@@ -145,6 +187,7 @@ class GPT(keras.Model):
         dropout=0.0,
         attention=None,
         packed=False,
+        position_embedding="learned",
         **kwargs,
     ):
         for arg, value in (
@@ -162,12 +205,13 @@ class GPT(keras.Model):
             )
         attention = AttentionConfig.from_dict(attention)
         packed = validation.boolean(packed, "packed")
+        position_embedding = check_position_embedding(position_embedding)
         intermediate_dim = intermediate_dim or 4 * hidden_dim
 
         # === layers ===
         parts = types.SimpleNamespace(packed=packed)
         parts.embedding = TokenAndPositionEmbedding(
-            vocab_size, max_length, hidden_dim, name="embedding"
+            vocab_size, max_length, hidden_dim, position_embedding, name="embedding"
         )
         parts.blocks = [
             TransformerBlock(
@@ -213,6 +257,7 @@ class GPT(keras.Model):
         self.intermediate_dim = intermediate_dim
         self.dropout = dropout
         self.attention_config = attention
+        self.position_embedding = position_embedding
 
     def embed(self, inputs, training=None):
         """The input of the first block and the arguments of every block.
@@ -232,7 +277,7 @@ class GPT(keras.Model):
         return x, {"segment_ids": segment_ids}
 
     def get_config(self):
-        return {
+        config = {
             "name": self.name,
             "trainable": self.trainable,
             "vocab_size": self.vocab_size,
@@ -245,6 +290,9 @@ class GPT(keras.Model):
             "attention": self.attention_config.to_dict(),
             "packed": self.packed,
         }
+        if self.position_embedding != "learned":  # the configs of learned positions stay
+            config["position_embedding"] = self.position_embedding
+        return config
 
 
 def build_gpt(
@@ -257,6 +305,7 @@ def build_gpt(
     dropout=0.0,
     attention=None,
     packed=False,
+    position_embedding="learned",
     name="gpt",
 ):
     """A `GPT` (arguments as there), named `name`."""
@@ -270,6 +319,7 @@ def build_gpt(
         dropout=dropout,
         attention=attention,
         packed=packed,
+        position_embedding=position_embedding,
         name=name,
     )
 
