@@ -22,12 +22,15 @@ other devices by one of three strategies, all exact:
   sequence into 2·P chunks the same way): the sequence is cut into 2·P chunks and
   device d holds chunks d and 2P - 1 - d, reordered inside the run with two
   ``ppermute`` each way, so inputs and outputs stay in the caller's order; every
-  device then computes the same number of blocks. Softmax and ``sink_softmax``
-  only: their partial results merge. Its backward pass (a ``jax.custom_vjp``, as
+  device then computes the same number of blocks. Within a step the queries run
+  in tiles of at most 512 rows (``lax.fori_loop``; a shorter chunk is one tile),
+  each tile's partial softmax merged into its rows' running one, so a step holds
+  ``(tile, key chunk)`` logits per head, not ``(shard, key chunk)``: memory linear
+  in T. Softmax and ``sink_softmax`` only: their partial results merge. Its backward pass (a ``jax.custom_vjp``, as
   Ring Attention's and FlashAttention-2's) keeps only the inputs, the output and
   each query row's log-sum-exp, and runs the ring again: each step's weights are
   recomputed, and the keys' and values' gradients travel with their shard and go
-  home in one more ``ppermute``, so a device holds one step's block of weights at
+  home in one more ``ppermute``, so a device holds one tile's block of weights at
   a time, not every step's. A score or score_mod with weights keeps JAX's autodiff
   of the ring (``plan.ring_backward``).
 - ``"halo"``: for a banded pattern (`keras_attn.patterns.reach` gives
@@ -160,6 +163,9 @@ class ContextParallelPlan(NamedTuple):
             (memory of one step, as flash attention), ``"autodiff"`` where JAX
             differentiates the ring and keeps every step's weights (a score or
             score_mod with weights: their gradients flow through autodiff); else None.
+        ring_tile: Ring: how many query rows a device computes at once against a
+            visiting K/V chunk (forward and backward): a step's logits are
+            ``(tile, key chunk)``, not ``(shard, key chunk)``. None otherwise.
     """
 
     path: str
@@ -181,6 +187,7 @@ class ContextParallelPlan(NamedTuple):
     balance: bool = False
     work: object = None
     ring_backward: object = None
+    ring_tile: object = None
 
 
 _warned_missing_axis = set()
@@ -330,8 +337,12 @@ def _check_call(heads, components, training, num_shards):
         )
 
 
-def _pad_to_shards(heads, num_shards):
+def _pad_to_shards(heads, num_shards, tile=1):
     """`heads` with Tq and Tk padded at the end to multiples of `num_shards`.
+
+    With a `tile` (the ring's query tile), Tq is padded to a multiple of
+    ``num_shards * tile``, and Tk too where it equals Tq (self attention keeps
+    queries and keys in equal chunks, which the ring's block skipping needs).
 
     The padded keys are masked out by position (each strategy knows the true key
     length); the padded queries see no key and are dropped by `run`. A data mask is
@@ -339,7 +350,9 @@ def _pad_to_shards(heads, num_shards):
     contiguous).
     """
     tq, tk = heads.query.shape[1], heads.key.shape[1]
-    pad_q, pad_k = -tq % num_shards, -tk % num_shards
+    pad_q, pad_k = -tq % (num_shards * tile), -tk % num_shards
+    if tq == tk:
+        pad_k = pad_q
     if not pad_q and not pad_k:
         return heads
 
@@ -429,8 +442,11 @@ def run(
     _check_call(heads, components, training, num_shards)
     strategy, band = _strategy(config, components, heads, num_shards, return_weights)
     query_length, key_length = heads.query.shape[1], heads.key.shape[1]
-    chunks = _ring_chunks(components.pattern, heads, num_shards) if strategy == "ring" else 1
-    padded = _pad_to_shards(heads, num_shards * chunks)
+    chunks = tile = 1
+    if strategy == "ring":
+        chunks = _ring_chunks(components.pattern, heads, num_shards)
+        tile = _query_tile(query_length, num_shards * chunks)
+    padded = _pad_to_shards(heads, num_shards * chunks, tile)
     sharding = _Sharding(mesh, config.axis, padded, query_length, key_length)
     weights = local = layout = recompute = None
     if strategy == "ring":
@@ -441,6 +457,7 @@ def run(
             num_shards,
             chunks,
             heads.query_offset,
+            tile,
         )
         recompute = _recomputes(components)
         output = _ring(components, sharding, layout, recompute)
@@ -466,6 +483,7 @@ def run(
         balance=layout is not None and layout.chunks == 2,
         work=None if layout is None else layout.work,
         ring_backward=None if recompute is None else ("recompute" if recompute else "autodiff"),
+        ring_tile=None if layout is None else layout.tile,
     )
     return output, weights, plan
 
@@ -621,12 +639,14 @@ class _RingLayout(NamedTuple):
             device ``(d - s) mod P``.
         steps: The ring steps some device computes (the others are skipped).
         work: Per device, the (query, key) pairs of the blocks it computes.
+        tile: Query rows computed at once (`_query_tile`); it divides a query chunk.
     """
 
     chunks: int
     needed: object
     steps: tuple
     work: tuple
+    tile: int = 1
 
 
 def _held(device, num_shards, chunks):
@@ -657,7 +677,7 @@ def _chunk_table(pattern, lengths, true_lengths, count, query_offset):
     )
 
 
-def _ring_layout(pattern, lengths, true_lengths, num_shards, chunks, query_offset):
+def _ring_layout(pattern, lengths, true_lengths, num_shards, chunks, query_offset, tile=1):
     """The `_RingLayout` of `chunks` per device for padded and true ``(Tq, Tk)``."""
     count = num_shards * chunks
     table = _chunk_table(pattern, lengths, true_lengths, count, query_offset)
@@ -670,7 +690,25 @@ def _ring_layout(pattern, lengths, true_lengths, num_shards, chunks, query_offse
     steps = tuple(s for s in range(num_shards) if needed[s].any())
     area = (lengths[0] // count) * (lengths[1] // count)
     work = tuple(int(n) * area for n in needed.sum(axis=(0, 2, 3)))
-    return _RingLayout(chunks, needed, steps, work)
+    return _RingLayout(chunks, needed, steps, work, tile)
+
+
+# The most query rows a ring step computes at once against a visiting K/V chunk: its
+# logits (and, in the backward pass, their gradients) are (tile, key chunk) per head.
+# A module constant so the tests can force small tiles on short sequences.
+_RING_TILE = 512
+
+
+def _query_tile(query_length, count):
+    """Query rows per tile for `query_length` queries cut into `count` chunks.
+
+    A chunk of at most `_RING_TILE` rows is one tile (short sequences run as
+    before); a longer one is cut into ``ceil(chunk / _RING_TILE)`` equal tiles, the
+    chunk padded by fewer rows than there are tiles.
+    """
+    chunk = -(-query_length // count)
+    tiles = -(-chunk // _RING_TILE)
+    return -(-chunk // tiles)
 
 
 def _ring_chunks(pattern, heads, num_shards):
@@ -724,22 +762,28 @@ def _ring(components, sharding, layout, recompute):
         blocks = walk.blocks(index, data)
 
         def merge(state, rows, columns, travelling, source, accumulated):
-            r, c, query_positions, key_positions, block_mask = blocks(
-                rows, columns, travelling, source
-            )
-            key_k, key_v = travelling[:2]
-            merged = _merge_block(
-                components,
-                tuple(x[:, :, r] for x in state),
-                qh[:, :, r],
-                key_k[:, c],
-                key_v[:, c],
-                query_positions,
-                key_positions,
-                block_mask,
-            )
-            state = tuple(x.at[:, :, r].set(m) for x, m in zip(state, merged, strict=True))
-            return state, accumulated
+            block = blocks(rows, columns, travelling, source)
+            kh = jnp.transpose(travelling[0][:, block.columns], (0, 2, 1, 3))  # (B, H, c, D)
+            vh = jnp.transpose(travelling[1][:, block.columns], (0, 2, 1, 3))  # (B, H, c, Dv)
+
+            def tile(start, state):
+                query_positions, block_mask = block.tile(start)
+                merged = _merge_block(
+                    components,
+                    tuple(_rows(x, start, walk.tile) for x in state),
+                    _rows(qh, start, walk.tile),
+                    kh,
+                    vh,
+                    query_positions,
+                    block.key_positions,
+                    block_mask,
+                )
+                return tuple(
+                    jax.lax.dynamic_update_slice_in_dim(x, m, start, axis=2)
+                    for x, m in zip(state, merged, strict=True)
+                )
+
+            return walk.tiles(block.rows, tile, state), accumulated
 
         state, _ = walk.run(index, state, _travelling(sharding, k, v, data), merge)
         return state
@@ -797,6 +841,22 @@ def _travelling(sharding, k, v, data):
     return (k, v, data.get("mask") if sharding.mask_keys else None, data.get("key_ids"))
 
 
+class _Block(NamedTuple):
+    """Query chunks against key chunks at one ring step (`_RingWalk.blocks`)."""
+
+    rows: slice  # of the local queries
+    columns: slice  # of the travelling keys
+    key_positions: object  # (columns,)
+    tile: object  # start -> (query positions (tile,), data mask (B|1, H|1, tile|1, columns))
+
+
+def _rows(x, start, size):
+    """Rows ``[start, start + size)`` of ``(B, H, rows, ...)`` (`start` may be traced)."""
+    import jax
+
+    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=2)
+
+
 class _RingWalk:
     """The ring's steps, in the order they run, shared by its forward and backward pass.
 
@@ -814,6 +874,7 @@ class _RingWalk:
         self.forward = [s for s in layout.steps if 0 < s <= half]
         self.backward = [num_shards - s for s in layout.steps if s > half]  # hops, nearest first
         self.components = components
+        self.tile = layout.tile
 
     def _hop(self, tree, shift):
         import jax
@@ -823,13 +884,31 @@ class _RingWalk:
             lambda x: jax.lax.ppermute(x, self.sharding.axis, pairs), tree
         )
 
+    def tiles(self, rows, function, carry):
+        """``function(start, carry)`` on each query tile of the local rows `rows` (a slice).
+
+        One tile runs inline; more run in a ``lax.fori_loop``, so a step holds one
+        tile's logits at a time (and the backward pass of JAX's autodiff, a scan,
+        one tile's residuals per tile).
+        """
+        import jax
+
+        count = (rows.stop - rows.start) // self.tile
+        if count == 1:
+            return function(rows.start, carry)
+        return jax.lax.fori_loop(
+            0, count, lambda i, carry: function(rows.start + i * self.tile, carry), carry
+        )
+
     def blocks(self, index, data):
         """``blocks(rows, columns, travelling, source)``: where and how a block is masked.
 
-        Returns ``(query slice, key slice, query positions, key positions, data
-        mask)`` of query chunks `rows` against key chunks `columns` of the K/V
-        shard of device `source`.
+        Returns a `_Block` of query chunks `rows` against key chunks `columns` of
+        the K/V shard of device `source`: its slices of the local queries and of the
+        travelling keys, the keys' positions, and ``tile(start)``, the positions and
+        data mask of the query tile starting at local row `start`.
         """
+        import jax
         import jax.numpy as jnp
 
         sharding, chunks, num_shards = self.sharding, self.layout.chunks, self.num_shards
@@ -842,6 +921,8 @@ class _RingWalk:
             [held * cq + jnp.arange(cq, dtype="int32") for held in _held(index, num_shards, chunks)]
         )
 
+        size = self.tile
+
         def block(rows, columns, travelling, source):
             _, _, key_mask, key_ids = travelling
             r = slice(rows[0] * cq, (rows[-1] + 1) * cq)  # chunks in a row: contiguous
@@ -849,17 +930,23 @@ class _RingWalk:
             held = _held(source, num_shards, chunks)
             starts = [held[b] * ck for b in columns]
             key_positions = jnp.concatenate([s + jnp.arange(ck, dtype="int32") for s in starts])
-            rows_mask = mask[:, :, r] if sharding.mask_rows else mask
-            block_mask = _block_data_mask(
-                sharding, rows_mask, None if key_mask is None else key_mask[..., c], starts, ck
-            )
-            if query_ids is not None:
-                same = segments_module.segment_mask(query_ids[:, r], key_ids[:, c])
-                block_mask = combine_masks(block_mask, same)  # (B, 1|H, rows, columns)
-            if padded:
-                valid = key_positions < sharding.key_length
-                block_mask = combine_masks(block_mask, valid.reshape(1, 1, 1, -1))
-            return r, c, query_positions[r], key_positions, block_mask
+            block_key_mask = None if key_mask is None else key_mask[..., c]
+            block_key_ids = None if key_ids is None else key_ids[:, c]
+
+            def tile(start):
+                rows_mask = _rows(mask, start, size) if sharding.mask_rows else mask
+                block_mask = _block_data_mask(sharding, rows_mask, block_key_mask, starts, ck)
+                if query_ids is not None:
+                    tile_ids = jax.lax.dynamic_slice_in_dim(query_ids, start, size, axis=1)
+                    same = segments_module.segment_mask(tile_ids, block_key_ids)
+                    block_mask = combine_masks(block_mask, same)  # (B, 1|H, tile, columns)
+                if padded:
+                    valid = key_positions < sharding.key_length
+                    block_mask = combine_masks(block_mask, valid.reshape(1, 1, 1, -1))
+                tile_positions = jax.lax.dynamic_slice_in_dim(query_positions, start, size)
+                return tile_positions, block_mask
+
+            return _Block(r, c, key_positions, tile)
 
         return block
 
@@ -957,31 +1044,38 @@ def _ring_backward(components, sharding, walk, residuals, output_gradient):
     blocks = walk.blocks(index, data)
 
     def gradients(dq, rows, columns, travelling, source, accumulated):
-        r, c, query_positions, key_positions, block_mask = blocks(rows, columns, travelling, source)
-        key_k, key_v = travelling[:2]
-        kh = jnp.transpose(key_k[:, c], (0, 2, 1, 3))  # (B, H, columns, D)
-        vh = jnp.transpose(key_v[:, c], (0, 2, 1, 3)).astype("float32")  # (B, H, columns, Dv)
+        block = blocks(rows, columns, travelling, source)
+        c, key_positions, size = block.columns, block.key_positions, walk.tile
+        kh = jnp.transpose(travelling[0][:, c], (0, 2, 1, 3))  # (B, H, columns, D)
+        vh = jnp.transpose(travelling[1][:, c], (0, 2, 1, 3)).astype("float32")
 
-        def logits_of(query, key):
-            return _block_logits(components, query, key, query_positions, key_positions)
+        def tile(start, carry):
+            dq, dk, dv = carry  # dk, dv: of this block's key chunks
+            query_positions, block_mask = block.tile(start)
 
-        x, pullback = jax.vjp(logits_of, qh[:, :, r], kh)  # (B, H, rows, columns)
-        positions = _block_positions(query_positions, key_positions, qh.shape[1])
-        mask = combine_masks(pattern_mask_or_none(components.pattern, positions), block_mask)
-        if mask is not None:
-            x = jnp.where(mask, x, NEG_INF)
-        p = jnp.exp(x - lse[:, :, r])
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)
-        do_r = do[:, :, r]
-        dv_block = jnp.einsum("bhqk,bhqd->bhkd", p, do_r)
-        ds = p * (jnp.einsum("bhqd,bhkd->bhqk", do_r, vh) - delta[:, :, r])
-        dq_block, dk_block = pullback(ds)
-        dq = dq.at[:, :, r].add(dq_block.astype("float32"))
+            def logits_of(query, key):
+                return _block_logits(components, query, key, query_positions, key_positions)
+
+            x, pullback = jax.vjp(logits_of, _rows(qh, start, size), kh)  # (B, H, tile, c)
+            positions = _block_positions(query_positions, key_positions, qh.shape[1])
+            mask = combine_masks(pattern_mask_or_none(components.pattern, positions), block_mask)
+            if mask is not None:
+                x = jnp.where(mask, x, NEG_INF)
+            p = jnp.exp(x - _rows(lse, start, size))
+            if mask is not None:
+                p = jnp.where(mask, p, 0.0)
+            do_r = _rows(do, start, size)
+            dv = dv + jnp.einsum("bhqk,bhqd->bhkd", p, do_r)
+            ds = p * (jnp.einsum("bhqd,bhkd->bhqk", do_r, vh) - _rows(delta, start, size))
+            dq_block, dk_block = pullback(ds)
+            dq_rows = _rows(dq, start, size) + dq_block.astype("float32")
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_rows, start, axis=2)
+            return dq, dk + dk_block.astype("float32"), dv
+
         dk, dv = accumulated
-        dk = dk.at[:, :, c].add(dk_block.astype("float32"))
-        dv = dv.at[:, :, c].add(dv_block)
-        return dq, (dk, dv)
+        zeros = (jnp.zeros_like(dk[:, :, c]), jnp.zeros_like(dv[:, :, c]))
+        dq, dk_block, dv_block = walk.tiles(block.rows, tile, (dq, *zeros))
+        return dq, (dk.at[:, :, c].add(dk_block), dv.at[:, :, c].add(dv_block))
 
     batch, num_heads, length, depth = qh.shape
     zeros = (
@@ -1273,13 +1367,14 @@ def _block_logits(components, qh, kh, query_positions, key_positions):
     return logits.astype("float32")
 
 
-def _merge_block(components, state, qh, k, v, query_positions, key_positions, data_mask):
-    """Merge one K/V shard's partial softmax into the running state (log-sum-exp)."""
+def _merge_block(components, state, qh, kh, vh, query_positions, key_positions, data_mask):
+    """Merge a block's partial softmax into the running state of its rows (log-sum-exp).
+
+    Queries ``(B, H, rows, D)``, keys ``(B, H, Tk, D)``, values ``(B, H, Tk, Dv)``.
+    """
     import jax
     import jax.numpy as jnp
 
-    kh = jnp.transpose(k, (0, 2, 1, 3))  # (B, H, Tk, D)
-    vh = jnp.transpose(v, (0, 2, 1, 3))  # (B, H, Tk, Dv)
     x = _block_logits(components, qh, kh, query_positions, key_positions)
     positions = _block_positions(query_positions, key_positions, qh.shape[1])
     mask = combine_masks(pattern_mask_or_none(components.pattern, positions), data_mask)

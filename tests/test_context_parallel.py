@@ -162,6 +162,10 @@ EXACT_CASES = {
     "ring_causal_sink_softmax_segments_p8": "ring",
     "ring_full_softcap_padding_p4": "ring",
     "ring_causal_relative_position_p4": "ring",
+    # Query tiles of 3 rows (chunks of 8 padded to 9): each step runs tile by tile.
+    "ring_tiled_causal_sink_softmax_segments_padding_p4": "ring",
+    "ring_tiled_full_keys_attention_mask_gqa_p2": "ring",
+    "ring_tiled_causal_relative_position_p4": "ring",
 }
 # How each ring's backward pass ran: recomputing each step's weights, or JAX's autodiff
 # of the ring where a score_mod (or the score) has weights.
@@ -172,6 +176,9 @@ RING_BACKWARD = {
     "ring_causal_sink_softmax_segments_p8": "recompute",
     "ring_full_softcap_padding_p4": "recompute",
     "ring_causal_relative_position_p4": "autodiff",
+    "ring_tiled_causal_sink_softmax_segments_padding_p4": "recompute",
+    "ring_tiled_full_keys_attention_mask_gqa_p2": "recompute",
+    "ring_tiled_causal_relative_position_p4": "autodiff",
 }
 
 
@@ -185,6 +192,10 @@ def test_outputs_and_gradients_equal_one_device(measured, case):
     assert got["gradient_error"] < 2e-5, got
     assert got["gradient_scale"] > 1e-3, got  # every gradient is really compared
     assert got["ring_backward"] == RING_BACKWARD.get(case), got
+    if "tiled" in case:  # the queries of each step really ran in tiles
+        assert got["ring_tile"] == 3 and got["query_chunk"] > 3, got
+    elif got["ring_tile"] is not None:  # short chunks are one tile
+        assert got["ring_tile"] == got["query_chunk"], got
 
 
 @pytest.mark.slow
@@ -197,6 +208,9 @@ def test_ring_backward_recomputes_in_a_fraction_of_the_memory(measured):
     assert memory["ring_backward"] == ["recompute", "autodiff"]
     assert memory["recompute"] <= memory["autodiff"] / 4, memory
     assert memory["recompute"] <= memory["gspmd"] / 4, memory
+    # Query tiles of 64 rows instead of whole chunks of 256: a step's logits and their
+    # gradients are (64, key chunk), and the step takes well under half the memory.
+    assert memory["tiled"] <= memory["recompute"] / 2, memory
 
 
 @pytest.mark.slow
@@ -493,7 +507,12 @@ def _exact_with_gradients(out, devices, rng):
         "ring_causal_sink_softmax_segments_p8": (8, 64, "ring", "segments", {"pattern": "causal", "normalizer": "sink_softmax"}),
         "ring_full_softcap_padding_p4": (4, 40, "ring", "padding", {"score_mods": ["softcap"]}),
         "ring_causal_relative_position_p4": (4, 40, "ring", "", {"pattern": "causal", "score_mods": ["relative_position"]}),
+        "ring_tiled_causal_sink_softmax_segments_padding_p4": (4, 64, "ring", "tile segments padding", {"pattern": "causal", "normalizer": "sink_softmax"}),
+        "ring_tiled_full_keys_attention_mask_gqa_p2": (2, 50, "ring", "tile keys mask", {"num_key_value_heads": 1}),
+        "ring_tiled_causal_relative_position_p4": (4, 40, "ring", "tile", {"pattern": "causal", "score_mods": ["relative_position"]}),
     }  # fmt: skip
+    from keras_attn import context_parallel as context_parallel_module
+
     out["exact"] = {}
     start = time.perf_counter()
     for name, (num_shards, length, strategy, extras, kwargs) in cases.items():
@@ -512,10 +531,18 @@ def _exact_with_gradients(out, devices, rng):
             call["segment_ids"] = np.stack(
                 [np.searchsorted(cut, np.arange(length), side="right"), np.arange(length) // 20]
             ).astype("int32")
+        if "mask" in extras:  # a mask with both axes: each device slices its keys' part
+            call["attention_mask"] = rng.random((2, length, length)) > 0.3
         reference, sharded = build(strategy, length, **kwargs)
         expected = value_and_grads(reference, x, target, call)
-        with distribution.scope():
-            got = value_and_grads(sharded, x, target, call)
+        context_parallel_module._RING_TILE = 3 if "tile" in extras else 512
+        try:
+            with distribution.scope():
+                got = value_and_grads(sharded, x, target, call)
+        finally:
+            context_parallel_module._RING_TILE = 512
+        plan = sharded.last_plan
+        chunk = -(-length // (num_shards * (2 if plan.balance else 1)))
         out["exact"][name] = {
             "output_error": float(np.abs(expected[0] - got[0]).max()),
             "gradient_error": max(float(np.abs(a - b).max()) for a, b in zip(expected[1:], got[1:], strict=True)),
@@ -524,6 +551,8 @@ def _exact_with_gradients(out, devices, rng):
             "halo": sharded.last_plan.halo,
             "balance": sharded.last_plan.balance,
             "ring_backward": sharded.last_plan.ring_backward,
+            "ring_tile": plan.ring_tile,
+            "query_chunk": chunk,  # before the padding to whole tiles
         }  # fmt: skip
         print(name, out["exact"][name], f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
 
@@ -591,7 +620,7 @@ def _ring_memory(devices):
         layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch"
     )
 
-    def temp_bytes(context, autodiff=False):
+    def temp_bytes(context, autodiff=False, tile=512):
         layer = keras_attn.Attention(
             num_heads=heads, key_dim=key_dim, pattern="causal", context_parallel=context
         )
@@ -609,20 +638,25 @@ def _ring_memory(devices):
 
         x = spec((1, length, heads * key_dim), None, "seq", None)
         context_parallel_module._AUTODIFF_RING = autodiff  # the ring as JAX differentiates it
+        context_parallel_module._RING_TILE = tile
         try:
             with distribution.scope():
                 step = jax.jit(jax.value_and_grad(loss, (0, 1)))
                 compiled = step.lower([spec(w.shape) for w in trainable], x).compile()
         finally:
             context_parallel_module._AUTODIFF_RING = False
+            context_parallel_module._RING_TILE = 512
         return compiled.memory_analysis().temp_size_in_bytes, layer.last_plan
 
     ring = ContextParallel("seq", "ring")
     recompute, recompute_plan = temp_bytes(ring)
     autodiff, autodiff_plan = temp_bytes(ring, autodiff=True)
     gspmd, _ = temp_bytes(None)
+    tiled, tiled_plan = temp_bytes(ring, tile=64)
+    assert (recompute_plan.ring_tile, tiled_plan.ring_tile) == (256, 64)
     return {
         "recompute": recompute,
+        "tiled": tiled,
         "autodiff": autodiff,
         "gspmd": gspmd,
         "ring_backward": [recompute_plan.ring_backward, autodiff_plan.ring_backward],
