@@ -72,13 +72,13 @@ def test_a_sliding_window_drop_in_with_the_causal_mask_uses_the_ring():
     x = randn(1, 12, 8)
     layer = keras_attn.MultiHeadAttention(num_heads=2, key_dim=4, sliding_window=3)
     want = _np(layer(x, x, use_causal_mask=True))
-    cache = ops.zeros((1, 2, 3, 2, 4))
+    assert layer.cache_shape(1, 12)[2] == 12  # two-sided without the causal mask
+    cache = ops.zeros(layer.cache_shape(1, 12, use_causal_mask=True))
+    assert tuple(cache.shape) == (1, 2, 3, 2, 4)  # with it, a ring of the window
     outs = []
     for t in range(12):
-        out, cache = layer(
-            x[:, t : t + 1], x[:, t : t + 1], use_causal_mask=True, cache=cache,
-            cache_update_index=t,
-        )  # fmt: skip
+        step = x[:, t : t + 1]
+        out, cache = layer(step, step, use_causal_mask=True, cache=cache, cache_update_index=t)
         outs.append(_np(out))
     np.testing.assert_allclose(np.concatenate(outs, axis=1), want, atol=1e-5)
 

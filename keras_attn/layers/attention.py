@@ -335,12 +335,13 @@ class Attention(KerasOverrides, keras.layers.Layer):
         """Size of each query/key head: `key_dim`, or resolved from the input by `build`."""
         return self.key_dim
 
-    def cache_shape(self, batch_size, max_length):
+    def cache_shape(self, batch_size, max_length, use_causal_mask=False):
         """Shape of the key/value cache this layer takes: ``(B, 2, S, H, D)``.
 
-        For a causal sliding window (`keras_attn.patterns.Local` with ``causal=True``)
-        ``S`` is at most the window: the cache is a ring that any number of tokens
-        can be decoded into, in constant memory (`keras_attn.kv_cache.read_write_ring`).
+        For a causal sliding window (`keras_attn.patterns.Local` with ``causal=True``,
+        or a `Local` called with ``use_causal_mask=True``: say so here) ``S`` is at
+        most the window: the cache is a ring that any number of tokens can be decoded
+        into, in constant memory (`keras_attn.kv_cache.read_write_ring`).
 
         Raises:
             ValueError: if the layer is not built (its head size is not known yet).
@@ -350,7 +351,8 @@ class Attention(KerasOverrides, keras.layers.Layer):
                 f"{type(self).__name__} {self.name!r} must be built before its cache shape "
                 "is known (the head size may come from the input)."
             )
-        window = kv_cache.ring_window(self.pattern)
+        pattern = patterns_module.with_causal(self.pattern, use_causal_mask)
+        window = kv_cache.ring_window(pattern)
         slots = max_length if window is None else min(max_length, window)
         return kv_cache.cache_shape(batch_size, slots, self.num_key_value_heads, self._key_dim)
 
