@@ -94,13 +94,21 @@ class ContextParallel:
         strategy: ``"auto"`` (halo for banded patterns within one shard, else
             ring for softmax and ``sink_softmax``, else all_gather), ``"ring"``,
             ``"halo"`` or ``"all_gather"`` (see `keras_attn.context_parallel`).
+        heads_axis: Name of the mesh axis the heads are sharded over
+            (`keras_attn.layout_map`'s model axis), or None. Where the mesh has it,
+            the attention core keeps the heads sharded over it too (each device
+            attends its heads of its sequence shard: no gather of the heads), if the
+            heads divide its size and no component depends on the head (see
+            `run`); otherwise the heads are replicated across it.
 
     Raises:
-        ValueError: an empty axis name or an unknown strategy.
+        ValueError: an empty axis name, an unknown strategy, or a heads axis that
+            is empty or the sequence axis.
     """
 
     axis: str = "seq"
     strategy: str = "auto"
+    heads_axis: object = "model"
 
     def __post_init__(self):
         if not isinstance(self.axis, str) or not self.axis:
@@ -112,9 +120,21 @@ class ContextParallel:
             raise ValueError(
                 f"`strategy` must be one of {STRATEGIES}. Received: strategy={self.strategy!r}"
             )
+        if self.heads_axis is not None and (
+            not isinstance(self.heads_axis, str) or not self.heads_axis
+        ):
+            raise ValueError(
+                "`heads_axis` must be None or the name of a device mesh axis (a non-empty "
+                f"string). Received: heads_axis={self.heads_axis!r}"
+            )
+        if self.heads_axis == self.axis:
+            raise ValueError(
+                "`heads_axis` must differ from the sequence axis. Received: "
+                f"axis={self.axis!r}, heads_axis={self.heads_axis!r}"
+            )
 
     def get_config(self):
-        return {"axis": self.axis, "strategy": self.strategy}
+        return {"axis": self.axis, "strategy": self.strategy, "heads_axis": self.heads_axis}
 
     @classmethod
     def from_config(cls, config):
@@ -166,6 +186,9 @@ class ContextParallelPlan(NamedTuple):
         ring_tile: Ring: how many query rows a device computes at once against a
             visiting K/V chunk (forward and backward): a step's logits are
             ``(tile, key chunk)``, not ``(shard, key chunk)``. None otherwise.
+        heads_axis: The mesh axis the heads were sharded over inside the run, or
+            None where they were replicated (no such axis, heads that do not divide
+            it, or a component that depends on the head).
     """
 
     path: str
@@ -188,6 +211,7 @@ class ContextParallelPlan(NamedTuple):
     work: object = None
     ring_backward: object = None
     ring_tile: object = None
+    heads_axis: object = None
 
 
 _warned_missing_axis = set()
@@ -430,6 +454,13 @@ def run(
             than one shard, with cross attention or a query offset, or with weights
             asked for; active dropout; no distribution with that axis.
         NotImplementedError: score_mods with ``reset_positions``.
+
+    The heads stay sharded over ``config.heads_axis`` inside the run where the mesh
+    has that axis (other than the batch axis, of size > 1), the query and key heads
+    are multiples of its size, and nothing depends on the head: no score_mods, a
+    built-in score and pattern, a softmax normalizer or (on the ring)
+    ``sink_softmax``, whose per-head sinks each device slices. Otherwise they are
+    replicated over it (``plan.heads_axis`` is None).
     """
     mesh = mesh_for(config) if mesh is None else mesh
     if mesh is None:
@@ -443,12 +474,15 @@ def run(
     strategy, band = _strategy(config, components, heads, num_shards, return_weights)
     query_length, key_length = heads.query.shape[1], heads.key.shape[1]
     chunks = tile = 1
+    weights = local = layout = recompute = None
     if strategy == "ring":
         chunks = _ring_chunks(components.pattern, heads, num_shards)
-        tile = _query_tile(query_length, num_shards * chunks)
+        recompute = _recomputes(components)
+        # JAX's autodiff of the ring keeps every step's weights anyway: no tiles.
+        tile = _query_tile(query_length, num_shards * chunks, _RING_TILE if recompute else None)
     padded = _pad_to_shards(heads, num_shards * chunks, tile)
-    sharding = _Sharding(mesh, config.axis, padded, query_length, key_length)
-    weights = local = layout = recompute = None
+    heads_axis = _heads_axis(config, mesh, components, heads, strategy)
+    sharding = _Sharding(mesh, config.axis, padded, query_length, key_length, heads_axis)
     if strategy == "ring":
         layout = _ring_layout(
             components.pattern,
@@ -459,7 +493,6 @@ def run(
             heads.query_offset,
             tile,
         )
-        recompute = _recomputes(components)
         output = _ring(components, sharding, layout, recompute)
     elif strategy == "halo":
         output, local = _halo(components, sharding, band, settings, training)
@@ -484,8 +517,38 @@ def run(
         work=None if layout is None else layout.work,
         ring_backward=None if recompute is None else ("recompute" if recompute else "autodiff"),
         ring_tile=None if layout is None else layout.tile,
+        heads_axis=heads_axis,
     )
     return output, weights, plan
+
+
+def _builtin_pattern(pattern):
+    if isinstance(pattern, (patterns_module.Union, patterns_module.Intersection)):
+        return all(_builtin_pattern(p) for p in pattern.patterns)
+    return type(pattern).__module__ == patterns_module.__name__
+
+
+def _heads_axis(config, mesh, components, heads, strategy):
+    """The mesh axis to shard the heads over inside the run, or None (replicated)."""
+    axis = config.heads_axis
+    if axis is None or axis not in mesh.shape or mesh.shape[axis] == 1:
+        return None
+    if axis == getattr(keras.distribution.distribution(), "batch_dim_name", None):
+        return None
+    size = mesh.shape[axis]
+    if any(x.shape[2] % size for x in (heads.query, heads.key, heads.value)):
+        return None
+    normalizer = components.normalizer
+    if not (normalizer.is_softmax or (strategy == "ring" and _mergeable(normalizer))):
+        return None
+    if components.score_mods or type(components.score).__module__ != "keras_attn.scores":
+        return None
+    if not _builtin_pattern(components.pattern):
+        return None
+    mask = heads.mask
+    if mask is not None and len(mask.shape) == 4 and mask.shape[1] not in (1, heads.query.shape[2]):
+        return None
+    return axis
 
 
 class _Sharding:
@@ -497,10 +560,11 @@ class _Sharding:
     key mask (query axis 1) has its key axis sharded like the keys and travels with
     them; a mask with both axes keeps its key axis whole on every device. `heads`
     are padded to P shards (`_pad_to_shards`); `query_length` and `key_length` are
-    the lengths before the padding.
+    the lengths before the padding. With a `heads_axis`, the heads (and a per-head
+    mask's heads) are sharded over it.
     """
 
-    def __init__(self, mesh, axis, heads, query_length, key_length):
+    def __init__(self, mesh, axis, heads, query_length, key_length, heads_axis=None):
         from jax.sharding import PartitionSpec
 
         self.heads = heads  # padded to P shards
@@ -520,7 +584,8 @@ class _Sharding:
             and batch_size % mesh.shape[batch_axis] == 0
         ):
             self.batch = batch_axis
-        self.heads_spec = PartitionSpec(self.batch, axis, None, None)  # (B, T, H, D)
+        self.heads_axis = heads_axis
+        self.heads_spec = PartitionSpec(self.batch, axis, heads_axis, None)  # (B, T, H, D)
         self.replicated = PartitionSpec()
         mask = heads.mask
         self.mask_rows = self.mask_keys = False
@@ -534,8 +599,12 @@ class _Sharding:
             self.mask_rows = rows != 1
             self.mask_keys = keys != 1 and not self.mask_rows  # travels with the keys
             batch = self.batch if mask.shape[0] != 1 else None
+            mask_heads = heads_axis if mask.shape[1] != 1 else None
             self.mask_spec = PartitionSpec(
-                batch, None, axis if self.mask_rows else None, axis if self.mask_keys else None
+                batch,
+                mask_heads,
+                axis if self.mask_rows else None,
+                axis if self.mask_keys else None,
             )
         ids_spec = PartitionSpec(self.batch, axis)  # (B, T)
         self.arguments = {
@@ -613,7 +682,7 @@ def _all_gather(components, sharding, settings, training, return_weights):
         local_plans.append(plan)
         return (output, weights) if return_weights else output
 
-    weights_spec = PartitionSpec(sharding.batch, None, axis, None)  # (B, H, Tq, Tk)
+    weights_spec = PartitionSpec(sharding.batch, sharding.heads_axis, axis, None)  # (B, H, Tq, Tk)
     out_specs = (sharding.heads_spec, weights_spec) if return_weights else sharding.heads_spec
     result = sharding.map(body, out_specs)
     output, weights = result if return_weights else (result, None)
@@ -699,15 +768,17 @@ def _ring_layout(pattern, lengths, true_lengths, num_shards, chunks, query_offse
 _RING_TILE = 512
 
 
-def _query_tile(query_length, count):
+def _query_tile(query_length, count, limit):
     """Query rows per tile for `query_length` queries cut into `count` chunks.
 
-    A chunk of at most `_RING_TILE` rows is one tile (short sequences run as
-    before); a longer one is cut into ``ceil(chunk / _RING_TILE)`` equal tiles, the
-    chunk padded by fewer rows than there are tiles.
+    A chunk of at most `limit` rows is one tile (short sequences run as before); a
+    longer one is cut into ``ceil(chunk / limit)`` equal tiles, the chunk padded by
+    fewer rows than there are tiles. No `limit` (None): one tile per chunk.
     """
     chunk = -(-query_length // count)
-    tiles = -(-chunk // _RING_TILE)
+    if limit is None:
+        return chunk
+    tiles = -(-chunk // limit)
     return -(-chunk // tiles)
 
 
@@ -748,7 +819,7 @@ def _ring(components, sharding, layout, recompute):
     axis, num_shards, heads = sharding.axis, sharding.num_shards, sharding.heads
     chunks = layout.chunks
     sink = _sink_logits(components.normalizer, heads.query.shape[2])
-    walk = _RingWalk(components, sharding, layout)
+    walk = _RingWalk(components, sharding, layout, unrolled=not recompute)
 
     def forward(q, k, v, sink, data):
         index = jax.lax.axis_index(axis).astype("int32")
@@ -813,7 +884,12 @@ def _ring(components, sharding, layout, recompute):
             local = _to_zigzag(local, sharding, index)
         data = {name: local[name] for name in ("mask", "query_ids", "key_ids") if name in local}
         data["offset"] = local["offset"]
-        output = attend(local["query"], local["key"], local["value"], sink, data)
+        local_sink = sink
+        if sink is not None and sharding.heads_axis is not None and sink.shape[1] > 1:
+            count = local["query"].shape[2]  # this device's heads
+            first = jax.lax.axis_index(sharding.heads_axis).astype("int32") * count
+            local_sink = jax.lax.dynamic_slice_in_dim(sink, first, count, axis=1)
+        output = attend(local["query"], local["key"], local["value"], local_sink, data)
         output = jnp.transpose(output, (0, 2, 1, 3)).astype(local["value"].dtype)  # (B, n, H, Dv)
         return _from_zigzag(output, axis, num_shards, index) if chunks == 2 else output
 
@@ -867,7 +943,7 @@ class _RingWalk:
     go back to its device in one more ``ppermute``.
     """
 
-    def __init__(self, components, sharding, layout):
+    def __init__(self, components, sharding, layout, unrolled=False):
         self.sharding, self.layout = sharding, layout
         self.num_shards = num_shards = sharding.num_shards
         half = num_shards // 2
@@ -875,6 +951,7 @@ class _RingWalk:
         self.backward = [num_shards - s for s in layout.steps if s > half]  # hops, nearest first
         self.components = components
         self.tile = layout.tile
+        self.unrolled = unrolled
 
     def _hop(self, tree, shift):
         import jax
@@ -888,14 +965,17 @@ class _RingWalk:
         """``function(start, carry)`` on each query tile of the local rows `rows` (a slice).
 
         One tile runs inline; more run in a ``lax.fori_loop``, so a step holds one
-        tile's logits at a time (and the backward pass of JAX's autodiff, a scan,
-        one tile's residuals per tile).
+        tile's logits at a time. Under JAX's autodiff of the ring (`unrolled`: each
+        chunk is one tile) the tiles run inline: autodiff of a loop whose body
+        closes over weights laid out on the mesh fails inside ``shard_map``.
         """
         import jax
 
         count = (rows.stop - rows.start) // self.tile
-        if count == 1:
-            return function(rows.start, carry)
+        if count == 1 or self.unrolled:
+            for start in range(rows.start, rows.stop, self.tile):
+                carry = function(start, carry)
+            return carry
         return jax.lax.fori_loop(
             0, count, lambda i, carry: function(rows.start + i * self.tile, carry), carry
         )

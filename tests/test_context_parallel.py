@@ -32,14 +32,24 @@ def test_config_round_trips_and_validates():
     assert keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(cp)) == cp
     layer = keras_attn.Attention(num_heads=2, key_dim=4, context_parallel=cp)
     config = layer.get_config()
-    assert config["context_parallel"] == {"axis": "sp", "strategy": "all_gather"}
+    assert config["context_parallel"] == {
+        "axis": "sp",
+        "strategy": "all_gather",
+        "heads_axis": "model",
+    }
     assert keras_attn.Attention.from_config(config).context_parallel == cp
+    # A config saved before `heads_axis` existed loads with its default.
+    assert ContextParallel.get({"axis": "sp", "strategy": "all_gather"}) == cp
+    replicated = ContextParallel("sp", heads_axis=None)
+    assert ContextParallel.from_config(replicated.get_config()) == replicated
     inputs = keras.Input((8, 4))
     model = keras.Model(inputs, keras.layers.MultiHeadAttention(2, 2)(inputs, inputs))
     converted = keras_attn.convert(model, context_parallel=cp)
     assert [getattr(layer, "context_parallel", None) for layer in converted.layers] == [None, cp]
     with pytest.raises(ValueError, match="strategy"):
         ContextParallel("seq", "zigzag")
+    with pytest.raises(ValueError, match="heads_axis='seq'"):
+        ContextParallel("seq", heads_axis="seq")
     with pytest.raises(TypeError, match="context_parallel"):
         keras_attn.Attention(num_heads=2, key_dim=4, context_parallel="seq")
 
@@ -165,7 +175,6 @@ EXACT_CASES = {
     # Query tiles of 3 rows (chunks of 8 padded to 9): each step runs tile by tile.
     "ring_tiled_causal_sink_softmax_segments_padding_p4": "ring",
     "ring_tiled_full_keys_attention_mask_gqa_p2": "ring",
-    "ring_tiled_causal_relative_position_p4": "ring",
 }
 # How each ring's backward pass ran: recomputing each step's weights, or JAX's autodiff
 # of the ring where a score_mod (or the score) has weights.
@@ -178,7 +187,6 @@ RING_BACKWARD = {
     "ring_causal_relative_position_p4": "autodiff",
     "ring_tiled_causal_sink_softmax_segments_padding_p4": "recompute",
     "ring_tiled_full_keys_attention_mask_gqa_p2": "recompute",
-    "ring_tiled_causal_relative_position_p4": "autodiff",
 }
 
 
@@ -194,7 +202,7 @@ def test_outputs_and_gradients_equal_one_device(measured, case):
     assert got["ring_backward"] == RING_BACKWARD.get(case), got
     if "tiled" in case:  # the queries of each step really ran in tiles
         assert got["ring_tile"] == 3 and got["query_chunk"] > 3, got
-    elif got["ring_tile"] is not None:  # short chunks are one tile
+    elif got["ring_tile"] is not None:  # short chunks are one tile; autodiff: no tiles
         assert got["ring_tile"] == got["query_chunk"], got
 
 
@@ -211,6 +219,34 @@ def test_ring_backward_recomputes_in_a_fraction_of_the_memory(measured):
     # Query tiles of 64 rows instead of whole chunks of 256: a step's logits and their
     # gradients are (64, key chunk), and the step takes well under half the memory.
     assert memory["tiled"] <= memory["recompute"] / 2, memory
+
+
+HEADS_AND_SEQUENCE = {
+    # name: the strategy, and the mesh axis the heads are sharded over inside the run
+    "ring_causal_sink_softmax_segments_gqa": ("ring", "model"),
+    "halo_local_padding": ("halo", "model"),
+    "ring_causal_heads_replicated": ("ring", None),
+    "ring_causal_relative_position": ("ring", None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(HEADS_AND_SEQUENCE))
+def test_heads_and_sequence_sharded_together(measured, case):
+    # A (batch 2, seq 2, model 2) mesh, the layer laid out by keras_attn.layout_map (its
+    # heads over "model"): a training step equals one device's, and where the core keeps
+    # the heads sharded (a built-in softmax, sink_softmax on the ring) the compiled step
+    # gathers no heads; replicated (heads_axis=None, or a per-head score_mod), the heads
+    # are gathered around the core.
+    got = measured["heads_and_sequence"][case]
+    assert (got["strategy"], got["heads_axis"]) == HEADS_AND_SEQUENCE[case], got
+    assert got["output_error"] < 2e-5, got
+    assert got["gradient_error"] < 2e-5, got
+    assert got["kernel_spec"] == [None, "model", None], got  # the layout_map is in force
+    if got["heads_axis"] is None:
+        assert got["head_gathers"] >= 1, got
+    else:
+        assert got["all-gather"] == 0, got
 
 
 @pytest.mark.slow
@@ -509,7 +545,6 @@ def _exact_with_gradients(out, devices, rng):
         "ring_causal_relative_position_p4": (4, 40, "ring", "", {"pattern": "causal", "score_mods": ["relative_position"]}),
         "ring_tiled_causal_sink_softmax_segments_padding_p4": (4, 64, "ring", "tile segments padding", {"pattern": "causal", "normalizer": "sink_softmax"}),
         "ring_tiled_full_keys_attention_mask_gqa_p2": (2, 50, "ring", "tile keys mask", {"num_key_value_heads": 1}),
-        "ring_tiled_causal_relative_position_p4": (4, 40, "ring", "tile", {"pattern": "causal", "score_mods": ["relative_position"]}),
     }  # fmt: skip
     from keras_attn import context_parallel as context_parallel_module
 
@@ -604,6 +639,91 @@ def _exact_with_gradients(out, devices, rng):
         "dense_logits_bytes": 2 * HEADS * n * (n + window - 1) * 4,
     }
     out["ring_memory"] = _ring_memory(devices)
+    out["heads_and_sequence"] = _heads_and_sequence(devices, rng)
+
+
+def _heads_and_sequence(devices, rng):
+    """Training steps on a (batch, seq, model) mesh under keras_attn.layout_map."""
+    import jax
+    import jax.numpy as jnp
+
+    from keras_attn import patterns
+
+    length, heads = 40, 4
+    mesh = keras.distribution.DeviceMesh((2, 2, 2), ("batch", "seq", "model"), devices)
+    distribution = keras.distribution.ModelParallel(
+        layout_map=keras_attn.layout_map(mesh), batch_dim_name="batch"
+    )
+
+    def step(layer, x, target, call):
+        """The output and the gradients of a loss, and the compiled program's text."""
+        trainable = [v.value for v in layer.trainable_variables]
+        other = [v.value for v in layer.non_trainable_variables]
+
+        def loss(trainable, x):
+            y, _ = layer.stateless_call(trainable, other, x, **call)
+            return jnp.sum(y * target) / (x.shape[0] * x.shape[1]), y
+
+        compiled = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))
+        compiled = compiled.lower(trainable, x).compile()
+        (_, y), grads = compiled(trainable, x)
+        return [np.asarray(a) for a in [y, *keras.tree.flatten(grads)]], compiled.as_text()
+
+    cases = {
+        "ring_causal_sink_softmax_segments_gqa": ("ring", "model", "segments", {"pattern": "causal", "normalizer": "sink_softmax", "num_key_value_heads": 2}),
+        "halo_local_padding": ("auto", "model", "padding", {"pattern": patterns.Local(5, causal=True)}),
+        "ring_causal_heads_replicated": ("ring", None, "", {"pattern": "causal"}),
+        "ring_causal_relative_position": ("ring", "model", "", {"pattern": "causal", "score_mods": ["relative_position"]}),
+    }  # fmt: skip
+    result = {}
+    for name, (strategy, heads_axis, extras, kwargs) in cases.items():
+        kwargs = dict(num_heads=heads, key_dim=KEY_DIM, **kwargs)
+        reference = keras_attn.Attention(**kwargs)
+        reference.build((2, length, DIM))
+        with distribution.scope():  # its variables laid out by the layout_map
+            sharded = keras_attn.Attention(
+                context_parallel=ContextParallel("seq", strategy, heads_axis), **kwargs
+            )
+            sharded.build((2, length, DIM))
+        weights = [
+            w + rng.normal(size=w.shape).astype("float32") * 0.1 for w in reference.get_weights()
+        ]
+        reference.set_weights(weights)
+        sharded.set_weights(weights)
+        x = rng.normal(size=(2, length, DIM)).astype("float32")
+        target = rng.normal(size=(2, length, DIM)).astype("float32")
+        call = {}
+        if "padding" in extras:
+            padding = np.ones((2, length), bool)
+            padding[1, length - 13 :] = False
+            call.update(query_mask=padding, value_mask=padding)
+        if "segments" in extras:
+            call["segment_ids"] = (np.arange(length)[None] // 15 + np.zeros((2, 1), int)).astype(
+                "int32"
+            )
+        expected, _ = step(reference, x, target, call)
+        with distribution.scope():
+            got, text = step(sharded, x, target, call)
+        gathers = [
+            line
+            for line in text.splitlines()
+            if " all-gather(" in line or " all-gather-start(" in line
+        ]
+        # An all-gather of (B, T, H, D) heads: a rank-4 result.
+        head_gathers = [g for g in gathers if g.split("[", 1)[1].split("]", 1)[0].count(",") == 3]
+        result[name] = {
+            "strategy": sharded.last_plan.strategy,
+            "heads_axis": sharded.last_plan.heads_axis,
+            "output_error": float(np.abs(expected[0] - got[0]).max()),
+            "gradient_error": max(
+                float(np.abs(a - b).max()) for a, b in zip(expected[1:], got[1:], strict=True)
+            ),
+            "all-gather": len(gathers),
+            "head_gathers": len(head_gathers),
+            "kernel_spec": list(sharded.query_dense.kernel.value.sharding.spec),
+        }
+        print(name, result[name], file=sys.stderr)
+    return result
 
 
 def _ring_memory(devices):
