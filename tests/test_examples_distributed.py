@@ -142,7 +142,7 @@ def test_gpt_on_a_data_seq_model_mesh_trains_as_on_one_device(one_process):
     assert mesh["distribution"] == (
         "model_parallel over 8 device(s), mesh data 2 x seq 2 x model 2"
     )
-    assert mesh["context_parallel"] == {"axis": "seq", "strategy": "auto"}
+    assert mesh["context_parallel"] == {"axis": "seq", "strategy": "auto", "heads_axis": "model"}
     assert mesh["strategies"] == ["ring"] and one["strategies"] == []
     assert mesh["status"] == "finished" and mesh["warnings"] is None  # heatmaps ran
     assert_same_losses(mesh["losses"], one["losses"])
