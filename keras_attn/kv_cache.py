@@ -210,34 +210,44 @@ def ring_window(pattern):
     return pattern.window
 
 
-def ring_window_of_call(pattern, cache, extras=(), owner="the layer"):
+def ring_window_of_call(pattern, cache, extras=(), owner="the layer", index=None, length=None):
     """The window of the ring cache this call reads and writes, or None (a full cache).
 
     A causal sliding-window layer whose cache has exactly `window` slots (what its
     `cache_shape` gives) keeps it as a ring (`read_write_ring`): memory
-    proportional to the window.
+    proportional to the window. A ring's slots do not keep their positions, so a
+    call with masks or segment ids reads such a cache as a full one, which it is
+    while its tokens fit in it (KerasHub's caches of the sequence length).
 
     Args:
         pattern: The call's pattern (`ring_window` says whether it has a ring).
         cache: ``(B, 2, S, H, D)`` or None.
         extras: The call's key/value padding masks, `attention_mask` and segments
-            (None where absent): a ring takes none of them.
+            (None where absent).
         owner: The layer, as the error names it.
+        index: The call's cache index, or None.
+        length: The number of new tokens, or None.
 
     Raises:
-        ValueError: a ring cache with masks or segment ids.
+        ValueError: masks or segment ids with tokens past the cache's `window` slots
+            (an index known now).
     """
     window = ring_window(pattern)
     if cache is None or window is None or cache.shape[2] != window:
         return None
-    if any(extra is not None for extra in extras):
+    if all(extra is None for extra in extras):
+        return window
+    known = concrete_int(index)
+    if known is not None and length is not None and known + length > window:
         raise ValueError(
-            f"{owner}: a ring cache of {window} slots (a causal sliding window's "
-            "`cache_shape`) takes no key/value padding masks, `attention_mask` or "
-            "segment ids: its slots do not keep their positions. Use a cache of the full "
+            f"{owner}: a cache of {window} slots (a causal sliding window's "
+            "`cache_shape`) is a ring past its last slot, and a ring takes no key/value "
+            "padding masks, `attention_mask` or segment ids: its slots do not keep their "
+            "positions. Received: tokens up to position "
+            f"{known + length - 1} with masks or segment ids. Use a cache of the full "
             "length (kv_cache.cache_shape) for those."
         )
-    return window
+    return None
 
 
 def check_read_only(components, position_encoding, owner, self_attention):

@@ -83,13 +83,24 @@ def test_a_sliding_window_drop_in_with_the_causal_mask_uses_the_ring():
     np.testing.assert_allclose(np.concatenate(outs, axis=1), want, atol=1e-5)
 
 
-def test_a_ring_cache_refuses_masks_it_cannot_place():
+def test_a_window_sized_cache_with_masks_is_a_full_cache_until_it_is_full():
+    # KerasHub passes masks with every cached call: a cache of exactly `window` slots
+    # is then read as the full cache it is while the tokens fit, and past that (a ring,
+    # whose slots do not keep their positions) masks are a clear error.
     x = randn(1, 4, 8)
-    layer = keras_attn.LocalAttention(window=3, causal=True, num_heads=1, key_dim=4)
-    layer(x)
+    layer = keras_attn.LocalAttention(window=4, causal=True, num_heads=1, key_dim=4)
+    want = _np(layer(x))
     cache = ops.zeros(layer.cache_shape(1, 10))
-    with pytest.raises(ValueError, match="ring cache of 3 slots"):
-        layer(x[:, :1], cache=cache, cache_update_index=0, value_mask=np.ones((1, 1), bool))
+    assert cache.shape[2] == 4
+    outs = []
+    for t in range(4):
+        mask = np.ones((1, 1, 4), bool)
+        mask[..., t + 1 :] = False  # the slots written so far, as KerasHub's mask says
+        out, cache = layer(x[:, t : t + 1], cache=cache, cache_update_index=t, attention_mask=mask)
+        outs.append(_np(out))
+    np.testing.assert_allclose(np.concatenate(outs, axis=1), want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"cache of 4 slots .* up to position 4"):
+        layer(x[:, :1], cache=cache, cache_update_index=4, value_mask=np.ones((1, 1), bool))
 
 
 def test_other_patterns_keep_a_full_cache():
@@ -97,3 +108,10 @@ def test_other_patterns_keep_a_full_cache():
     layer(randn(1, 4, 8))
     assert layer.cache_shape(1, 10)[2] == 10
     assert kv_cache.ring_window(patterns.Local(3, causal=True) | patterns.GlobalTokens(1)) is None
+
+
+def test_cache_shape_refuses_a_value_dim_no_cache_can_hold():
+    layer = keras_attn.Attention(num_heads=2, key_dim=4, value_dim=8)
+    layer(randn(1, 3, 8))
+    with pytest.raises(ValueError, match="key_dim == value_dim. Received: key_dim=4, value_dim=8"):
+        layer.cache_shape(1, 10)

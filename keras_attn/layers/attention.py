@@ -344,12 +344,18 @@ class Attention(KerasOverrides, keras.layers.Layer):
         into, in constant memory (`keras_attn.kv_cache.read_write_ring`).
 
         Raises:
-            ValueError: if the layer is not built (its head size is not known yet).
+            ValueError: if the layer is not built (its head size is not known yet), or
+                its ``value_dim`` differs from its ``key_dim``.
         """
         if not self.built:
             raise ValueError(
                 f"{type(self).__name__} {self.name!r} must be built before its cache shape "
                 "is known (the head size may come from the input)."
+            )
+        if self._value_dim != self._key_dim:  # keys and values share one tensor
+            raise ValueError(
+                "A key/value cache needs key_dim == value_dim. Received: "
+                f"key_dim={self._key_dim}, value_dim={self._value_dim}"
             )
         pattern = patterns_module.with_causal(self.pattern, use_causal_mask)
         window = kv_cache.ring_window(pattern)
@@ -562,7 +568,9 @@ class Attention(KerasOverrides, keras.layers.Layer):
             segments=call_segments,
         )
         extras = (padding.value, padding.key, attention_mask, call_segments)
-        window = kv_cache.ring_window_of_call(pattern, cache, extras, self._owner)
+        window = kv_cache.ring_window_of_call(
+            pattern, cache, extras, self._owner, cache_update_index, k.shape[1]
+        )
         read = kv_cache.read_write(cache, k, v, cache_update_index, window)
         axes = self._attention_axes if len(query.shape) > 3 else None
         mask = masks.call_mask(padding, attention_mask, read.mask, axes)
