@@ -175,6 +175,10 @@ EXACT_CASES = {
     # Query tiles of 3 rows (chunks of 8 padded to 9): each step runs tile by tile.
     "ring_tiled_causal_sink_softmax_segments_padding_p4": "ring",
     "ring_tiled_full_keys_attention_mask_gqa_p2": "ring",
+    # Not banded (global tokens reach everywhere): the ring, with its skipped steps.
+    "ring_local_global_tokens_padding_p4": "ring",
+    # A third-party pattern (the bigbird plugin's window, global and random blocks).
+    "ring_plugin_bigbird_p4": "ring",
 }
 # How each ring's backward pass ran: recomputing each step's weights, or JAX's autodiff
 # of the ring where a score_mod (or the score) has weights.
@@ -187,6 +191,8 @@ RING_BACKWARD = {
     "ring_causal_relative_position_p4": "autodiff",
     "ring_tiled_causal_sink_softmax_segments_padding_p4": "recompute",
     "ring_tiled_full_keys_attention_mask_gqa_p2": "recompute",
+    "ring_local_global_tokens_padding_p4": "recompute",
+    "ring_plugin_bigbird_p4": "recompute",
 }
 
 
@@ -493,6 +499,7 @@ def _exact_with_gradients(out, devices, rng):
     """Outputs and gradients (inputs and weights) against one device; halo collectives."""
     import jax
     import jax.numpy as jnp
+    from keras_attn_bigbird.patterns import BigBird  # a plugin's pattern (make test installs it)
 
     from keras_attn import patterns
 
@@ -545,6 +552,8 @@ def _exact_with_gradients(out, devices, rng):
         "ring_causal_relative_position_p4": (4, 40, "ring", "", {"pattern": "causal", "score_mods": ["relative_position"]}),
         "ring_tiled_causal_sink_softmax_segments_padding_p4": (4, 64, "ring", "tile segments padding", {"pattern": "causal", "normalizer": "sink_softmax"}),
         "ring_tiled_full_keys_attention_mask_gqa_p2": (2, 50, "ring", "tile keys mask", {"num_key_value_heads": 1}),
+        "ring_local_global_tokens_padding_p4": (4, 40, "auto", "padding", {"pattern": patterns.Local(5) | patterns.GlobalTokens(2)}),
+        "ring_plugin_bigbird_p4": (4, 64, "auto", "", {"pattern": BigBird(block_size=8, num_window_blocks=1, num_global_blocks=1, num_random_blocks=1, seed=3)}),
     }  # fmt: skip
     from keras_attn import context_parallel as context_parallel_module
 

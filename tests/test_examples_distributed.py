@@ -67,7 +67,10 @@ SCRIPT = textwrap.dedent(
                 metrics = gpt.main([*argv, "--data-dir", data_dir])
         else:
             metrics = bert.main([*argv, "--data-dir", data_dir])
-        with open(os.path.join(argv[argv.index("--output") + 1], "run.json")) as f:
+        output = argv[argv.index("--output") + 1]
+        if "--process-id" in argv and argv[argv.index("--process-id") + 1] != "0":
+            output += "-process" + argv[argv.index("--process-id") + 1]  # its own folder
+        with open(os.path.join(output, "run.json")) as f:
             info = json.load(f)
         report[name] = {
             "losses": metrics["loss_per_epoch"],
