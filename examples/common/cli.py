@@ -261,7 +261,7 @@ def main(parser, commands, argv=None):
             args.output = f"{args.output.rstrip('/')}-process{args.process_id}"
         split_cpu(getattr(args, "cpu_devices", None))
         return commands[args.command](args)
-    except (RunError, DatasetError, PluginError, ValueError) as e:
+    except (RunError, DatasetError, PluginError, ValueError, TypeError) as e:
         if os.environ.get("EXAMPLES_TRACEBACK"):
             raise
         parser.exit(2, f"error: {e}\n(set EXAMPLES_TRACEBACK=1 for the traceback)\n")

@@ -304,7 +304,8 @@ def add_model_arguments(parser, **defaults):
         default=defaults.get("position_embedding", "learned"),
         help="learned: --max-length learned positions (default); none: no position "
         "embedding, positions from --position-encoding rope. With none and a causal "
-        "sliding window (--pattern local) generation goes past --max-length with a "
+        'sliding window (--pattern \'{"name": "local", "config": {"window": W}}\') '
+        "generation goes past --max-length with a "
         "ring cache of `window` slots per layer (constant memory)",
     )
     g.add_argument("--num-layers", type=int, default=defaults.get("num_layers", 4))
