@@ -227,6 +227,15 @@ def test_ring_backward_recomputes_in_a_fraction_of_the_memory(measured):
     assert memory["tiled"] <= memory["recompute"] / 2, memory
 
 
+@pytest.mark.slow
+def test_ring_at_32768_takes_a_fraction_of_the_gspmd_default(measured):
+    # The issue's bound: a causal training step at T = 32768 over 8 devices takes at
+    # most 1/4 of the temporary memory of GSPMD's default (the sequence sharded,
+    # keras_attn without context parallelism), per device.
+    memory = measured["ring_memory"]
+    assert memory["ring_32768"] <= memory["gspmd_32768"] / 4, memory
+
+
 HEADS_AND_SEQUENCE = {
     # name: the strategy, and the mesh axis the heads are sharded over inside the run
     "ring_causal_sink_softmax_segments_gqa": ("ring", "model"),
@@ -736,20 +745,21 @@ def _heads_and_sequence(devices, rng):
 
 
 def _ring_memory(devices):
-    """Temporary memory of a causal training step at T = 4096 over 8 devices, per device."""
+    """Temporary memory of a causal training step over 8 devices, per device: at T = 4096
+    (the ring's variants) and at T = 32768 (the ring and GSPMD's default)."""
     import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec
 
     from keras_attn import context_parallel as context_parallel_module
 
-    length, heads, key_dim = 4096, 2, 16
+    heads, key_dim = 2, 16
     mesh = keras.distribution.DeviceMesh((1, DEVICES), ("batch", "seq"), devices)
     distribution = keras.distribution.ModelParallel(
         layout_map=keras.distribution.LayoutMap(mesh), batch_dim_name="batch"
     )
 
-    def temp_bytes(context, autodiff=False, tile=512):
+    def temp_bytes(context, autodiff=False, tile=512, length=4096):
         layer = keras_attn.Attention(
             num_heads=heads, key_dim=key_dim, pattern="causal", context_parallel=context
         )
@@ -783,7 +793,11 @@ def _ring_memory(devices):
     gspmd, _ = temp_bytes(None)
     tiled, tiled_plan = temp_bytes(ring, tile=64)
     assert (recompute_plan.ring_tile, tiled_plan.ring_tile) == (256, 64)
+    long_ring, _ = temp_bytes(ring, length=32768)
+    long_gspmd, _ = temp_bytes(None, length=32768)
     return {
+        "ring_32768": long_ring,
+        "gspmd_32768": long_gspmd,
         "recompute": recompute,
         "tiled": tiled,
         "autodiff": autodiff,
